@@ -1,0 +1,222 @@
+"""Building a Symphony reference (paper, Algorithm 1) as passes of chunk kernels over the matrix.
+
+1. first pass: value checks and per-group gene moments of the log-normalized values;
+2. VST: loess per group, then a pass for the standardized variances; top genes per group, pooled;
+3. scaling statistics of the chosen genes from the same moments (no extra pass);
+4. PCA: a pass accumulating the Gram matrix of the scaled genes, then a projection pass;
+5. Harmony over the batch variables (soft k-means when there are none);
+6. compression: ``N_r``, ``C``, ``Y_cos`` and the PC moments per cluster.
+
+Passes over the expression matrix hold one chunk per task and reduce small statistics in a tree.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import dask
+import numpy as np
+
+from . import __version__
+from .checks import as_key_list, check_obs_keys, check_unique_genes, raise_on_bad_values
+from .chunked import as_row_chunked, map_reduce, map_rows
+from .compression import compression_sums
+from .harmony import default_n_clusters, harmonize, soft_kmeans
+from .io import AnnDataLike, Expression, read_expression
+from .pca import gram, project, svd_from_gram
+from .preprocess import FirstPass, first_pass
+from .reference import Reference
+from .variable_genes import ClippedSquares, clipped_squares, expected_variance, select_top, vst_table
+
+logger = logging.getLogger("symphony_dask")
+
+
+def build_reference(
+    data: AnnDataLike,
+    batch_keys: str | Sequence[str] | None = None,
+    *,
+    normalize: bool = True,
+    n_hvg: int | None = 2000,
+    hvg_batch_key: str | None = None,
+    n_pcs: int = 20,
+    n_clusters: int | None = None,
+    theta: float | Sequence[float] = 2.0,
+    tau: float | Sequence[float] = 0.0,
+    sigma: float = 0.1,
+    lamb: float | Sequence[float] = 1.0,
+    max_iter_harmony: int = 20,
+    seed: int = 111,
+    chunk_size: int | None = None,
+    layer: str | None = None,
+    block_size: float = 0.05,
+    max_iter_cluster: int = 200,
+    epsilon_cluster: float = 1e-5,
+    epsilon_harmony: float = 1e-4,
+    n_init: int = 10,
+    keep_embedding: bool = True,
+) -> Reference:
+    """Build a Symphony reference from an expression matrix.
+
+    Parameters
+    ----------
+    data
+        Cells x genes expression: an AnnData (in memory or backed) or a path to ``.h5ad``/``.zarr``.
+        Raw counts with ``normalize=True``; log(CP10K+1) values with ``normalize=False``.
+    batch_keys
+        ``obs`` column(s) to integrate over with Harmony. With none, the reference is clustered by
+        soft k-means and not corrected, as R Symphony does.
+    normalize
+        Log(CP10K+1)-normalize the counts (on the fly, chunk by chunk).
+    n_hvg
+        Number of variable genes per ``hvg_batch_key`` group (R's ``topn``); ``None`` keeps every
+        gene that varies.
+    hvg_batch_key
+        ``obs`` column whose groups each contribute their top ``n_hvg`` genes (R's ``vargenes_groups``).
+    n_pcs
+        Number of principal components ``d``.
+    n_clusters
+        Number of soft clusters ``k``; default ``min(100, round(n / 30))``.
+    theta, tau, sigma, lamb
+        Harmony's diversity penalty, its small-batch discount, the soft k-means entropy
+        regularization and the ridge penalty (one value, or one per batch key where allowed).
+    max_iter_harmony
+        Maximum Harmony iterations (Symphony uses 20).
+    seed
+        Seeds the k-means start and Harmony's block order.
+    chunk_size
+        Cells per chunk of the expression matrix; ``None``: one chunk for in-memory data, 10,000
+        cells for data on disk. The result does not depend on it beyond round-off.
+    layer
+        Use this AnnData layer instead of ``X``.
+    block_size, max_iter_cluster, epsilon_cluster, epsilon_harmony, n_init
+        Further Harmony settings (see :func:`symphony_dask.harmonize`).
+    keep_embedding
+        Keep the corrected per-cell embedding and ``obs`` (needed for label transfer).
+
+    Returns
+    -------
+    Reference
+    """
+    timings: dict[str, float] = {}
+    expr = read_expression(data, chunk_size=chunk_size, layer=layer)
+    keys = as_key_list(batch_keys)
+    check_obs_keys(expr.obs, keys)
+    hvg_keys = as_key_list(hvg_batch_key)
+    if len(hvg_keys) > 1:
+        raise ValueError(f"hvg_batch_key must name one obs column, got {hvg_keys}")
+    check_obs_keys(expr.obs, hvg_keys, what="hvg_batch_key")
+    check_unique_genes(expr.genes, where="the reference")
+    n = expr.n_cells
+    _check_sizes(n, expr.X.shape[1], n_hvg, n_pcs)
+    k = default_n_clusters(n) if n_clusters is None else int(n_clusters)
+    if not 1 <= k <= n:
+        raise ValueError(f"n_clusters={k} is impossible with {n} cells; try n_clusters={default_n_clusters(n)}")
+
+    group_names, codes = _groups(expr, hvg_keys)
+    codes_da = as_row_chunked(codes, expr.X)
+
+    with _stage(timings, "moments"):
+        first: FirstPass = dask.compute(
+            map_reduce(first_pass, expr.X, codes_da, combine=FirstPass.merge, normalize=normalize)
+        )[0]
+    raise_on_bad_values(first.counts, where="the reference expression", normalize=normalize)
+    if first.n_empty_cells:
+        raise ValueError(
+            f"{first.n_empty_cells} reference cell(s) have zero total counts and cannot be normalized; remove them"
+        )
+
+    with _stage(timings, "variable_genes"):
+        chosen, table = _variable_genes(expr, first, codes_da, group_names, n_hvg, normalize)
+    gene_idx = expr.genes.get_indexer(chosen)
+    total = first.moments.total()
+    mean = total.mean[gene_idx]
+    std = np.sqrt(total.variance[gene_idx])
+
+    scaling = dict(genes=gene_idx, mean=mean, std=std, normalize=normalize)
+    with _stage(timings, "pca"):
+        gram_matrix = dask.compute(map_reduce(gram, expr.X, combine=operator.add, **scaling))[0]
+        loadings, singular_values = svd_from_gram(gram_matrix, n_pcs)
+        z = map_rows(project, expr.X, n_out=n_pcs, loadings=loadings, **scaling).compute()
+
+    with _stage(timings, "harmony"):
+        if keys:
+            res = harmonize(
+                z, expr.obs, keys, n_clusters=k, theta=theta, tau=tau, sigma=sigma, lamb=lamb,
+                block_size=block_size, max_iter_harmony=max_iter_harmony, max_iter_cluster=max_iter_cluster,
+                epsilon_cluster=epsilon_cluster, epsilon_harmony=epsilon_harmony, n_init=n_init, seed=seed,
+            )
+            z_corr, r, n_iter, converged = res.Z_corr, res.R, res.n_iter, res.converged
+        else:
+            r, _ = soft_kmeans(z, k, sigma=sigma, n_init=n_init, seed=seed)
+            z_corr, n_iter, converged = z, 0, True
+
+    with _stage(timings, "compression"):
+        sums = compression_sums(z, z_corr, r)
+
+    params = dict(
+        batch_keys=keys, normalize=normalize, n_hvg=n_hvg, hvg_batch_key=hvg_batch_key, n_pcs=n_pcs,
+        n_clusters=k, theta=theta, tau=tau, sigma=sigma, lamb=lamb, max_iter_harmony=max_iter_harmony,
+        seed=seed, block_size=block_size, max_iter_cluster=max_iter_cluster, epsilon_cluster=epsilon_cluster,
+        epsilon_harmony=epsilon_harmony, n_init=n_init, n_cells=n, n_variable_genes=len(chosen),
+        singular_values=singular_values, harmony_iterations=n_iter, harmony_converged=converged,
+        timings_s=timings, symphony_dask_version=__version__,
+    )
+    logger.info("built reference: %d cells, %d genes, stage times %s", n, len(chosen), timings)
+    return Reference(
+        genes=chosen, mean=mean, std=std, loadings=loadings, centroids=sums.centroids,
+        cluster_sizes=sums.cluster_sizes, compression=sums.compression,
+        embedding=z_corr if keep_embedding else None, obs=expr.obs.copy() if keep_embedding else None,
+        pca_moments=sums.pca_moments, params=params, variable_gene_table=table,
+    )
+
+
+def _check_sizes(n_cells: int, n_genes: int, n_hvg: int | None, n_pcs: int) -> None:
+    if n_hvg is not None and (int(n_hvg) != n_hvg or n_hvg < 1):
+        raise ValueError(f"n_hvg must be a positive integer or None, got {n_hvg!r}")
+    if int(n_pcs) != n_pcs or n_pcs < 1:
+        raise ValueError(f"n_pcs must be a positive integer, got {n_pcs!r}")
+    if n_pcs >= min(n_cells, n_genes):
+        raise ValueError(f"n_pcs={n_pcs} must be smaller than the number of cells ({n_cells}) and genes ({n_genes})")
+
+
+def _groups(expr: Expression, hvg_keys: list[str]) -> tuple[list[str], np.ndarray]:
+    """Group names (sorted, as R's ``split`` orders them) and each cell's group code."""
+    if not hvg_keys:
+        return ["all"], np.zeros(expr.n_cells, dtype=np.int64)
+    names, codes = np.unique(expr.obs[hvg_keys[0]].astype(str).to_numpy(), return_inverse=True)
+    return [str(x) for x in names], codes.ravel().astype(np.int64)
+
+
+def _variable_genes(expr, first, codes_da, group_names, n_hvg, normalize):
+    """VST per group (loess on the moments, then a pass for standardized variances) and selection."""
+    expected, mean, sd = {}, {}, {}
+    for code, name in enumerate(group_names):
+        m = first.moments.groups[code]
+        try:
+            expected[code] = expected_variance(m.mean, m.variance)
+        except ValueError as err:
+            raise ValueError(f"variable genes of group {name!r}: {err}") from err
+        mean[code], sd[code] = m.mean, np.sqrt(expected[code])
+    squares: ClippedSquares = dask.compute(
+        map_reduce(
+            clipped_squares, expr.X, codes_da, combine=ClippedSquares.merge,
+            mean=mean, sd=sd, clip=float(np.sqrt(expr.n_cells)), normalize=normalize,
+        )
+    )[0]
+    table = vst_table(first.moments, squares, expected, group_names, expr.genes)
+    chosen = select_top(table, n_hvg)
+    if len(chosen) <= 1:
+        raise ValueError(f"only {len(chosen)} variable gene(s) found; the data look constant")
+    return chosen, table
+
+
+@contextmanager
+def _stage(timings: dict[str, float], name: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    timings[name] = round(time.perf_counter() - start, 4)
+    logger.info("stage %s: %.3f s", name, timings[name])

@@ -1,0 +1,131 @@
+"""Lifting one-block kernels over row chunks of cells.
+
+Every heavy step of symphony_dask is a *map* of a pure NumPy kernel over row chunks of cells
+followed by a *tree reduction* of small statistics. This module holds the two generic pieces:
+
+- :func:`map_reduce`: apply ``kernel(block, *aligned_blocks)`` to each row chunk and combine the
+  per-chunk results pairwise (``split_every`` at a time) into one small result;
+- :func:`map_rows`: apply a per-cell kernel and keep the result as a dask array with the same
+  row chunks (per-cell outputs are never gathered on the client).
+
+The in-memory path is the one-chunk case: a kernel applied to the whole matrix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+
+#: How many partial results are combined by one task of a tree reduction.
+SPLIT_EVERY = 8
+
+
+def row_blocks(x: da.Array) -> list[Any]:
+    """One delayed object per row chunk of a dask array that has a single column chunk."""
+    if x.ndim == 2 and x.numblocks[1] != 1:
+        raise ValueError(
+            f"expected one chunk along the second axis, got {x.numblocks[1]} chunks {x.chunks[1]}; "
+            "rechunk with x.rechunk({1: -1}) first"
+        )
+    return list(x.to_delayed().ravel())
+
+
+def tree_reduce(parts: Sequence[Any], combine: Callable[[Any, Any], Any], split_every: int = SPLIT_EVERY) -> Any:
+    """Combine delayed partial results by a balanced tree of ``combine`` calls.
+
+    The shape of the tree depends only on the number of parts, so the result is the same on
+    any scheduler and worker count.
+    """
+    if not parts:
+        raise ValueError("nothing to reduce: the input has no chunks")
+    level = list(parts)
+    fold = dask.delayed(_fold, pure=True)
+    while len(level) > 1:
+        level = [fold(combine, *level[i : i + split_every]) for i in range(0, len(level), split_every)]
+    return level[0]
+
+
+def _fold(combine: Callable[[Any, Any], Any], *parts: Any) -> Any:
+    out = parts[0]
+    for p in parts[1:]:
+        out = combine(out, p)
+    return out
+
+
+def map_reduce(
+    kernel: Callable[..., Any],
+    x: da.Array,
+    *aligned: da.Array,
+    combine: Callable[[Any, Any], Any],
+    split_every: int = SPLIT_EVERY,
+    **kwargs: Any,
+) -> Any:
+    """Delayed result of ``combine``-reducing ``kernel(block, *aligned_blocks, **kwargs)`` over row chunks.
+
+    ``aligned`` are dask arrays with the same row chunks as ``x`` (per-cell covariates such as batch
+    codes). Keyword arguments are passed unchanged to every kernel call (small arrays such as gene
+    means travel once per task).
+    """
+    blocks = row_blocks(x)
+    aligned_blocks = [_aligned_blocks(a, x) for a in aligned]
+    shared = dask.delayed(kwargs, traverse=False)  # one copy in the graph, not one per task
+    apply = dask.delayed(_apply, pure=True)
+    parts = [apply(kernel, b, *(ab[i] for ab in aligned_blocks), shared) for i, b in enumerate(blocks)]
+    return tree_reduce(parts, combine, split_every)
+
+
+def _apply(kernel: Callable[..., Any], *args: Any) -> Any:
+    *blocks, kwargs = args
+    return kernel(*blocks, **kwargs)
+
+
+def _aligned_blocks(a: da.Array, x: da.Array) -> list[Any]:
+    if a.chunks[0] != x.chunks[0]:
+        a = a.rechunk({0: x.chunks[0]})
+    if a.ndim == 2 and a.numblocks[1] != 1:
+        a = a.rechunk({1: -1})
+    return list(a.to_delayed().ravel())
+
+
+def map_rows(
+    kernel: Callable[..., np.ndarray],
+    x: da.Array,
+    *aligned: da.Array,
+    n_out: int,
+    dtype: Any = np.float64,
+    **kwargs: Any,
+) -> da.Array:
+    """Per-cell output ``kernel(block, *aligned_blocks, **kwargs)`` of shape (rows, n_out) as a dask array.
+
+    The result has the row chunks of ``x`` and one column chunk.
+    """
+    aligned = tuple(a.rechunk({0: x.chunks[0]}) for a in aligned)
+    args = [x, "ij"]
+    for a in aligned:
+        args += [a, "i" if a.ndim == 1 else "ik"]
+    return da.blockwise(
+        _call_kernel,
+        "ij",
+        *args,
+        new_axes={},
+        adjust_chunks={"j": n_out},
+        concatenate=True,
+        dtype=dtype,
+        meta=np.empty((0, 0), dtype=dtype),
+        kernel=kernel,
+        **kwargs,
+    )
+
+
+def _call_kernel(block: Any, *rest: Any, kernel: Callable[..., np.ndarray], **kwargs: Any) -> np.ndarray:
+    return kernel(block, *rest, **kwargs)
+
+
+def as_row_chunked(values: np.ndarray, like: da.Array) -> da.Array:
+    """A small per-cell NumPy array (batch codes, weights) chunked like the rows of ``like``."""
+    chunks = (like.chunks[0],) + tuple((s,) for s in values.shape[1:])
+    return da.from_array(values, chunks=chunks)

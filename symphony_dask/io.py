@@ -1,0 +1,144 @@
+"""Reading expression data as dask arrays of row chunks of cells.
+
+Inputs may be an in-memory :class:`anndata.AnnData` (dense or sparse ``X``), a backed AnnData, or a
+path to an ``.h5ad`` file or an AnnData ``.zarr`` store. Whatever the input, the expression matrix
+comes back as a cells x genes dask array whose chunks span all genes and hold a slice of cells
+(scipy CSR blocks for sparse data), and ``obs``/``var`` come back without touching ``X``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import anndata as ad
+import dask.array as da
+import h5py
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import zarr
+
+logger = logging.getLogger("symphony_dask")
+
+#: Default number of cells per chunk. A dense scaled chunk of 10,000 cells x 2,000 genes is 160 MB.
+DEFAULT_CHUNK_SIZE = 10_000
+
+AnnDataLike = ad.AnnData | str | os.PathLike
+
+
+@dataclass
+class Expression:
+    """An expression matrix read lazily: ``X`` (cells x genes, row-chunked), ``obs`` and ``var``."""
+
+    X: da.Array
+    obs: pd.DataFrame
+    var: pd.DataFrame
+    source: str
+
+    @property
+    def genes(self) -> pd.Index:
+        return self.var.index
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.X.shape[0])
+
+
+def read_expression(data: AnnDataLike, *, chunk_size: int | None = None, layer: str | None = None) -> Expression:
+    """Read ``data`` as an :class:`Expression` with row chunks of ``chunk_size`` cells.
+
+    Parameters
+    ----------
+    data
+        AnnData (in memory or backed) or a path to ``.h5ad`` / ``.zarr``.
+    chunk_size
+        Cells per chunk; ``None`` keeps an in-memory matrix as one chunk and uses
+        :data:`DEFAULT_CHUNK_SIZE` for data on disk.
+    layer
+        Read this layer instead of ``X``.
+    """
+    if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    if isinstance(data, ad.AnnData):
+        if data.isbacked:
+            return _read_store(Path(data.filename), chunk_size, layer)
+        return _from_memory(data, chunk_size, layer)
+    if isinstance(data, (str, os.PathLike)):
+        return _read_store(Path(data), chunk_size, layer)
+    raise TypeError(f"expected an AnnData or a path to .h5ad/.zarr, got {type(data).__name__}")
+
+
+def _from_memory(adata: ad.AnnData, chunk_size: int | None, layer: str | None) -> Expression:
+    x = adata.X if layer is None else adata.layers[layer]
+    if x is None:
+        raise ValueError("the AnnData has no X; pass layer= to name the matrix to use")
+    if isinstance(x, da.Array):
+        arr = x if chunk_size is None else x.rechunk({0: chunk_size})
+        arr = _single_column_chunk(arr)
+        return Expression(arr, adata.obs, adata.var, "AnnData (dask)")
+    n = adata.n_obs
+    rows = n if chunk_size is None else chunk_size
+    if sp.issparse(x):
+        x = sp.csr_matrix(x)
+        arr = da.from_array(x, chunks=(max(rows, 1), -1), asarray=False, meta=sp.csr_matrix((0, 0), dtype=x.dtype))
+    else:
+        arr = da.from_array(np.asarray(x), chunks=(max(rows, 1), -1))
+    return Expression(arr, adata.obs, adata.var, "AnnData")
+
+
+def _single_column_chunk(arr: da.Array) -> da.Array:
+    """Chunks must hold all genes of their cells: a matrix chunked along genes is rechunked."""
+    if arr.numblocks[1] != 1:
+        logger.warning(
+            "the expression matrix is chunked along genes (%d chunks); rechunking to whole rows of cells",
+            arr.numblocks[1],
+        )
+        arr = arr.rechunk({1: -1})
+    return arr
+
+
+def _read_store(path: Path, chunk_size: int | None, layer: str | None) -> Expression:
+    if not path.exists():
+        raise FileNotFoundError(f"no such file or store: {path}")
+    rows = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
+    group = open_anndata_group(path)
+    key = "X" if layer is None else f"layers/{layer}"
+    if key not in group:
+        raise ValueError(f"{path} has no {key!r}: it is not an AnnData with an expression matrix")
+    obs = ad.io.read_elem(group["obs"])
+    var = ad.io.read_elem(group["var"])
+    elem = group[key]
+    shape = _stored_shape(elem)
+    if shape[0] != len(obs) or shape[1] != len(var):
+        raise ValueError(
+            f"{path}: {key} has shape {shape} but obs has {len(obs)} rows and var {len(var)} rows; "
+            "the store is corrupt or was written inconsistently"
+        )
+    arr = ad.experimental.read_elem_lazy(elem, chunks=(min(rows, max(shape[0], 1)), -1))
+    arr = _single_column_chunk(arr)
+    return Expression(arr, obs, var, str(path))
+
+
+def open_anndata_group(path: Path) -> h5py.Group | zarr.Group:
+    """Open an ``.h5ad`` file or AnnData zarr store read-only as a group."""
+    if path.is_dir():
+        try:
+            return zarr.open_group(str(path), mode="r")
+        except Exception as err:  # zarr raises several types for a non-store folder
+            raise ValueError(f"{path} is a folder but not a zarr store ({err})") from err
+    try:
+        return h5py.File(path, "r")
+    except OSError as err:
+        raise ValueError(f"{path} is not an .h5ad (HDF5) file or a .zarr store ({err})") from err
+
+
+def _stored_shape(elem: h5py.Group | h5py.Dataset | zarr.Group | zarr.Array) -> tuple[int, int]:
+    if hasattr(elem, "shape"):
+        return tuple(int(s) for s in elem.shape)  # dense
+    attrs = dict(elem.attrs)
+    if "shape" not in attrs:
+        raise ValueError("the expression matrix is stored without a shape attribute; is it an AnnData store?")
+    return tuple(int(s) for s in attrs["shape"])

@@ -1,0 +1,97 @@
+"""The mixture-of-experts ridge correction shared by Harmony and Symphony mapping.
+
+Each cluster k has a linear model of the embedding on the batch design with intercept, fitted by
+ridge regression weighted by the soft assignments ``R_k`` (paper, Eqs. 1-2):
+
+    W_k = (X diag(R_k) X^T + Lambda)^-1 X diag(R_k) Z^T,    Lambda = diag(0, lambda, ..., lambda)
+
+and each cell is corrected by ``z_i - sum_k R_ik W_k[1:]^T x_i[1:]`` (the intercept stays).
+
+Cells are grouped by their *design pattern* (their row of the design with intercept), so the
+sufficient statistics are, per pattern, ``sum R`` (p x k) and ``sum R z`` (p x k x d): small, and
+tree-reducible over chunks of cells.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+
+@dataclass(frozen=True)
+class Design:
+    """Batch design of cells, stored as one pattern code per cell.
+
+    ``patterns`` (p x (1 + B)) holds each distinct row of the design with its intercept; ``codes``
+    (n,) says which pattern each cell has; ``levels`` names the B one-hot columns.
+    """
+
+    patterns: np.ndarray
+    codes: np.ndarray
+    levels: list[tuple[str, str]]
+
+    @property
+    def phi(self) -> np.ndarray:
+        """The one-hot design without intercept (n x B)."""
+        return self.patterns[self.codes, 1:]
+
+
+def make_design(meta: pd.DataFrame, keys: Sequence[str]) -> Design:
+    """Intercept plus a full one-hot block per key (levels sorted as R sorts a character column).
+
+    A key with one level gives a single column of ones, as in Symphony's query design.
+    """
+    n = len(meta)
+    level_codes, levels = [], []
+    combined = np.zeros(n, dtype=np.int64)
+    for key in keys:
+        uniq, inv = np.unique(meta[key].astype(str).to_numpy(), return_inverse=True)
+        level_codes.append((len(levels), inv.ravel()))
+        levels += [(key, str(u)) for u in uniq]
+        combined = combined * len(uniq) + inv.ravel()
+    _, first, codes = np.unique(combined, return_index=True, return_inverse=True)
+    patterns = np.zeros((len(first), 1 + len(levels)))
+    patterns[:, 0] = 1.0
+    for offset, inv in level_codes:
+        patterns[np.arange(len(first)), 1 + offset + inv[first]] = 1.0
+    return Design(patterns, codes.ravel(), levels)
+
+
+def ridge_statistics(z: np.ndarray, r: np.ndarray, codes: np.ndarray, n_patterns: int) -> tuple[np.ndarray, np.ndarray]:
+    """Kernel: per design pattern, ``sum R`` (p x k) and ``sum R z`` (p x k x d); tree-reducible."""
+    k, d = r.shape[1], z.shape[1]
+    s = np.zeros((n_patterns, k))
+    t = np.zeros((n_patterns, k, d))
+    for p in np.unique(codes):
+        rows = codes == p
+        s[p] = r[rows].sum(axis=0)
+        t[p] = r[rows].T @ z[rows]
+    return s, t
+
+
+def ridge_system(s: np.ndarray, t: np.ndarray, patterns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per cluster ``A_k = X diag(R_k) X^T`` ((1+B) x (1+B)) and ``B_k = X diag(R_k) Z^T`` ((1+B) x d)."""
+    a = np.einsum("pk,pa,pb->kab", s, patterns, patterns)
+    b = np.einsum("pkd,pa->kad", t, patterns)
+    return a, b
+
+
+def solve_batch_terms(a: np.ndarray, b: np.ndarray, penalty: np.ndarray) -> np.ndarray:
+    """Ridge coefficients ``W_k = (A_k + diag(penalty))^-1 B_k`` with the intercept row zeroed."""
+    w = np.linalg.solve(a + np.diag(penalty)[None, :, :], b)
+    w[:, 0, :] = 0.0
+    return w
+
+
+def remove_batch_terms(z: np.ndarray, r: np.ndarray, codes: np.ndarray, patterns: np.ndarray,
+                       w: np.ndarray) -> np.ndarray:
+    """Kernel: ``z_i - sum_k R_ik W_k^T x_i`` for each cell (the mixture-of-experts correction)."""
+    per_pattern = np.einsum("pa,kad->pkd", patterns, w)  # p x k x d
+    out = np.array(z, dtype=np.float64, copy=True)
+    for p in np.unique(codes):
+        rows = codes == p
+        out[rows] -= r[rows] @ per_pattern[p]
+    return out

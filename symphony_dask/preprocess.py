@@ -1,0 +1,173 @@
+"""Per-chunk kernels of reference preprocessing: log-normalization, gene moments, scaling.
+
+Kernels take one row chunk of cells (a scipy CSR matrix or a dense array, all genes) and return
+either transformed values for those cells or small statistics that merge exactly across chunks.
+
+- :func:`log_normalize`: ``log(1 + x / total * 1e4)`` on stored values (log CP10K).
+- :class:`Moments` / :func:`group_moments`: count, mean and sum of squared deviations per gene and
+  per group of cells, merged with the pairwise update of Chan et al. (1979) so that constant genes
+  get a variance of exactly zero and the result does not depend on how cells are chunked.
+- :func:`scale`: ``clip((x - mu) / sigma, -10, 10)`` on chosen genes, dense for one chunk only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+
+from .checks import ValueCounts, count_bad_values
+
+#: Library size that counts are scaled to before the log (counts per 10,000).
+SCALE_FACTOR = 1e4
+#: Scaled values are clipped to [-SCALE_CLIP, SCALE_CLIP] as in Symphony's scaleDataWithStats.
+SCALE_CLIP = 10.0
+
+Block = np.ndarray | sp.csr_matrix
+
+
+def log_normalize(block: Block, scale_factor: float = SCALE_FACTOR) -> Block:
+    """Kernel: ``log1p(x / cell_total * scale_factor)`` for one chunk of raw counts.
+
+    Cells whose total is zero are left at zero (callers exclude or reject them).
+    """
+    if sp.issparse(block):
+        block = sp.csr_matrix(block, dtype=np.float64, copy=True)
+        totals = np.asarray(block.sum(axis=1)).ravel()
+        per_value = np.repeat(_safe_inverse(totals) * scale_factor, np.diff(block.indptr))
+        block.data *= per_value
+        np.log1p(block.data, out=block.data)
+        return block
+    block = np.asarray(block, dtype=np.float64)
+    totals = block.sum(axis=1)
+    return np.log1p(block * (_safe_inverse(totals) * scale_factor)[:, None])
+
+
+def _safe_inverse(totals: np.ndarray) -> np.ndarray:
+    out = np.zeros_like(totals, dtype=np.float64)
+    np.divide(1.0, totals, out=out, where=totals > 0)
+    return out
+
+
+def cell_totals(block: Block) -> np.ndarray:
+    """Kernel: total of each cell (row) of a chunk."""
+    return np.asarray(block.sum(axis=1), dtype=np.float64).ravel()
+
+
+@dataclass
+class Moments:
+    """Count ``n``, per-gene ``mean`` and sum of squared deviations ``m2`` of a set of cells."""
+
+    n: int
+    mean: np.ndarray
+    m2: np.ndarray
+
+    def merge(self, other: Moments) -> Moments:
+        """Exact pairwise combination (Chan, Golub and LeVeque 1979)."""
+        if other.n == 0:
+            return self
+        if self.n == 0:
+            return other
+        n = self.n + other.n
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.n / n)
+        m2 = self.m2 + other.m2 + delta * delta * (self.n * other.n / n)
+        return Moments(n, mean, m2)
+
+    @property
+    def variance(self) -> np.ndarray:
+        """Unbiased (n - 1) variance, as R's ``var``."""
+        if self.n < 2:
+            return np.zeros_like(self.mean)
+        return self.m2 / (self.n - 1)
+
+    @staticmethod
+    def of(block: Block) -> Moments:
+        """Moments of all cells of one block (zeros of a sparse block included)."""
+        n = block.shape[0]
+        if n == 0:
+            return Moments(0, np.zeros(block.shape[1]), np.zeros(block.shape[1]))
+        if sp.issparse(block):
+            block = sp.csr_matrix(block)
+            g = block.shape[1]
+            mean = np.bincount(block.indices, weights=block.data, minlength=g) / n
+            nnz = np.bincount(block.indices, minlength=g)
+            dev = block.data - mean[block.indices]
+            m2 = np.bincount(block.indices, weights=dev * dev, minlength=g) + (n - nnz) * mean * mean
+            return Moments(n, mean, m2)
+        block = np.asarray(block, dtype=np.float64)
+        mean = block.mean(axis=0)
+        dev = block - mean
+        return Moments(n, mean, np.einsum("ij,ij->j", dev, dev))
+
+
+@dataclass
+class GroupMoments:
+    """:class:`Moments` per group code (only the groups present are stored)."""
+
+    groups: dict[int, Moments] = field(default_factory=dict)
+
+    def merge(self, other: GroupMoments) -> GroupMoments:
+        out = dict(self.groups)
+        for code, m in other.groups.items():
+            out[code] = out[code].merge(m) if code in out else m
+        return GroupMoments(out)
+
+    def total(self) -> Moments:
+        """Moments of all cells, merged over groups in code order."""
+        codes = sorted(self.groups)
+        out = self.groups[codes[0]]
+        for c in codes[1:]:
+            out = out.merge(self.groups[c])
+        return out
+
+
+def rows_by_group(codes: np.ndarray) -> dict[int, np.ndarray]:
+    """Row indices of each group code present in ``codes``, in row order."""
+    codes = np.asarray(codes)
+    order = np.argsort(codes, kind="stable")
+    present, starts = np.unique(codes[order], return_index=True)
+    bounds = list(starts[1:]) + [len(codes)]
+    return {int(c): order[s:e] for c, s, e in zip(present, starts, bounds)}
+
+
+def group_moments(block: Block, codes: np.ndarray) -> GroupMoments:
+    """Kernel: per-group gene moments of one chunk; ``codes`` gives each cell's group."""
+    return GroupMoments({c: Moments.of(block[rows]) for c, rows in rows_by_group(codes).items()})
+
+
+@dataclass
+class FirstPass:
+    """What the first pass over the raw matrix learns: value checks, cell totals, group moments."""
+
+    counts: ValueCounts
+    n_empty_cells: int
+    moments: GroupMoments
+
+    def merge(self, other: FirstPass) -> FirstPass:
+        return FirstPass(
+            self.counts + other.counts, self.n_empty_cells + other.n_empty_cells, self.moments.merge(other.moments)
+        )
+
+
+def first_pass(block: Block, codes: np.ndarray, *, normalize: bool) -> FirstPass:
+    """Kernel: value checks on the raw values, then moments of the (normalized) values per group."""
+    counts = count_bad_values(block)
+    n_empty = int((cell_totals(block) <= 0).sum()) if normalize else 0
+    values = log_normalize(block) if normalize else block
+    return FirstPass(counts, n_empty, group_moments(values, codes))
+
+
+def scale(block: Block, genes: np.ndarray, mean: np.ndarray, std: np.ndarray, *, normalize: bool) -> np.ndarray:
+    """Kernel: dense ``clip((x - mean) / std, -10, 10)`` of the chosen genes of one chunk.
+
+    ``genes`` are column indices into the block; ``mean`` and ``std`` belong to those genes. The
+    values are normalized first when ``normalize`` is set. Only this chunk is ever densified.
+    """
+    values = log_normalize(block) if normalize else block
+    sub = values[:, genes]
+    dense = sub.toarray() if sp.issparse(sub) else np.asarray(sub, dtype=np.float64)
+    dense = (dense - mean) / std
+    np.clip(dense, -SCALE_CLIP, SCALE_CLIP, out=dense)
+    return dense

@@ -1,0 +1,336 @@
+"""The Symphony reference: the minimal elements needed to map queries, plus optional per-cell parts.
+
+Minimal reference elements (paper, Table 2), whose size does not depend on the number of cells:
+
+============== ============ ======================================================================
+attribute      symbol       shape
+============== ============ ======================================================================
+genes                       (g,) variable genes, the order of every gene axis
+mean           mu           (g,) gene means used for scaling
+std            sigma        (g,) gene standard deviations used for scaling (n - 1)
+loadings       U            (g, d) PCA gene loadings
+centroids      Y_cos        (d, k) L2-normalized cluster centroids in the corrected embedding
+cluster_sizes  N_r          (k,) ``rowSums(R)``
+compression    C            (k, d) ``R Z_corr^T``
+============== ============ ======================================================================
+
+Optional parts: ``embedding`` (corrected reference cells, n x d) and ``obs`` (their annotations),
+needed to transfer labels; ``pca_moments`` (R-weighted moments of the pre-Harmony PCs per cluster),
+needed for the per-cell mapping metric.
+
+A reference is stored as a zarr (v3) group; every element is written with anndata's element
+encoding, so the store can be read by any AnnData-aware tool. Saving is atomic: the store is written
+beside the target and renamed into place, and an existing store is replaced only with
+``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import dask.array as da
+import numpy as np
+import pandas as pd
+import zarr
+
+logger = logging.getLogger("symphony_dask")
+
+STORE_FORMAT = "symphony_dask.reference"
+STORE_VERSION = 1
+_REQUIRED = ("genes", "mean", "std", "loadings", "centroids", "cluster_sizes", "compression")
+
+
+@dataclass
+class ClusterMoments:
+    """R-weighted moments of the pre-Harmony reference PCs per cluster (for mapping metrics).
+
+    ``weight_sq = sum_i R_ik^2`` (k,), ``first = sum_i R_ik z_i`` (k x d) and
+    ``second = sum_i R_ik z_i z_i^T`` (k x d x d); the weights ``sum_i R_ik`` are the cluster sizes.
+    """
+
+    weight_sq: np.ndarray
+    first: np.ndarray
+    second: np.ndarray
+
+
+@dataclass
+class Reference:
+    """A Symphony reference (see the module docstring for the elements and their shapes).
+
+    Build one with :func:`symphony_dask.build_reference`, load one with :func:`load_reference`, or
+    assemble one from given elements with :meth:`Reference.from_arrays`.
+    """
+
+    genes: pd.Index
+    mean: np.ndarray
+    std: np.ndarray
+    loadings: np.ndarray
+    centroids: np.ndarray
+    cluster_sizes: np.ndarray
+    compression: np.ndarray
+    embedding: np.ndarray | da.Array | None = None
+    obs: pd.DataFrame | None = None
+    pca_moments: ClusterMoments | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    #: Per-group VST table of the build (group, symbol, rank, mean, variance, ...); not saved.
+    variable_gene_table: pd.DataFrame | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.genes = pd.Index(np.asarray(self.genes, dtype=object).astype(str), name=None)
+        for name in ("mean", "std", "loadings", "centroids", "cluster_sizes", "compression"):
+            setattr(self, name, np.asarray(getattr(self, name), dtype=np.float64))
+        _check_elements(self)
+
+    @classmethod
+    def from_arrays(
+        cls,
+        genes,
+        mean,
+        std,
+        loadings,
+        centroids,
+        cluster_sizes,
+        compression,
+        embedding=None,
+        obs: pd.DataFrame | None = None,
+        *,
+        pca_moments: ClusterMoments | None = None,
+        params: dict[str, Any] | None = None,
+    ) -> Reference:
+        """Make a reference from given elements (e.g. exported from R Symphony).
+
+        Parameters
+        ----------
+        genes
+            Variable gene names (g,).
+        mean, std
+            Scaling means and standard deviations (g,).
+        loadings
+            ``U`` (g x d).
+        centroids
+            ``Y_cos`` (d x k); columns are L2-normalized here if they are not already.
+        cluster_sizes
+            ``N_r`` (k,).
+        compression
+            ``C`` (k x d).
+        embedding
+            Corrected reference embedding (cells x d), optional.
+        obs
+            Reference cell annotations, one row per embedding row, optional.
+        """
+        return cls(
+            genes=pd.Index(genes),
+            mean=mean,
+            std=std,
+            loadings=loadings,
+            centroids=centroids,
+            cluster_sizes=np.ravel(cluster_sizes),
+            compression=compression,
+            embedding=embedding,
+            obs=obs,
+            pca_moments=pca_moments,
+            params=dict(params or {}),
+        )
+
+    @property
+    def n_genes(self) -> int:
+        return len(self.genes)
+
+    @property
+    def n_pcs(self) -> int:
+        return int(self.loadings.shape[1])
+
+    @property
+    def n_clusters(self) -> int:
+        return int(self.centroids.shape[1])
+
+    @property
+    def n_cells(self) -> int | None:
+        """Number of reference cells, if the per-cell embedding is kept."""
+        return None if self.embedding is None else int(self.embedding.shape[0])
+
+    def __repr__(self) -> str:
+        cells = "no per-cell embedding" if self.embedding is None else f"{self.n_cells} cells"
+        obs = "" if self.obs is None else f", obs: {list(self.obs.columns)}"
+        return f"Reference({self.n_genes} genes, {self.n_pcs} PCs, {self.n_clusters} clusters, {cells}{obs})"
+
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write the reference to a zarr store at ``path``, atomically.
+
+        Parameters
+        ----------
+        path
+            Target folder (conventionally ending in ``.zarr``).
+        overwrite
+            Replace an existing store; without it an existing path is an error and is left untouched.
+
+        Returns
+        -------
+        Path
+            The store path.
+        """
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            _write_store(self, tmp)
+            if path.exists():
+                old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+                os.replace(path, old)
+                os.replace(tmp, path)
+                _remove(old)
+            else:
+                os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                _remove(tmp)
+        logger.info("saved %r to %s", self, path)
+        return path
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def _write_store(ref: Reference, path: Path) -> None:
+    with ad.settings.override(zarr_write_format=3, auto_shard_zarr_v3=False):
+        group = zarr.open_group(str(path), mode="w-", zarr_format=3)
+        group.attrs["symphony_dask"] = {"format": STORE_FORMAT, "version": STORE_VERSION}
+        group.attrs["params"] = _jsonable(ref.params)
+        ad.io.write_elem(group, "genes", np.asarray(ref.genes, dtype=object))
+        for name in ("mean", "std", "loadings", "centroids", "cluster_sizes", "compression"):
+            ad.io.write_elem(group, name, getattr(ref, name))
+        if ref.pca_moments is not None:
+            moments = group.create_group("pca_moments")
+            for name in ("weight_sq", "first", "second"):
+                ad.io.write_elem(moments, name, getattr(ref.pca_moments, name))
+        if ref.embedding is not None:
+            ad.io.write_elem(group, "embedding", ref.embedding)
+        if ref.obs is not None:
+            ad.io.write_elem(group, "obs", ref.obs)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+def load_reference(path: str | os.PathLike, *, lazy_embedding: bool = False) -> Reference:
+    """Load a reference saved with :meth:`Reference.save`.
+
+    Parameters
+    ----------
+    path
+        The reference store.
+    lazy_embedding
+        Keep the per-cell embedding on disk as a dask array instead of reading it into memory.
+
+    Raises
+    ------
+    ValueError
+        If ``path`` is not a symphony_dask reference store, or the store is incomplete or inconsistent.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no reference store at {path}")
+    try:
+        group = zarr.open_group(str(path), mode="r")
+    except Exception as err:  # zarr raises several types for something that is not a store
+        raise ValueError(f"{path} is not a symphony_dask reference store (not a zarr group: {err})") from err
+    marker = group.attrs.get("symphony_dask")
+    if not isinstance(marker, dict) or marker.get("format") != STORE_FORMAT:
+        raise ValueError(
+            f"{path} is a zarr store but not a symphony_dask reference (no '{STORE_FORMAT}' marker); "
+            "save references with Reference.save"
+        )
+    if marker.get("version", 0) > STORE_VERSION:
+        raise ValueError(
+            f"{path} was written by a newer symphony_dask (store version {marker['version']}); upgrade to read it"
+        )
+    missing = [name for name in _REQUIRED if name not in group]
+    if missing:
+        raise ValueError(f"{path} is an incomplete reference store: missing {', '.join(missing)}")
+    try:
+        elems = {name: ad.io.read_elem(group[name]) for name in _REQUIRED}
+        moments = None
+        if "pca_moments" in group:
+            moments = ClusterMoments(**{n: ad.io.read_elem(group["pca_moments"][n]) for n in ("weight_sq", "first", "second")})
+        embedding = None
+        if "embedding" in group:
+            node = group["embedding"]
+            embedding = ad.experimental.read_elem_lazy(node) if lazy_embedding else ad.io.read_elem(node)
+        obs = ad.io.read_elem(group["obs"]) if "obs" in group else None
+    except Exception as err:
+        raise ValueError(f"{path} is a corrupt reference store: {err}") from err
+    return Reference(
+        genes=pd.Index(elems["genes"]),
+        mean=elems["mean"],
+        std=elems["std"],
+        loadings=elems["loadings"],
+        centroids=elems["centroids"],
+        cluster_sizes=elems["cluster_sizes"],
+        compression=elems["compression"],
+        embedding=embedding,
+        obs=obs,
+        pca_moments=moments,
+        params=dict(group.attrs.get("params", {})),
+    )
+
+
+def _check_elements(ref: Reference) -> None:
+    """Shapes agree and values are usable; the message names the inconsistent element."""
+    g = len(ref.genes)
+    if ref.loadings.ndim != 2 or ref.loadings.shape[0] != g:
+        raise ValueError(f"loadings must be genes x d with {g} genes, got shape {ref.loadings.shape}")
+    d = ref.loadings.shape[1]
+    if ref.centroids.ndim != 2 or ref.centroids.shape[0] != d:
+        raise ValueError(f"centroids (Y_cos) must be d x k with d={d}, got shape {ref.centroids.shape}")
+    k = ref.centroids.shape[1]
+    checks = {
+        "mean": (ref.mean.shape, (g,)),
+        "std": (ref.std.shape, (g,)),
+        "cluster_sizes": (ref.cluster_sizes.shape, (k,)),
+        "compression": (ref.compression.shape, (k, d)),
+    }
+    for name, (got, want) in checks.items():
+        if got != want:
+            raise ValueError(f"{name} must have shape {want} for {g} genes, {d} PCs and {k} clusters, got {got}")
+    if not ref.genes.is_unique:
+        raise ValueError("reference genes are not unique")
+    for name in ("mean", "std", "loadings", "centroids", "cluster_sizes", "compression"):
+        if not np.all(np.isfinite(getattr(ref, name))):
+            raise ValueError(f"reference element {name} holds NaN or infinite values")
+    if np.any(ref.std <= 0):
+        raise ValueError(f"{int((ref.std <= 0).sum())} reference gene(s) have a standard deviation <= 0")
+    norms = np.linalg.norm(ref.centroids, axis=0)
+    if np.any(norms == 0):
+        raise ValueError("a reference centroid is the zero vector")
+    ref.centroids = ref.centroids / norms
+    if ref.embedding is not None:
+        if ref.embedding.ndim != 2 or ref.embedding.shape[1] != d:
+            raise ValueError(f"embedding must be cells x {d}, got shape {ref.embedding.shape}")
+        if ref.obs is not None and len(ref.obs) != ref.embedding.shape[0]:
+            raise ValueError(f"obs has {len(ref.obs)} rows but the embedding has {ref.embedding.shape[0]} cells")
+    if ref.pca_moments is not None:
+        m = ref.pca_moments
+        if m.weight_sq.shape != (k,) or m.first.shape != (k, d) or m.second.shape != (k, d, d):
+            raise ValueError("pca_moments shapes do not match the reference's clusters and PCs")
