@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +37,8 @@ import dask.array as da
 import numpy as np
 import pandas as pd
 import zarr
+
+from .io import write_atomically
 
 logger = logging.getLogger("symphony_dask")
 
@@ -85,7 +85,7 @@ class Reference:
     def __post_init__(self) -> None:
         self.genes = pd.Index(np.asarray(self.genes, dtype=object).astype(str), name=None)
         for name in ("mean", "std", "loadings", "centroids", "cluster_sizes", "compression"):
-            setattr(self, name, np.asarray(getattr(self, name), dtype=np.float64))
+            setattr(self, name, np.ascontiguousarray(getattr(self, name), dtype=np.float64))
         _check_elements(self)
 
     @classmethod
@@ -176,32 +176,9 @@ class Reference:
         Path
             The store path.
         """
-        path = Path(path)
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            _write_store(self, tmp)
-            if path.exists():
-                old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-                os.replace(path, old)
-                os.replace(tmp, path)
-                _remove(old)
-            else:
-                os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                _remove(tmp)
+        path = write_atomically(Path(path), lambda tmp: _write_store(self, tmp), overwrite=overwrite)
         logger.info("saved %r to %s", self, path)
         return path
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    else:
-        path.unlink()
 
 
 def _write_store(ref: Reference, path: Path) -> None:
@@ -324,7 +301,8 @@ def _check_elements(ref: Reference) -> None:
     norms = np.linalg.norm(ref.centroids, axis=0)
     if np.any(norms == 0):
         raise ValueError("a reference centroid is the zero vector")
-    ref.centroids = ref.centroids / norms
+    if np.abs(norms - 1.0).max() > 1e-12:  # Y_cos columns must be unit vectors
+        ref.centroids = ref.centroids / norms
     if ref.embedding is not None:
         if ref.embedding.ndim != 2 or ref.embedding.shape[1] != d:
             raise ValueError(f"embedding must be cells x {d}, got shape {ref.embedding.shape}")

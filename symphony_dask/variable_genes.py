@@ -8,8 +8,8 @@ For each group of cells (e.g. each donor), on log-normalized values:
 3. standardized variance = sum over the group's cells of ``min(z, sqrt(N))**2 / (n_group - 1)``
    with ``z = (x - mean) / sqrt(expected)`` and ``N`` the number of cells of the whole data
    (a second pass over the matrix, one tree-reduced statistic);
-4. the top ``n_top`` genes of each group by standardized variance (stable order: ties go to the
-   first gene), pooled as a union in group order.
+4. the top ``n_top`` genes of each group by standardized variance (stable order: ties, compared
+   to 12 significant digits, go to the first gene), pooled as a union in group order.
 
 Genes with zero variance in a group are never ranked in that group.
 """
@@ -27,6 +27,8 @@ from .preprocess import Block, GroupMoments, log_normalize, rows_by_group
 
 #: Loess span of the mean-variance fit (Seurat's and Symphony's default).
 LOESS_SPAN = 0.3
+#: Significant digits of the standardized variance used for ranking (round-off is ~1e-15).
+RANK_DIGITS = 12
 
 
 def expected_variance(mean: np.ndarray, variance: np.ndarray, span: float = LOESS_SPAN) -> np.ndarray:
@@ -118,10 +120,20 @@ def vst_table(
                 "variance_standardized": std_var,
             }
         )
-        t = t.iloc[np.argsort(-std_var, kind="stable")].reset_index(drop=True)
+        t = t.iloc[np.argsort(-_tie_key(std_var), kind="stable")].reset_index(drop=True)
         t.insert(2, "rank", np.arange(1, len(t) + 1))
         tables.append(t)
     return pd.concat(tables, ignore_index=True)
+
+
+def _tie_key(x: np.ndarray, digits: int = RANK_DIGITS) -> np.ndarray:
+    """``x`` rounded to ``digits`` significant digits, so that genes whose values are equal in exact
+    arithmetic (e.g. identical expression) tie exactly whatever the summation order, and the stable
+    sort then ranks them in gene order as R does."""
+    exponent = np.zeros_like(x)
+    np.floor(np.log10(np.abs(x), out=exponent, where=x != 0), out=exponent)
+    scale = 10.0**exponent
+    return np.round(x / scale, digits - 1) * scale
 
 
 def select_top(table: pd.DataFrame, n_top: int | None) -> list[str]:

@@ -1,0 +1,128 @@
+"""Bad input gets a clear error (or warning) that says what is wrong and how to fix it."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+import symphony_dask as sd
+from conftest import R_BUILD
+
+
+def test_batch_key_not_in_obs_names_it_and_lists_columns(split):
+    ref_cells, _ = split
+    with pytest.raises(ValueError, match=r"batch key 'tech' is not a column of obs; the columns are: 'donor', 'nUMI'"):
+        sd.build_reference(ref_cells, "tech", **R_BUILD)
+    with pytest.raises(ValueError, match=r"hvg_batch_key 'sample' is not a column of obs"):
+        sd.build_reference(ref_cells, "donor", **{**R_BUILD, "hvg_batch_key": "sample"})
+
+
+def test_query_batch_key_missing_or_with_missing_values(built_reference, split):
+    _, query = split
+    with pytest.raises(ValueError, match=r"batch key 'sample' is not a column of the query's obs"):
+        sd.map_query(built_reference, query, "sample", normalize=False)
+    query.obs["donor"] = query.obs["donor"].astype(object)
+    query.obs.iloc[:3, query.obs.columns.get_loc("donor")] = None
+    with pytest.raises(ValueError, match=r"'donor' has 3 missing value\(s\)"):
+        sd.map_query(built_reference, query, "donor", normalize=False)
+
+
+def test_query_sharing_no_genes(built_reference, split):
+    _, query = split
+    query.var_names = [f"ENSG{i:011d}" for i in range(query.n_vars)]
+    with pytest.raises(ValueError, match="shares no genes with the reference.*same gene identifiers"):
+        sd.map_query(built_reference, query, "donor", normalize=False)
+
+
+def test_query_with_few_reference_genes_warns_with_fraction(built_reference, split):
+    _, query = split
+    keep = query.var_names.isin(built_reference.genes[:400]) | ~query.var_names.isin(built_reference.genes)
+    with pytest.warns(UserWarning, match=r"only 400 of 1360 reference genes \(29.4%\) are in the query"):
+        out = sd.map_query(built_reference, query[:, keep].copy(), "donor", normalize=False)
+    assert out.uns["symphony"]["fraction_genes_found"] == pytest.approx(400 / 1360)
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [(np.nan, r"3 NaN value\(s\)"), (np.inf, r"3 infinite value\(s\)"), (-1.0, r"3 negative value\(s\)")],
+)
+def test_nan_inf_negative_values_are_counted(split, built_reference, value, message):
+    ref_cells, query = split
+    for adata in (ref_cells, query):
+        adata.X = adata.X.tocsr(copy=True)
+        adata.X.data[[0, 10, 20]] = value
+    with pytest.raises(ValueError, match=message):
+        sd.build_reference(ref_cells, "donor", **R_BUILD)
+    with pytest.raises(ValueError, match=message):
+        sd.map_query(built_reference, query, "donor", normalize=False)
+    with pytest.raises(ValueError, match=message):
+        sd.map_query(built_reference, query, "donor", normalize=False, chunk_size=100)
+
+
+def test_integer_counts_with_normalize_false_warn(raw_pbmcs):
+    with pytest.warns(UserWarning, match="only integer values, which look like raw counts, but normalize=False"):
+        sd.build_reference(raw_pbmcs, "batch", normalize=False, n_hvg=300, n_pcs=5, n_clusters=5)
+
+
+def test_duplicated_gene_names(split, built_reference):
+    ref_cells, query = split
+    names = list(ref_cells.var_names)
+    names[1] = names[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # anndata's own warning about non-unique names
+        ref_cells.var_names = names
+        query.var_names = names
+    with pytest.raises(ValueError, match=r"the reference has 1 duplicated gene name\(s\): LYZ.*var_names_make_unique"):
+        sd.build_reference(ref_cells, "donor", **R_BUILD)
+    with pytest.raises(ValueError, match=r"the query has 1 duplicated gene name\(s\): LYZ"):
+        sd.map_query(built_reference, query, "donor", normalize=False)
+
+
+def test_zero_count_cells_are_reported(raw_pbmcs):
+    data = raw_pbmcs.copy()
+    data.X = sp.csr_matrix(data.X, dtype=np.float64)
+    data.X[[0, 5], :] = 0
+    data.X.eliminate_zeros()
+    with pytest.raises(ValueError, match=r"2 reference cell\(s\) have zero total counts"):
+        sd.build_reference(data, "batch", n_hvg=300, n_pcs=5, n_clusters=5)
+
+
+def test_impossible_sizes(split):
+    ref_cells, _ = split
+    with pytest.raises(ValueError, match="n_pcs=2000 must be smaller than the number of cells"):
+        sd.build_reference(ref_cells, "donor", **{**R_BUILD, "n_pcs": 2000})
+    with pytest.raises(ValueError, match="n_clusters=5000 is impossible with 910 cells; try n_clusters=30"):
+        sd.build_reference(ref_cells, "donor", **{**R_BUILD, "n_clusters": 5000})
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+        sd.build_reference(ref_cells, "donor", chunk_size=0, **R_BUILD)
+
+
+def test_label_transfer_needs_embedding_and_key(built_reference, r_reference, split, tmp_path):
+    _, query = split
+    mapped = sd.map_query(built_reference, query, "donor", normalize=False)
+    with pytest.raises(ValueError, match=r"'celltype' is not a column of the reference obs; the columns are: 'donor'"):
+        sd.transfer_labels(built_reference, mapped, "celltype")
+    with pytest.raises(ValueError, match=r"k=5000 must be between 1 and the number of reference cells \(910\)"):
+        sd.transfer_labels(built_reference, mapped, "cell_type", k=5000)
+    minimal = sd.Reference.from_arrays(
+        r_reference.genes, r_reference.mean, r_reference.std, r_reference.loadings,
+        r_reference.centroids, r_reference.cluster_sizes, r_reference.compression,
+    )
+    with pytest.raises(ValueError, match="saved without its per-cell embedding"):
+        sd.transfer_labels(minimal, mapped, "cell_type")
+    del mapped.obsm["X_symphony"]
+    with pytest.raises(ValueError, match="map it first with map_query"):
+        sd.transfer_labels(built_reference, mapped, "cell_type")
+
+
+def test_input_that_is_not_anndata(tmp_path):
+    with pytest.raises(TypeError, match="expected an AnnData or a path"):
+        sd.build_reference(np.zeros((5, 5)))
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        sd.build_reference(tmp_path / "missing.h5ad")
+    (tmp_path / "bad.h5ad").write_text("not hdf5")
+    with pytest.raises(ValueError, match="is not an .h5ad"):
+        sd.build_reference(tmp_path / "bad.h5ad")
