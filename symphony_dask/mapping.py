@@ -166,7 +166,7 @@ def _query_terms(reference: Reference, design: Design, s: np.ndarray, t: np.ndar
 def _map_chunked(reference, x, design, kernel_args, sigma32, penalty, normalize):
     """The same kernels over row chunks: projection and assignment, a tree-reduced ridge, correction."""
     codes = as_row_chunked(design.codes, x)
-    counts = map_reduce(_counts, x, combine=ValueCounts.__add__)
+    counts = map_reduce(count_bad_values, x, combine=ValueCounts.__add__)
     zq = map_rows(project, x, n_out=reference.n_pcs, **kernel_args)
     rq = map_rows(_assign, zq, n_out=reference.n_clusters, centroids=reference.centroids, sigma=sigma32)
     zq, rq, counts = dask.persist(zq, rq, counts)
@@ -176,10 +176,6 @@ def _map_chunked(reference, x, design, kernel_args, sigma32, penalty, normalize)
     w = _query_terms(reference, design, s, t, penalty)
     zq_corr = map_rows(_correct, zq, rq, codes, n_out=reference.n_pcs, patterns=design.patterns, w=w)
     return dask.compute(zq_corr, zq, rq)
-
-
-def _counts(block):
-    return count_bad_values(block)
 
 
 def _assign(zq: np.ndarray, *, centroids: np.ndarray, sigma: float) -> np.ndarray:

@@ -155,8 +155,9 @@ def first_pass(block: Block, codes: np.ndarray, *, normalize: bool) -> FirstPass
     """Kernel: value checks on the raw values, then moments of the (normalized) values per group."""
     counts = count_bad_values(block)
     n_empty = int((cell_totals(block) <= 0).sum()) if normalize else 0
-    values = log_normalize(block) if normalize else block
-    return FirstPass(counts, n_empty, group_moments(values, codes))
+    with np.errstate(invalid="ignore", over="ignore"):  # bad values are reported from `counts`
+        values = log_normalize(block) if normalize else block
+        return FirstPass(counts, n_empty, group_moments(values, codes))
 
 
 def scale(block: Block, genes: np.ndarray, mean: np.ndarray, std: np.ndarray, *, normalize: bool) -> np.ndarray:

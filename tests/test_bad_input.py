@@ -83,8 +83,9 @@ def test_duplicated_gene_names(split, built_reference):
 
 def test_zero_count_cells_are_reported(raw_pbmcs):
     data = raw_pbmcs.copy()
-    data.X = sp.csr_matrix(data.X, dtype=np.float64)
-    data.X[[0, 5], :] = 0
+    keep = np.ones(data.n_obs)
+    keep[[0, 5]] = 0
+    data.X = sp.csr_matrix(sp.diags(keep) @ data.X)
     data.X.eliminate_zeros()
     with pytest.raises(ValueError, match=r"2 reference cell\(s\) have zero total counts"):
         sd.build_reference(data, "batch", n_hvg=300, n_pcs=5, n_clusters=5)

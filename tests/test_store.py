@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import anndata as ad
 import numpy as np
 import pytest
 import zarr
@@ -98,7 +99,8 @@ def test_incomplete_or_inconsistent_store(built_reference, tmp_path):
 
     path = built_reference.save(tmp_path / "ref2.zarr")
     shutil.rmtree(path / "std")
-    zarr.open_group(str(path), mode="a").create_array("std", data=np.ones(5))
+    with ad.settings.override(zarr_write_format=3, auto_shard_zarr_v3=False):
+        ad.io.write_elem(zarr.open_group(str(path), mode="a"), "std", np.ones(5))
     with pytest.raises(ValueError, match=r"std must have shape \(1360,\)"):
         sd.load_reference(path)
 
