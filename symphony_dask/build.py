@@ -4,7 +4,7 @@
 2. VST: loess per group, then a pass for the standardized variances; top genes per group, pooled;
 3. scaling statistics of the chosen genes from the same moments (no extra pass);
 4. PCA: a pass accumulating the Gram matrix of the scaled genes, then a projection pass;
-5. Harmony over the batch variables (soft k-means when there are none);
+5. Harmony over the batch variables (soft k-means when there are none), on chunks of the embedding;
 6. compression: ``N_r``, ``C``, ``Y_cos`` and the PC moments per cluster.
 
 Passes over the expression matrix hold one chunk per task and reduce small statistics in a tree.
@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import logging
 import operator
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import dask
 import numpy as np
@@ -24,15 +22,19 @@ import numpy as np
 from . import __version__
 from .checks import as_key_list, check_obs_keys, check_unique_genes, raise_on_bad_values
 from .chunked import as_row_chunked, map_reduce, map_rows
-from .compression import compression_sums
+from .compression import CompressionSums, compression_sums
 from .harmony import default_n_clusters, harmonize, soft_kmeans
 from .io import AnnDataLike, Expression, read_expression
 from .pca import gram, project, svd_from_gram
 from .preprocess import FirstPass, first_pass
 from .reference import Reference
+from .timing import timed
 from .variable_genes import ClippedSquares, clipped_squares, expected_variance, select_top, vst_table
 
 logger = logging.getLogger("symphony_dask")
+
+#: Harmony runs on chunks of at least this many cells (its per-cell state is small: d + k values).
+HARMONY_CHUNK_SIZE = 100_000
 
 
 def build_reference(
@@ -119,7 +121,7 @@ def build_reference(
     group_names, codes = _groups(expr, hvg_keys)
     codes_da = as_row_chunked(codes, expr.X)
 
-    with _stage(timings, "moments"):
+    with timed(timings, "moments"):
         first: FirstPass = dask.compute(
             map_reduce(first_pass, expr.X, codes_da, combine=FirstPass.merge, normalize=normalize)
         )[0]
@@ -129,7 +131,7 @@ def build_reference(
             f"{first.n_empty_cells} reference cell(s) have zero total counts and cannot be normalized; remove them"
         )
 
-    with _stage(timings, "variable_genes"):
+    with timed(timings, "variable_genes"):
         chosen, table = _variable_genes(expr, first, codes_da, group_names, n_hvg, normalize)
     gene_idx = expr.genes.get_indexer(chosen)
     total = first.moments.total()
@@ -137,39 +139,45 @@ def build_reference(
     std = np.sqrt(total.variance[gene_idx])
 
     scaling = dict(genes=gene_idx, mean=mean, std=std, normalize=normalize)
-    with _stage(timings, "pca"):
+    with timed(timings, "pca"):
         gram_matrix = dask.compute(map_reduce(gram, expr.X, combine=operator.add, **scaling))[0]
         loadings, singular_values = svd_from_gram(gram_matrix, n_pcs)
-        z = map_rows(project, expr.X, n_out=n_pcs, loadings=loadings, **scaling).compute()
+        z = map_rows(project, expr.X, n_out=n_pcs, loadings=loadings, **scaling).persist()
 
-    with _stage(timings, "harmony"):
+    harmony_chunks = max(max(expr.X.chunks[0]), HARMONY_CHUNK_SIZE)
+    with timed(timings, "harmony"):
         if keys:
             res = harmonize(
                 z, expr.obs, keys, n_clusters=k, theta=theta, tau=tau, sigma=sigma, lamb=lamb,
                 block_size=block_size, max_iter_harmony=max_iter_harmony, max_iter_cluster=max_iter_cluster,
                 epsilon_cluster=epsilon_cluster, epsilon_harmony=epsilon_harmony, n_init=n_init, seed=seed,
+                chunk_size=harmony_chunks,
             )
-            z_corr, r, n_iter, converged = res.Z_corr, res.R, res.n_iter, res.converged
         else:
-            r, _ = soft_kmeans(z, k, sigma=sigma, n_init=n_init, seed=seed)
-            z_corr, n_iter, converged = z, 0, True
+            res = soft_kmeans(z, k, sigma=sigma, n_init=n_init, seed=seed, chunk_size=harmony_chunks)
 
-    with _stage(timings, "compression"):
-        sums = compression_sums(z, z_corr, r)
+    timings.update({f"harmony {name}": seconds for name, seconds in res.timings_s.items()})
+    with timed(timings, "compression"):
+        z = z.rechunk({0: res.Z_corr.chunks[0]})
+        sums = dask.compute(map_reduce(compression_sums, z, res.Z_corr, res.R, combine=CompressionSums.merge))[0]
+    embedding = None
+    if keep_embedding:
+        # data held in memory give an in-memory embedding; data read from disk keep it on the workers
+        embedding = res.Z_corr.compute() if expr.in_memory else res.Z_corr.persist()
 
     params = dict(
         batch_keys=keys, normalize=normalize, n_hvg=n_hvg, hvg_batch_key=hvg_batch_key, n_pcs=n_pcs,
         n_clusters=k, theta=theta, tau=tau, sigma=sigma, lamb=lamb, max_iter_harmony=max_iter_harmony,
         seed=seed, block_size=block_size, max_iter_cluster=max_iter_cluster, epsilon_cluster=epsilon_cluster,
         epsilon_harmony=epsilon_harmony, n_init=n_init, n_cells=n, n_variable_genes=len(chosen),
-        singular_values=singular_values, harmony_iterations=n_iter, harmony_converged=converged,
+        singular_values=singular_values, harmony_iterations=res.n_iter, harmony_converged=res.converged,
         timings_s=timings, symphony_dask_version=__version__,
     )
     logger.info("built reference: %d cells, %d genes, stage times %s", n, len(chosen), timings)
     return Reference(
         genes=chosen, mean=mean, std=std, loadings=loadings, centroids=sums.centroids,
         cluster_sizes=sums.cluster_sizes, compression=sums.compression,
-        embedding=z_corr if keep_embedding else None, obs=expr.obs.copy() if keep_embedding else None,
+        embedding=embedding, obs=expr.obs.copy() if keep_embedding else None,
         pca_moments=sums.pca_moments, params=params, variable_gene_table=table,
     )
 
@@ -212,11 +220,3 @@ def _variable_genes(expr, first, codes_da, group_names, n_hvg, normalize):
     if len(chosen) <= 1:
         raise ValueError(f"only {len(chosen)} variable gene(s) found; the data look constant")
     return chosen, table
-
-
-@contextmanager
-def _stage(timings: dict[str, float], name: str) -> Iterator[None]:
-    start = time.perf_counter()
-    yield
-    timings[name] = round(time.perf_counter() - start, 4)
-    logger.info("stage %s: %.3f s", name, timings[name])

@@ -17,6 +17,7 @@ from .cluster import connect
 from .demo import format_report, run_demo
 from .io import write_atomically
 from .mapping import map_query
+from .progress import PassProgress
 from .reference import load_reference
 
 
@@ -32,9 +33,7 @@ def main(argv: list[str] | None = None) -> int:
                 stack.enter_context(client)
                 print(f"Dask dashboard: {client.dashboard_link}")
             elif not args.quiet:
-                from dask.diagnostics import ProgressBar
-
-                stack.enter_context(ProgressBar(minimum=1.0))
+                stack.enter_context(PassProgress(minimum=1.0))
             return args.run(args)
     except (ValueError, KeyError, FileExistsError, FileNotFoundError) as err:
         print(f"symphony-dask: error: {err}", file=sys.stderr)
@@ -46,7 +45,7 @@ def _build(args: argparse.Namespace) -> int:
     reference = build_reference(
         args.input, args.batch_key or None, normalize=not args.no_normalize, n_hvg=args.n_hvg,
         hvg_batch_key=args.hvg_batch_key, n_pcs=args.n_pcs, n_clusters=args.n_clusters, theta=args.theta,
-        seed=args.seed, chunk_size=args.chunk_size, keep_embedding=not args.minimal,
+        max_iter_harmony=args.max_iter_harmony, seed=args.seed, chunk_size=args.chunk_size, keep_embedding=not args.minimal,
     )
     reference.save(args.out, overwrite=args.overwrite)
     print(f"{reference} saved to {args.out}")
@@ -111,6 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--n-pcs", type=int, default=20)
     b.add_argument("--n-clusters", type=int, default=None)
     b.add_argument("--theta", type=float, default=2.0)
+    b.add_argument("--max-iter-harmony", type=int, default=20, help="maximum Harmony iterations")
     b.add_argument("--seed", type=int, default=111)
     b.add_argument("--minimal", action="store_true", help="save only the minimal elements (no per-cell embedding)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing reference store")

@@ -46,6 +46,11 @@ class Expression:
         return self.var.index
 
     @property
+    def in_memory(self) -> bool:
+        """Whether the matrix came from an AnnData held in memory (not a file or a lazy array)."""
+        return self.source == "AnnData"
+
+    @property
     def n_cells(self) -> int:
         return int(self.X.shape[0])
 

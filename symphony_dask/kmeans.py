@@ -19,6 +19,17 @@ def sq_distances(x: np.ndarray, centers: np.ndarray) -> np.ndarray:
     return np.maximum(d, 0.0)
 
 
+def sum_by_label(values: np.ndarray, labels: np.ndarray, n_labels: int) -> np.ndarray:
+    """Sum of the rows of ``values`` (n x m) for each label (n_labels x m); fast for any number of labels."""
+    out = np.zeros((n_labels, values.shape[1]))
+    if len(labels) == 0:
+        return out
+    order = np.argsort(labels, kind="stable")
+    present, starts = np.unique(labels[order], return_index=True)
+    out[present] = np.add.reduceat(values[order], starts, axis=0)
+    return out
+
+
 def kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     """k-means++ seeding (Arthur and Vassilvitskii 2007) with two trials per step."""
     n = x.shape[0]
@@ -49,8 +60,7 @@ def lloyd(x: np.ndarray, centers: np.ndarray, max_iter: int) -> tuple[np.ndarray
         if labels is not None and np.array_equal(new, labels):
             break
         labels = new
-        sums = np.zeros_like(centers)
-        np.add.at(sums, labels, x)
+        sums = sum_by_label(x, labels, k)
         sizes = np.bincount(labels, minlength=k)
         filled = sizes > 0
         centers = centers.copy()

@@ -33,10 +33,9 @@ class Design:
     codes: np.ndarray
     levels: list[tuple[str, str]]
 
-    @property
-    def phi(self) -> np.ndarray:
-        """The one-hot design without intercept (n x B)."""
-        return self.patterns[self.codes, 1:]
+    def level_counts(self) -> np.ndarray:
+        """Number of cells in each of the B batch levels."""
+        return np.bincount(self.codes, minlength=len(self.patterns)) @ self.patterns[:, 1:]
 
 
 def make_design(meta: pd.DataFrame, keys: Sequence[str]) -> Design:

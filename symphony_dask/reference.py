@@ -194,9 +194,21 @@ def _write_store(ref: Reference, path: Path) -> None:
             for name in ("weight_sq", "first", "second"):
                 ad.io.write_elem(moments, name, getattr(ref.pca_moments, name))
         if ref.embedding is not None:
-            ad.io.write_elem(group, "embedding", ref.embedding)
+            _write_embedding(group, ref.embedding)
         if ref.obs is not None:
             ad.io.write_elem(group, "obs", ref.obs)
+
+
+def _write_embedding(group: zarr.Group, embedding: np.ndarray | da.Array) -> None:
+    """Write the per-cell embedding chunk by chunk with the active dask scheduler (on the workers of
+    a distributed cluster, which then need the store's file system), in anndata's array encoding."""
+    rows = int(max(embedding.chunks[0])) if isinstance(embedding, da.Array) else max(1, min(len(embedding), 100_000))
+    target = group.create_array("embedding", shape=embedding.shape, dtype="float64", chunks=(rows, embedding.shape[1]))
+    target.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+    if isinstance(embedding, da.Array):
+        da.store(embedding.astype(np.float64).rechunk((rows, -1)), target, lock=False)
+    else:
+        target[:] = np.asarray(embedding, dtype=np.float64)
 
 
 def _jsonable(value: Any) -> Any:

@@ -62,7 +62,11 @@ def test_demo_reports_accuracy_and_stage_times(capsys):
         assert stage in out
 
 
-def test_demo_on_local_cluster_config(capsys):
-    assert main(["demo", "-q", "--cluster", str(CLUSTER_CONFIGS / "local.yaml"), "--chunk-size", "300"]) == 0
+def test_build_on_local_cluster_config(files, capsys):
+    code = main(["build", str(files / "ref.h5ad"), "--out", str(files / "ref.zarr"), "-q", "--batch-key", "donor",
+                 "--no-normalize", "--n-hvg", "500", "--max-iter-harmony", "1", "--chunk-size", "300",
+                 "--cluster", str(CLUSTER_CONFIGS / "local.yaml")])
+    assert code == 0
     out = capsys.readouterr().out
-    assert "Dask dashboard:" in out and "5-NN accuracy: 0.9" in out
+    assert "Dask dashboard:" in out and "910 cells" in out
+    assert sd.load_reference(files / "ref.zarr").params["harmony_iterations"] == 1
