@@ -28,7 +28,8 @@ import operator
 import uuid
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import dask
@@ -38,7 +39,7 @@ import pandas as pd
 from dask.delayed import Delayed
 
 from .checks import as_key_list, check_obs_keys
-from .chunked import SPLIT_EVERY
+from .chunked import SPLIT_EVERY, one_blas_thread_per_task
 from .harmony_chunk import HarmonyChunk, Sums
 from .kmeans import SEED_SAMPLE_PER_CLUSTER, kmeans
 from .mixture import Design, make_design, ridge_system, solve_batch_terms
@@ -89,12 +90,12 @@ def pattern_penalty(s: np.ndarray, patterns: np.ndarray, pr_b: np.ndarray, theta
     return phi @ (((e + 1.0) / (o + 1.0)) ** theta[None, :]).T
 
 
-def cross_entropy(s: np.ndarray, patterns: np.ndarray, pr_b: np.ndarray, theta: np.ndarray, sigma: np.ndarray) -> float:
-    """Diversity term of the objective, ``sum_k sigma_k sum_b theta_b log((O+1)/(E+1))_kb O_kb``."""
+def cross_entropy(s: np.ndarray, patterns: np.ndarray, pr_b: np.ndarray, theta: np.ndarray, sigma: float) -> float:
+    """Diversity term of the objective, ``sigma sum_kb theta_b log((O+1)/(E+1))_kb O_kb``."""
     phi = patterns[:, 1:]
     o = s.T @ phi
     e = np.outer(s.sum(axis=0), pr_b)
-    return float((sigma[:, None] * theta[None, :] * np.log((o + 1.0) / (e + 1.0)) * o).sum())
+    return float(sigma * (theta[None, :] * np.log((o + 1.0) / (e + 1.0)) * o).sum())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,7 +103,6 @@ def cross_entropy(s: np.ndarray, patterns: np.ndarray, pr_b: np.ndarray, theta: 
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass
 class HarmonyResult:
     """Output of :func:`harmonize`.
 
@@ -111,7 +111,9 @@ class HarmonyResult:
     Z_corr
         Corrected embedding (cells x d); a dask array with the row chunks of a dask input.
     R
-        Soft cluster assignments (cells x k), rows sum to one; chunked like ``Z_corr``.
+        Soft cluster assignments (cells x k) after the last clustering iteration, rows sum to one;
+        chunked like ``Z_corr``. Harmony never stores them for all cells: they are recomputed from
+        the embedding, the centroids and the block penalties when first asked for.
     centroids
         Harmony's final L2-normalized centroids ``Y`` (d x k).
     n_iter
@@ -124,13 +126,24 @@ class HarmonyResult:
         Wall time of the k-means start, the clustering and the correction.
     """
 
-    Z_corr: np.ndarray | da.Array
-    R: np.ndarray | da.Array
-    centroids: np.ndarray
-    n_iter: int
-    objective: list[float] = field(default_factory=list)
-    converged: bool = False
-    timings_s: dict[str, float] = field(default_factory=dict)
+    def __init__(self, Z_corr, R, centroids, n_iter, objective, converged, timings_s) -> None:
+        self.Z_corr = Z_corr
+        self._R = R
+        self.centroids = centroids
+        self.n_iter = n_iter
+        self.objective = objective
+        self.converged = converged
+        self.timings_s = timings_s
+
+    @property
+    def R(self) -> np.ndarray | da.Array:
+        if callable(self._R):
+            self._R = self._R()
+        return self._R
+
+    def __repr__(self) -> str:
+        return (f"HarmonyResult({self.Z_corr.shape[0]} cells, k={self.centroids.shape[1]}, n_iter={self.n_iter}, "
+                f"converged={self.converged})")
 
 
 def default_n_clusters(n_cells: int) -> int:
@@ -218,6 +231,16 @@ def harmonize(
     for key in set(keys) - set(varying):
         warnings.warn(f"batch variable {key!r} has a single level; there is nothing to integrate over it",
                       UserWarning, stacklevel=2)
+    with one_blas_thread_per_task():
+        return _integrate(Z, meta, varying, k, theta_k, tau_k, lamb_k, sigma=sigma, seed=seed,
+                          chunk_size=chunk_size, n_init=n_init, block_size=block_size,
+                          max_iter_harmony=max_iter_harmony, max_iter_cluster=max_iter_cluster,
+                          epsilon_cluster=epsilon_cluster, epsilon_harmony=epsilon_harmony)
+
+
+def _integrate(Z, meta, varying, k, theta_k, tau_k, lamb_k, *, sigma, seed, chunk_size, n_init, block_size,
+               max_iter_harmony, max_iter_cluster, epsilon_cluster, epsilon_harmony) -> HarmonyResult:
+    n = int(Z.shape[0])
     run = _Run(Z, n_clusters=k, sigma=sigma, seed=seed, chunk_size=chunk_size)
     if not varying:
         warnings.warn("no batch variable has two levels: clustering by soft k-means without correction",
@@ -233,9 +256,9 @@ def harmonize(
         discount = 1.0 - np.exp(-((n_b / (k * np.where(tau_b > 0, tau_b, 1.0))) ** 2))
         theta_b = np.where(tau_b > 0, theta_b * discount, theta_b)
     ridge_penalty = np.concatenate([[0.0], [lamb_k[key] for key, _ in design.levels]])
-    run.set_design(design, n_b / n, theta_b)
+    run.set_design(design, n_b / n, theta_b, n_blocks=int(np.ceil(1.0 / block_size)))
     return run.harmony(
-        ridge_penalty, n_init=n_init, block_size=block_size, max_iter_harmony=max_iter_harmony,
+        ridge_penalty, n_init=n_init, max_iter_harmony=max_iter_harmony,
         max_iter_cluster=max_iter_cluster, epsilon_cluster=epsilon_cluster, epsilon_harmony=epsilon_harmony,
     )
 
@@ -250,9 +273,10 @@ def soft_kmeans(Z: np.ndarray | da.Array, n_clusters: int, *, sigma: float = 0.1
     """
     n = int(Z.shape[0])
     _check_clusters(int(n_clusters), n)
-    run = _Run(Z, n_clusters=int(n_clusters), sigma=sigma, seed=seed, chunk_size=chunk_size)
-    run.set_design(make_design(pd.DataFrame(index=range(n)), []), np.array([]), np.array([]))
-    return run.soft_kmeans(n_init, max_iter)
+    with one_blas_thread_per_task():
+        run = _Run(Z, n_clusters=int(n_clusters), sigma=sigma, seed=seed, chunk_size=chunk_size)
+        run.set_design(make_design(pd.DataFrame(index=range(n)), []), np.array([]), np.array([]))
+        return run.soft_kmeans(n_init, max_iter)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,43 +308,60 @@ def _fold(combine, *parts: Any) -> Any:
     return out
 
 
-def _attribute(handle: HarmonyChunk | _Stepped, name: str) -> np.ndarray:
-    return getattr(handle.state if isinstance(handle, _Stepped) else handle, name)
+def _output(handle: HarmonyChunk | _Stepped, method: str, *args: Any) -> np.ndarray:
+    return getattr(handle.state if isinstance(handle, _Stepped) else handle, method)(*args)
 
 
 @dataclass
 class _Ledger:
     """The bookkeeping of one clustering iteration, carried from block to block.
 
-    ``s`` is the pattern sums S with the current block's cells removed, ``penalty`` the diversity
-    penalty per pattern from it, ``old`` the per-block sums before the iteration, ``total`` the
-    sums of the blocks done so far.
+    ``old`` and ``new`` hold ``sum R`` per block and pattern before and after this iteration's
+    updates; ``s`` is the current total with block ``current``'s cells taken out, ``penalty`` the
+    diversity penalty per pattern from it, and ``penalties`` the penalty each block saw (from which
+    the blocks' assignments can be recomputed); ``logw`` and ``logz`` accumulate the entropy terms
+    and ``centroid_sums`` the new centroid sums.
     """
 
-    s: np.ndarray
     old: np.ndarray
+    new: np.ndarray
+    penalties: np.ndarray
+    current: int
+    s: np.ndarray
     penalty: np.ndarray
-    total: Sums | None
+    logw: float = 0.0
+    logz: float = 0.0
+    centroid_sums: np.ndarray | float = 0.0
 
 
-def _first_block(s_total: np.ndarray, consts: tuple, *old_parts: np.ndarray) -> _Ledger:
-    old = _fold(operator.add, *old_parts)
-    s = s_total - old[0]
-    return _Ledger(s, old, pattern_penalty(s, *consts), None)
+def _first_block(old: np.ndarray, first: int, consts: tuple) -> _Ledger:
+    s = old.sum(axis=0) - old[first]
+    penalty = pattern_penalty(s, *consts)
+    penalties = np.empty_like(old)
+    penalties[first] = penalty
+    return _Ledger(old, old.copy(), penalties, first, s, penalty)
 
 
-def _next_block(ledger: _Ledger, b: int, consts: tuple, *parts: Sums) -> _Ledger:
-    """Put block ``b - 1``'s cells back with their new assignments and take block ``b``'s out."""
+def _next_block(ledger: _Ledger, following: int | None, consts: tuple, *parts: Sums) -> _Ledger:
+    """Put the current block's cells back with their new assignments and take the following block's out."""
     done = _fold(Sums.merge, *parts)
-    total = done if ledger.total is None else ledger.total.merge(done)
+    new = ledger.new.copy()
+    new[ledger.current] = done.s
     s = ledger.s + done.s
-    if b < len(ledger.old):
-        s = s - ledger.old[b]
-    return _Ledger(s, ledger.old, pattern_penalty(s, *consts), total)
+    logw = ledger.logw + float((done.s * np.log(ledger.penalty)).sum())
+    out = _Ledger(ledger.old, new, ledger.penalties, ledger.current, s, ledger.penalty, logw,
+                  ledger.logz + done.logz, ledger.centroid_sums + done.centroid_sums)
+    if following is not None:
+        out.current = following
+        out.s = s - ledger.old[following]
+        out.penalty = pattern_penalty(out.s, *consts)
+        out.penalties = ledger.penalties.copy()
+        out.penalties[following] = out.penalty
+    return out
 
 
-def _ledger_total(ledger: _Ledger) -> Sums:
-    return ledger.total
+def _iteration_sums(ledger: _Ledger) -> tuple:
+    return ledger.new, ledger.penalties, ledger.logw, ledger.logz, ledger.centroid_sums
 
 
 class _Graph:
@@ -374,19 +415,21 @@ class _Run:
         self.blocks = blocks
         self.n, self.d = int(Z.shape[0]), int(Z.shape[1])
         self.k = n_clusters
-        self.sigma = np.full(n_clusters, float(sigma))
+        self.sigma = float(sigma)
         self.rng = np.random.default_rng(seed)
         self.states: list[Any] = []
         self.timings: dict[str, float] = {}
         self.inline = len(sizes) == 1 and not _distributed_client_active()
 
-    def set_design(self, design: Design, pr_b: np.ndarray, theta_b: np.ndarray) -> None:
+    def set_design(self, design: Design, pr_b: np.ndarray, theta_b: np.ndarray, n_blocks: int = 1) -> None:
         """Create the chunk states (persisted) and check the values of ``Z``."""
         self.design, self.pr_b, self.theta_b = design, pr_b, theta_b
+        self.n_blocks = n_blocks
         n_patterns = len(design.patterns)
+        key = int(self.rng.integers(2**62))
         create = dask.delayed(HarmonyChunk.create, pure=False)
         self.states = [
-            create(block, design.codes[a : a + s], int(a), n_patterns)
+            create(block, design.codes[a : a + s], int(a), n_patterns, n_blocks, key)
             for block, a, s in zip(self.blocks, self.offsets, self.sizes)
         ]
         n_bad = self._reduce("n_nonfinite", combine=operator.add)
@@ -422,103 +465,126 @@ class _Run:
         handles, results = self._apply(g, handles, method, *args)
         return self._persist(g, handles, g.reduce(results, combine))[0]
 
-    def _gather(self, name: str) -> np.ndarray | da.Array:
-        get = dask.delayed(_attribute, pure=True)
-        parts = [
-            da.from_delayed(get(st, name), shape=(s, self.d if name == "z_corr" else self.k), dtype=np.float64)
-            for st, s in zip(self.states, self.sizes)
-        ]
-        arr = da.concatenate(parts, axis=0)
-        return arr if self.lazy else arr.compute()
+    def _gather(self, method: str, width: int, *args: Any) -> np.ndarray | da.Array:
+        """A per-cell output of the chunks (``method`` of each state), in the original cell order:
+        a dask array over the chunks for a dask input, one NumPy array otherwise."""
+        get = dask.delayed(_output, pure=False)
+        parts = [get(st, method, *args) for st in self.states]
+        if self.lazy:
+            return da.concatenate(
+                [da.from_delayed(p, shape=(s, width), dtype=np.float64) for p, s in zip(parts, self.sizes)], axis=0
+            )
+        out = np.empty((self.n, width))
+        for part, a, s in zip(parts, self.offsets, self.sizes):
+            out[a : a + s] = part.compute(scheduler="sync" if self.inline else None)
+        return out
 
     # -- k-means start ---------------------------------------------------------------------------
 
     def kmeans_start(self, n_init: int, max_iter: int = 25) -> np.ndarray:
-        """Seeded k-means on Z_cos: best of ``n_init`` starts on a sample, refined on all cells."""
+        """Seeded k-means on Z_cos: best of ``n_init`` starts (k-means++ then Lloyd) on a seeded sample
+        of at most 256 cells per cluster, drawn by global cell index; all cells when there are fewer.
+
+        The sample bounds the start's cost; the full data enter at once through Harmony's first
+        clustering iteration, which recomputes the centroids from all cells.
+        """
         m = min(self.n, SEED_SAMPLE_PER_CLUSTER * self.k)
         index = np.sort(self.rng.choice(self.n, m, replace=False)) if m < self.n else np.arange(self.n)
         g, handles = self._graph()
         handles, results = self._apply(g, handles, "take", index)
         sample = np.concatenate(self._persist(g, handles, *results))
-        centers = kmeans(sample, self.k, n_init=n_init, max_iter=max_iter, seed=int(self.rng.integers(2**31)))
-        if m == self.n:
-            return centers
-        for _ in range(max_iter):
-            sums, counts, _ = self._reduce("lloyd_sums", centers, combine=_add_triples)
-            new = centers.copy()
-            filled = counts > 0
-            new[filled] = sums[filled] / counts[filled, None]
-            if np.array_equal(new, centers):
-                break
-            centers = new
-        return centers
+        return kmeans(sample, self.k, n_init=n_init, max_iter=max_iter, seed=int(self.rng.integers(2**31)))
 
     # -- runs ------------------------------------------------------------------------------------
 
-    def _start(self, n_init: int) -> tuple[np.ndarray, Sums]:
+    def _start(self, n_init: int) -> tuple[np.ndarray, _IterationState]:
         with timed(self.timings, "start"):
             y0 = cosine_normalize(self.kmeans_start(n_init).T, axis=0)
             sums = self._reduce("initial_assignments", y0, self.sigma, combine=Sums.merge)
-        return cosine_normalize(sums.centroid_sums, axis=0), sums
+        ones = np.ones_like(sums.s)
+        state = _IterationState(sums.s, ones, 0.0, sums.logz, sums.centroid_sums, y0)
+        return cosine_normalize(sums.centroid_sums, axis=0), state
 
-    def _objective(self, sums: Sums) -> float:
-        cross = cross_entropy(sums.s, self.design.patterns, self.pr_b, self.theta_b, self.sigma)
-        return sums.kmeans_error + sums.entropy + cross
+    def _objective(self, it: _IterationState) -> float:
+        """k-means error + sigma-weighted entropy + diversity cross-entropy (harmony 0.1)."""
+        kmeans_error = 2.0 * self.n - 2.0 * float((it.y * it.centroid_sums).sum())
+        entropy = self.sigma * (it.logw - it.logz) - kmeans_error
+        cross = cross_entropy(it.block_s.sum(axis=0), self.design.patterns, self.pr_b, self.theta_b, self.sigma)
+        return kmeans_error + entropy + cross
 
-    def _cluster_iteration(self, y: np.ndarray, s_total: np.ndarray, n_blocks: int) -> Sums:
-        """One clustering iteration: blocks in turn, each updated in parallel across chunks."""
-        key = int(self.rng.integers(2**62))
+    def _cluster_iteration(self, y: np.ndarray, block_s: np.ndarray) -> _IterationState:
+        """One clustering iteration: blocks in a seeded order, each updated in parallel across chunks."""
+        order = self.rng.permutation(self.n_blocks).tolist()
         consts = (self.design.patterns, self.pr_b, self.theta_b)
         g, handles = self._graph()
-        handles, old_parts = self._apply(g, handles, "begin_iteration", key, n_blocks)
-        ledger = g.task(_first_block, s_total, consts, *old_parts)
-        for b in range(n_blocks):
+        ledger = g.task(_first_block, block_s, order[0], consts)
+        for i, b in enumerate(order):
             handles, parts = self._apply(g, handles, "update_block", b, y, self.sigma, ledger)
-            ledger = g.task(_next_block, ledger, b + 1, consts, *parts)
-        return self._persist(g, handles, g.task(_ledger_total, ledger))[0]
+            following = order[i + 1] if i + 1 < len(order) else None
+            ledger = g.task(_next_block, ledger, following, consts, *parts)
+        new, penalties, logw, logz, centroid_sums = self._persist(g, handles, g.task(_iteration_sums, ledger))[0]
+        return _IterationState(new, penalties, logw, logz, centroid_sums, y)
 
-    def _correct(self, ridge_penalty: np.ndarray) -> np.ndarray:
+    def _correct(self, ridge_penalty: np.ndarray, it: _IterationState, final: bool) -> np.ndarray:
         """Ridge correction of every chunk; returns the new centroids ``Y``."""
-        stats = self._reduce("ridge_sums", combine=_add_pairs)
+        stats = self._reduce("ridge_sums", it.y, self.sigma, it.penalties, combine=_add_pairs)
         w = solve_batch_terms(*ridge_system(*stats, self.design.patterns), ridge_penalty)
-        centroid_sums = self._reduce("correct", self.design.patterns, w, combine=operator.add)
+        per_pattern = np.einsum("pa,kad->pkd", self.design.patterns, w)
+        centroid_sums = self._reduce("correct", per_pattern, it.y, self.sigma, it.penalties, final,
+                                     combine=operator.add)
         return cosine_normalize(centroid_sums, axis=0)
 
-    def harmony(self, ridge_penalty, *, n_init, block_size, max_iter_harmony, max_iter_cluster,
-                epsilon_cluster, epsilon_harmony) -> HarmonyResult:
-        n_blocks = int(np.ceil(1.0 / block_size))
-        y, sums = self._start(n_init)
-        obj_kmeans = [self._objective(sums)]
+    def _result(self, it: _IterationState, n_iter: int, objective: list[float], converged: bool) -> HarmonyResult:
+        r = partial(self._gather, "assignments", self.k, it.y, self.sigma, it.penalties)
+        return HarmonyResult(self._gather("corrected", self.d), r() if self.lazy else r, it.y, n_iter, objective,
+                             converged, dict(self.timings))
+
+    def harmony(self, ridge_penalty, *, n_init, max_iter_harmony, max_iter_cluster, epsilon_cluster,
+                epsilon_harmony) -> HarmonyResult:
+        y, it = self._start(n_init)
+        obj_kmeans = [self._objective(it)]
         obj_harmony = [obj_kmeans[-1]]
         converged, n_iter = False, 0
         for n_iter in range(1, max_iter_harmony + 1):
             with timed(self.timings, "clustering"):
-                for it in range(max_iter_cluster):
-                    y_used = y
-                    sums = self._cluster_iteration(y, sums.s, n_blocks)
-                    y = cosine_normalize(sums.centroid_sums, axis=0)
-                    obj_kmeans.append(self._objective(sums))
-                    if it > WINDOW and _window_converged(obj_kmeans, epsilon_cluster):
+                for i in range(max_iter_cluster):
+                    it = self._cluster_iteration(y, it.block_s)
+                    y = cosine_normalize(it.centroid_sums, axis=0)
+                    obj_kmeans.append(self._objective(it))
+                    if i > WINDOW and _window_converged(obj_kmeans, epsilon_cluster):
                         break
             obj_harmony.append(obj_kmeans[-1])
-            with timed(self.timings, "correction"):
-                y = self._correct(ridge_penalty)
             old, new = obj_harmony[-2], obj_harmony[-1]
+            converged = (old - new) / abs(old) < epsilon_harmony
             logger.info("Harmony iteration %d: objective %.6g", n_iter, new)
-            if (old - new) / abs(old) < epsilon_harmony:
-                converged = True
+            with timed(self.timings, "correction"):
+                y = self._correct(ridge_penalty, it, final=converged or n_iter == max_iter_harmony)
+            if converged:
                 break
-        return HarmonyResult(self._gather("z_corr"), self._gather("r"), y_used, n_iter, obj_harmony, converged,
-                             dict(self.timings))
+        return self._result(it, n_iter, obj_harmony, converged)
 
     def soft_kmeans(self, n_init: int, max_iter: int) -> HarmonyResult:
-        y, sums = self._start(n_init)
+        y, it = self._start(n_init)
         with timed(self.timings, "clustering"):
             for _ in range(max_iter - 1):
-                sums = self._cluster_iteration(y, sums.s, 1)
-                y = cosine_normalize(sums.centroid_sums, axis=0)
-        return HarmonyResult(self._gather("z_corr"), self._gather("r"), y, 0, [self._objective(sums)], True,
-                             dict(self.timings))
+                it = self._cluster_iteration(y, it.block_s)
+                y = cosine_normalize(it.centroid_sums, axis=0)
+        result = self._result(it, 0, [self._objective(it)], True)
+        result.centroids = y  # R Symphony's soft_kmeans returns the centroids of the final R
+        return result
+
+
+@dataclass
+class _IterationState:
+    """What the driver keeps of a clustering iteration: per-block sums and penalties, entropy
+    terms, centroid sums, and the centroids ``y`` the iteration used."""
+
+    block_s: np.ndarray
+    penalties: np.ndarray
+    logw: float
+    logz: float
+    centroid_sums: np.ndarray
+    y: np.ndarray
 
 
 def _distributed_client_active() -> bool:
@@ -533,10 +599,6 @@ def _distributed_client_active() -> bool:
 
 def _add_pairs(a, b):
     return a[0] + b[0], a[1] + b[1]
-
-
-def _add_triples(a, b):
-    return a[0] + b[0], a[1] + b[1], a[2] + b[2]
 
 
 def _window_converged(obj: list[float], epsilon: float) -> bool:

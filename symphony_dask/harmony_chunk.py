@@ -1,32 +1,36 @@
 """Harmony's work on one row chunk of cells: the state a chunk keeps and the steps applied to it.
 
-A :class:`HarmonyChunk` holds a chunk's pre-Harmony PCs ``z``, its corrected PCs ``z_corr``, its soft
-assignments ``r`` and each cell's design pattern. The driver in :mod:`symphony_dask.harmony` applies
-the steps below to every chunk and reduces what they return (small sums) in a tree, so that the
-global statistics of Harmony are
+A :class:`HarmonyChunk` holds a chunk's pre-Harmony PCs ``z`` and corrected PCs ``z_corr`` and each
+cell's design pattern. The driver in :mod:`symphony_dask.harmony` applies the steps below to every
+chunk and reduces what they return (small sums), so that the global statistics of Harmony are
 
-- ``S`` (p x k): ``sum R`` per design pattern and cluster, from which ``O = R Phi^T`` and
-  ``E = N_k Pr_b^T`` follow (a cell's pattern fixes its batches);
-- centroid sums ``Z_cos^T R`` (d x k), the k-means error ``sum R dist`` and entropy ``sum sigma R log R``;
-- ridge sums per pattern (:func:`symphony_dask.mixture.ridge_statistics`).
+- ``S`` (p x k): ``sum R`` per design pattern and cluster, kept per block, from which
+  ``O = R Phi^T`` and ``E = N_k Pr_b^T`` follow (a cell's pattern fixes its batches);
+- centroid sums ``Z_cos^T R`` (d x k) and the log-normalizers of the soft assignments, which give
+  the objective without a pass of its own (see :meth:`HarmonyChunk.update_block`);
+- ridge sums per pattern, ``sum R`` and ``sum R z``.
 
-Block-wise assignment (harmony 0.1 updates 5% of cells at a time, refreshing O and E between blocks):
-in each clustering iteration every cell draws a block from a hash of its global index and the
-iteration's seed, so block membership does not depend on chunking. Blocks are processed in turn;
-within a block, all chunks update their cells of that block in parallel.
+Blocks: harmony 0.1 updates 5% of the cells at a time, refreshing O and E between blocks. Here every
+cell belongs to one of ``n_blocks`` blocks drawn once per run from a hash of its global index and
+the seed (so membership does not depend on chunking); each clustering iteration visits the blocks in
+a new seeded order, and within a block all chunks update their cells of it in parallel. Inside a
+chunk, cells are kept sorted by (block, pattern), so a block is a contiguous slice and its patterns
+contiguous runs; outputs come back in the original cell order.
 
-Steps mutate the chunk state in place (the state lives in one task chain per chunk); every other
-value they return is new.
+The assignments ``R`` are never stored: a cell's ``R`` is a function of its ``z_corr`` row, the
+centroids ``Y`` of the iteration and the diversity penalty its block saw, so the ridge step
+recomputes it from those (d x k and n_blocks x p x k numbers) instead of keeping n x k values.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
-from .kmeans import sum_by_label
-from .mixture import remove_batch_terms, ridge_statistics
+from .mixture import pattern_runs
 
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
@@ -42,7 +46,7 @@ def mix64(x: np.ndarray) -> np.ndarray:
 
 
 def block_of(global_index: np.ndarray, key: int, n_blocks: int) -> np.ndarray:
-    """Block (0 .. n_blocks-1) of each cell in the iteration with hash ``key``."""
+    """Block (0 .. n_blocks-1) of each cell for the hash ``key``."""
     with np.errstate(over="ignore"):
         h = mix64(np.asarray(global_index, dtype=np.uint64) + mix64(np.uint64(key)))
     return (h % np.uint64(n_blocks)).astype(np.int64)
@@ -53,47 +57,137 @@ def normalize_rows(z: np.ndarray) -> np.ndarray:
     return np.divide(z, norm, out=np.zeros_like(z), where=norm > 0)
 
 
-def pattern_sums(values: np.ndarray, codes: np.ndarray, n_patterns: int) -> np.ndarray:
-    """Sum of the rows of ``values`` per design pattern (p x columns)."""
-    if n_patterns == 1:
-        return values.sum(axis=0, keepdims=True)
-    return sum_by_label(values, codes, n_patterns)
+#: Rows processed together: a tile of cos / R values (2,048 x k) stays in the CPU cache.
+TILE_ROWS = 2048
+
+
+@numba.njit(cache=True, nogil=True)
+def _shift_rows(a: np.ndarray, scale: float) -> np.ndarray:
+    """In place ``a[i] = scale a[i] - m_i`` with ``m_i = max_j scale a[i, j]``; returns ``m``."""
+    n, k = a.shape
+    m = np.empty(n)
+    for i in range(n):
+        top = -np.inf
+        for j in range(k):
+            v = a[i, j] * scale
+            a[i, j] = v
+            if v > top:
+                top = v
+        for j in range(k):
+            a[i, j] -= top
+        m[i] = top
+    return m
+
+
+@numba.njit(cache=True, nogil=True)
+def _weigh_and_normalize(e: np.ndarray, weights: np.ndarray, codes: np.ndarray, pattern_sums: np.ndarray) -> float:
+    """In place ``e[i] = e[i] * weights[codes[i]] / Z_i``; adds each row to ``pattern_sums[codes[i]]``;
+    returns ``sum_i log Z_i``."""
+    n, k = e.shape
+    total = 0.0
+    for i in range(n):
+        w = weights[codes[i]]
+        z = 0.0
+        for j in range(k):
+            v = e[i, j] * w[j]
+            e[i, j] = v
+            z += v
+        inv = 1.0 / z
+        row = pattern_sums[codes[i]]
+        for j in range(k):
+            v = e[i, j] * inv
+            e[i, j] = v
+            row[j] += v
+        total += math.log(z)
+    return total
+
+
+def assign_tiles(z_corr: np.ndarray, y: np.ndarray, sigma: float, weights: np.ndarray, codes: np.ndarray,
+                 pattern_sums: np.ndarray):
+    """Soft assignments ``R ~ exp(-2 (1 - cos) / sigma) * weights[pattern]`` of the rows of ``z_corr``,
+    tile by tile: yields ``(start, stop, z_cos, r, logz)`` where ``logz`` is the tile's
+    ``sum(m + log Z)`` of ``a = -dist / sigma``, and adds ``R`` per pattern into ``pattern_sums``.
+
+    Per tile: one GEMM, a shift pass, NumPy's vectorized exp, and a weighting pass, all in cache.
+    """
+    scale = 2.0 / sigma
+    for start in range(0, len(z_corr), TILE_ROWS):
+        stop = min(start + TILE_ROWS, len(z_corr))
+        z_cos = normalize_rows(z_corr[start:stop])
+        r = z_cos @ y
+        m = _shift_rows(r, scale)
+        np.exp(r, out=r)
+        logz = _weigh_and_normalize(r, weights, codes[start:stop], pattern_sums) + float(m.sum()) - len(r) * scale
+        yield start, stop, z_cos, r, logz
 
 
 @dataclass
 class Sums:
-    """Tree-reducible sums of an assignment update: ``S`` per pattern, objective terms, centroid sums."""
+    """Tree-reducible sums of an assignment update.
+
+    ``s``: ``sum R`` per pattern (p x k; n_blocks x p x k for a whole chunk); ``logz``: the sum over
+    cells of ``max_k a_ik + log sum_k exp(a_ik - max) w_ik`` with ``a = -dist / sigma``;
+    ``centroid_sums``: ``Z_cos^T R`` (d x k).
+    """
 
     s: np.ndarray
-    kmeans_error: float
-    entropy: float
+    logz: float
     centroid_sums: np.ndarray
 
     def merge(self, other: Sums) -> Sums:
-        return Sums(
-            self.s + other.s,
-            self.kmeans_error + other.kmeans_error,
-            self.entropy + other.entropy,
-            self.centroid_sums + other.centroid_sums,
-        )
+        return Sums(self.s + other.s, self.logz + other.logz, self.centroid_sums + other.centroid_sums)
 
 
 @dataclass
 class HarmonyChunk:
-    """State of one chunk of cells (see the module docstring)."""
+    """State of one chunk of cells (see the module docstring).
+
+    ``z`` is in the original cell order; ``perm`` maps the sorted order to it, and ``z_corr`` and
+    ``codes`` are in the sorted order. ``bounds[b]:bounds[b+1]`` is block ``b`` and ``runs[b]`` its
+    (pattern, start, stop) runs, relative to the block. ``z_clustered`` keeps the embedding the last
+    clustering saw once a final correction has moved ``z_corr`` (the output ``R`` is computed from it).
+    """
 
     offset: int
     z: np.ndarray
+    perm: np.ndarray
     z_corr: np.ndarray
     codes: np.ndarray
     n_patterns: int
-    r: np.ndarray | None = None
-    blocks: list[np.ndarray] | None = None
+    bounds: np.ndarray
+    runs: list[list[tuple[int, int, int]]]
+    z_clustered: np.ndarray | None = None
 
     @staticmethod
-    def create(z: np.ndarray, codes: np.ndarray, offset: int, n_patterns: int) -> HarmonyChunk:
+    def create(z: np.ndarray, codes: np.ndarray, offset: int, n_patterns: int, n_blocks: int, key: int) -> HarmonyChunk:
         z = np.asarray(z, dtype=np.float64)
-        return HarmonyChunk(offset, z, z, np.asarray(codes, dtype=np.int64), n_patterns)
+        codes = np.asarray(codes, dtype=np.int64)
+        block = block_of(np.arange(offset, offset + len(z)), key, n_blocks)
+        perm = np.lexsort((codes, block))
+        codes, block = codes[perm], block[perm]
+        bounds = np.searchsorted(block, np.arange(n_blocks + 1))
+        runs = []
+        for b in range(n_blocks):
+            c = codes[bounds[b] : bounds[b + 1]]
+            starts = np.flatnonzero(np.r_[True, c[1:] != c[:-1]]) if len(c) else np.array([], dtype=np.int64)
+            stops = np.r_[starts[1:], len(c)]
+            runs.append([(int(c[s]), int(s), int(e)) for s, e in zip(starts, stops)])
+        return HarmonyChunk(offset, z, perm, z[perm], codes, n_patterns, bounds, runs)
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.bounds) - 1
+
+    def _block(self, b: int) -> slice:
+        return slice(int(self.bounds[b]), int(self.bounds[b + 1]))
+
+    def _tiles(self, b: int, z_corr: np.ndarray, y: np.ndarray, sigma: float, weights: np.ndarray,
+               pattern_sums: np.ndarray | None = None):
+        """:func:`assign_tiles` over block ``b`` of ``z_corr`` (tile bounds relative to the block)."""
+        sl = self._block(b)
+        if pattern_sums is None:
+            pattern_sums = np.zeros((self.n_patterns, y.shape[1]))
+        return assign_tiles(z_corr[sl], y, sigma, weights, self.codes[sl], pattern_sums)
 
     # -- checks and k-means start ----------------------------------------------------------------
 
@@ -102,78 +196,87 @@ class HarmonyChunk:
 
     def take(self, global_index: np.ndarray) -> np.ndarray:
         """Cosine-normalized rows at the given global indices that fall in this chunk."""
-        local = global_index[(global_index >= self.offset) & (global_index < self.offset + len(self.z))] - self.offset
-        return normalize_rows(self.z[local])
-
-    def lloyd_sums(self, centers: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-        """Per-center sums and counts of the cosine-normalized cells nearest to it, and the inertia."""
-        x = normalize_rows(self.z)
-        d = (x * x).sum(1)[:, None] - 2.0 * (x @ centers.T) + (centers * centers).sum(1)[None, :]
-        labels = np.argmin(d, axis=1)
-        k = centers.shape[0]
-        sums = sum_by_label(x, labels, k)
-        inertia = float(np.maximum(d[np.arange(len(x)), labels], 0).sum())
-        return sums, np.bincount(labels, minlength=k).astype(np.float64), inertia
+        inside = (global_index >= self.offset) & (global_index < self.offset + len(self.z))
+        return normalize_rows(self.z[global_index[inside] - self.offset])
 
     # -- soft clustering ---------------------------------------------------------------------------
 
-    def initial_assignments(self, y: np.ndarray, sigma: np.ndarray) -> Sums:
-        """``R = softmax(-dist / sigma)`` for all cells from the k-means centroids ``y``."""
-        z_cos = normalize_rows(self.z_corr)
-        dist = 2.0 * (1.0 - z_cos @ y)
-        self.r = _softmax(-dist / sigma)
-        return self._sums(slice(None), z_cos, dist, sigma)
+    def initial_assignments(self, y: np.ndarray, sigma: float) -> Sums:
+        """Sums of ``R = softmax(-dist / sigma)`` (no penalty); ``s`` per block (n_blocks x p x k)."""
+        ones = np.ones((self.n_patterns, y.shape[1]))
+        s = np.zeros((self.n_blocks, self.n_patterns, y.shape[1]))
+        total = Sums(s, 0.0, np.zeros_like(y))
+        for b in range(self.n_blocks):
+            for _, _, z_cos, r, logz in self._tiles(b, self.z_corr, y, sigma, ones, s[b]):
+                total.logz += logz
+                total.centroid_sums += z_cos.T @ r
+        return total
 
-    def begin_iteration(self, key: int, n_blocks: int) -> np.ndarray:
-        """Draw this iteration's blocks; return ``sum R`` per block and pattern before the update."""
-        block = block_of(np.arange(self.offset, self.offset + len(self.z)), key, n_blocks)
-        order = np.argsort(block, kind="stable")
-        bounds = np.searchsorted(block[order], np.arange(n_blocks + 1))
-        self.blocks = [order[bounds[b] : bounds[b + 1]] for b in range(n_blocks)]
-        return np.stack([pattern_sums(self.r[rows], self.codes[rows], self.n_patterns) for rows in self.blocks])
+    def update_block(self, b: int, y: np.ndarray, sigma: float, ledger) -> Sums:
+        """Sums of the new assignments of this chunk's cells in block ``b``.
 
-    def update_block(self, b: int, y: np.ndarray, sigma: np.ndarray, ledger) -> Sums:
-        """New assignments of this chunk's cells in block ``b``.
-
-        ``ledger.penalty`` (p x k) is the diversity penalty of each design pattern, from O and E
-        without the block's cells: ``R_i ~ exp(-dist_i / sigma) * penalty[pattern_i]``.
+        ``R_i ~ exp(-dist_i / sigma) * w[pattern_i]`` with ``w = ledger.penalty`` (p x k), the
+        diversity penalty from O and E without the block's cells. The objective needs no extra
+        pass: with ``a = -dist / sigma``, ``sum_k sigma r log r = -sum_k r dist - sigma (m + log Z)
+        + sigma sum_k r log w`` per cell, and ``sum r dist = 2 n - 2 tr(Y^T Z_cos^T R)``.
         """
-        penalty = ledger.penalty
-        rows = self.blocks[b]
-        z_cos = normalize_rows(self.z_corr[rows])
-        dist = 2.0 * (1.0 - z_cos @ y)
-        r = _softmax(-dist / sigma, weights=penalty[self.codes[rows]])
-        self.r[rows] = r
-        return self._sums(rows, z_cos, dist, sigma)
-
-    def _sums(self, rows, z_cos: np.ndarray, dist: np.ndarray, sigma: np.ndarray) -> Sums:
-        r = self.r[rows]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            rlogr = np.where(r > 0, r * np.log(r), 0.0)
-        return Sums(
-            s=pattern_sums(r, self.codes[rows], self.n_patterns),
-            kmeans_error=float(np.einsum("ij,ij->", r, dist)),
-            entropy=float((rlogr.sum(axis=0) * sigma).sum()),
-            centroid_sums=z_cos.T @ r,
-        )
+        total = Sums(np.zeros((self.n_patterns, y.shape[1])), 0.0, np.zeros_like(y))
+        for _, _, z_cos, r, logz in self._tiles(b, self.z_corr, y, sigma, ledger.penalty, total.s):
+            total.logz += logz
+            total.centroid_sums += z_cos.T @ r
+        return total
 
     # -- correction --------------------------------------------------------------------------------
 
-    def ridge_sums(self) -> tuple[np.ndarray, np.ndarray]:
-        return ridge_statistics(self.z, self.r, self.codes, self.n_patterns)
+    def ridge_sums(self, y: np.ndarray, sigma: float, penalties: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``sum R`` (p x k) and ``sum R z`` (p x k x d) per pattern, with ``R`` recomputed per block
+        from the centroids and penalties of the last clustering iteration."""
+        k, d = y.shape[1], self.z.shape[1]
+        s = np.zeros((self.n_patterns, k))
+        t = np.zeros((self.n_patterns, k, d))
+        for b in range(self.n_blocks):
+            z = self.z[self.perm[self._block(b)]]
+            codes = self.codes[self._block(b)]
+            for start, stop, _, r, _ in self._tiles(b, self.z_corr, y, sigma, penalties[b], s):
+                for p, a, e in pattern_runs(codes[start:stop]):
+                    t[p] += r[a:e].T @ z[start + a : start + e]
+        return s, t
 
-    def correct(self, patterns: np.ndarray, w: np.ndarray) -> np.ndarray:
-        """Apply the ridge correction to ``z``; return the new centroid sums ``Z_cos^T R``."""
-        self.z_corr = remove_batch_terms(self.z, self.r, self.codes, patterns, w)
-        self.blocks = None
-        return normalize_rows(self.z_corr).T @ self.r
+    def correct(self, per_pattern: np.ndarray, y: np.ndarray, sigma: float, penalties: np.ndarray,
+                final: bool) -> np.ndarray:
+        """``z_corr = z - sum_k R_k W_k^T x`` block by block (``per_pattern[p] = x_p^T W``, p x k x d);
+        returns the new centroid sums ``Z_cos^T R``. A ``final`` correction keeps the embedding the
+        clustering saw, from which the output ``R`` is computed."""
+        old = self.z_corr
+        new = old if not final else np.empty_like(old)
+        centroid_sums = np.zeros_like(y)
+        for b in range(self.n_blocks):
+            sl = self._block(b)
+            corrected = self.z[self.perm[sl]]
+            codes = self.codes[sl]
+            for start, stop, _, r, _ in self._tiles(b, old, y, sigma, penalties[b]):
+                for p, a, e in pattern_runs(codes[start:stop]):
+                    corrected[start + a : start + e] -= r[a:e] @ per_pattern[p]
+                centroid_sums += normalize_rows(corrected[start:stop]).T @ r
+            new[sl] = corrected
+        self.z_corr = new
+        if final:
+            self.z_clustered = old
+        return centroid_sums
 
+    # -- outputs in the original cell order ---------------------------------------------------------
 
-def _softmax(a: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
-    """Row-wise ``exp(a - max) * weights``, normalized to sum to one."""
-    a = a - a.max(axis=1, keepdims=True)
-    np.exp(a, out=a)
-    if weights is not None:
-        a *= weights
-    a /= a.sum(axis=1, keepdims=True)
-    return a
+    def corrected(self) -> np.ndarray:
+        out = np.empty_like(self.z_corr)
+        out[self.perm] = self.z_corr
+        return out
+
+    def assignments(self, y: np.ndarray, sigma: float, penalties: np.ndarray) -> np.ndarray:
+        """``R`` (cells x k) in the original cell order, as the last clustering iteration left it."""
+        z_corr = self.z_corr if self.z_clustered is None else self.z_clustered
+        out = np.empty((len(self.z), y.shape[1]))
+        for b in range(self.n_blocks):
+            rows = self.perm[self._block(b)]
+            for start, stop, _, r, _ in self._tiles(b, z_corr, y, sigma, penalties[b]):
+                out[rows[start:stop]] = r
+        return out

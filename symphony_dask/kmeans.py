@@ -1,8 +1,8 @@
 """Seeded k-means (k-means++ start, Lloyd iterations) for Harmony's initial centroids.
 
 Harmony starts from k-means centroids of the cosine-normalized PCs (R: ``kmeans(nstart = 10,
-iter.max = 25)``). Every random choice here draws on one generator seeded by the caller and indexes
-cells by their global position, so the result does not depend on how cells are chunked.
+iter.max = 25)``). Every random choice here draws on one generator seeded by the caller; the cells
+it sees are chosen by global position, so the result does not depend on how cells are chunked.
 """
 
 from __future__ import annotations

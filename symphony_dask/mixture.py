@@ -59,15 +59,40 @@ def make_design(meta: pd.DataFrame, keys: Sequence[str]) -> Design:
     return Design(patterns, codes.ravel(), levels)
 
 
+def pattern_runs(codes: np.ndarray) -> list[tuple[int, int, int]]:
+    """Maximal runs ``(pattern, start, stop)`` of equal consecutive codes."""
+    codes = np.asarray(codes)
+    if len(codes) == 0:
+        return []
+    starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
+    stops = np.r_[starts[1:], len(codes)]
+    return [(int(codes[a]), int(a), int(b)) for a, b in zip(starts, stops)]
+
+
+#: Below this mean run length, cells are grouped by pattern with a sort rather than visited run by run.
+_MIN_MEAN_RUN = 64
+
+
+def _grouped(codes: np.ndarray) -> tuple[np.ndarray | None, list[tuple[int, int, int]]]:
+    """Runs of patterns, after a stable sort by pattern if the cells are too interleaved."""
+    runs = pattern_runs(codes)
+    if len(runs) * _MIN_MEAN_RUN <= len(codes):
+        return None, runs
+    order = np.argsort(codes, kind="stable")
+    return order, pattern_runs(np.asarray(codes)[order])
+
+
 def ridge_statistics(z: np.ndarray, r: np.ndarray, codes: np.ndarray, n_patterns: int) -> tuple[np.ndarray, np.ndarray]:
     """Kernel: per design pattern, ``sum R`` (p x k) and ``sum R z`` (p x k x d); tree-reducible."""
     k, d = r.shape[1], z.shape[1]
     s = np.zeros((n_patterns, k))
     t = np.zeros((n_patterns, k, d))
-    for p in np.unique(codes):
-        rows = codes == p
-        s[p] = r[rows].sum(axis=0)
-        t[p] = r[rows].T @ z[rows]
+    order, runs = _grouped(codes)
+    if order is not None:
+        z, r = z[order], r[order]
+    for p, a, b in runs:
+        s[p] += r[a:b].sum(axis=0)
+        t[p] += r[a:b].T @ z[a:b]
     return s, t
 
 
@@ -90,7 +115,12 @@ def remove_batch_terms(z: np.ndarray, r: np.ndarray, codes: np.ndarray, patterns
     """Kernel: ``z_i - sum_k R_ik W_k^T x_i`` for each cell (the mixture-of-experts correction)."""
     per_pattern = np.einsum("pa,kad->pkd", patterns, w)  # p x k x d
     out = np.array(z, dtype=np.float64, copy=True)
-    for p in np.unique(codes):
-        rows = codes == p
-        out[rows] -= r[rows] @ per_pattern[p]
+    order, runs = _grouped(codes)
+    if order is None:
+        for p, a, b in runs:
+            out[a:b] -= r[a:b] @ per_pattern[p]
+    else:
+        for p, a, b in runs:
+            rows = order[a:b]
+            out[rows] -= r[rows] @ per_pattern[p]
     return out
