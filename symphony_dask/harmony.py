@@ -40,7 +40,7 @@ from dask.delayed import Delayed
 
 from .checks import as_key_list, check_obs_keys
 from .chunked import SPLIT_EVERY, one_blas_thread_per_task
-from .harmony_chunk import HarmonyChunk, Sums
+from .harmony_chunk import HarmonyChunk, Stepped, Sums
 from .kmeans import SEED_SAMPLE_PER_CLUSTER, kmeans
 from .mixture import Design, make_design, ridge_system, solve_batch_terms
 from .timing import timed
@@ -284,20 +284,13 @@ def soft_kmeans(Z: np.ndarray | da.Array, n_clusters: int, *, sigma: float = 0.1
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Stepped:
-    """A chunk state after a step, with the step's result."""
-
-    state: HarmonyChunk
-    result: Any
+def _step(handle: HarmonyChunk | Stepped, method: str, *args: Any) -> Stepped:
+    state = handle.state if isinstance(handle, Stepped) else handle
+    out = getattr(state, method)(*args)
+    return out if isinstance(out, Stepped) else Stepped(state, out)
 
 
-def _step(handle: HarmonyChunk | _Stepped, method: str, *args: Any) -> _Stepped:
-    state = handle.state if isinstance(handle, _Stepped) else handle
-    return _Stepped(state, getattr(state, method)(*args))
-
-
-def _result(handle: _Stepped) -> Any:
+def _result(handle: Stepped) -> Any:
     return handle.result
 
 
@@ -308,8 +301,8 @@ def _fold(combine, *parts: Any) -> Any:
     return out
 
 
-def _output(handle: HarmonyChunk | _Stepped, method: str, *args: Any) -> np.ndarray:
-    return getattr(handle.state if isinstance(handle, _Stepped) else handle, method)(*args)
+def _output(handle: HarmonyChunk | Stepped, method: str, *args: Any) -> np.ndarray:
+    return getattr(handle.state if isinstance(handle, Stepped) else handle, method)(*args)
 
 
 @dataclass

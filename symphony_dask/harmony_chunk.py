@@ -25,7 +25,7 @@ recomputes it from those (d x k and n_blocks x p x k numbers) instead of keeping
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numba
 import numpy as np
@@ -139,6 +139,14 @@ class Sums:
 
 
 @dataclass
+class Stepped:
+    """A chunk state after a step, with the step's result."""
+
+    state: HarmonyChunk
+    result: object
+
+
+@dataclass
 class HarmonyChunk:
     """State of one chunk of cells (see the module docstring).
 
@@ -243,12 +251,13 @@ class HarmonyChunk:
         return s, t
 
     def correct(self, per_pattern: np.ndarray, y: np.ndarray, sigma: float, penalties: np.ndarray,
-                final: bool) -> np.ndarray:
-        """``z_corr = z - sum_k R_k W_k^T x`` block by block (``per_pattern[p] = x_p^T W``, p x k x d);
-        returns the new centroid sums ``Z_cos^T R``. A ``final`` correction keeps the embedding the
-        clustering saw, from which the output ``R`` is computed."""
+                final: bool) -> Stepped:
+        """A new state with ``z_corr = z - sum_k R_k W_k^T x`` (``per_pattern[p] = x_p^T W``, p x k x d),
+        and the new centroid sums ``Z_cos^T R``. A ``final`` correction keeps the embedding the
+        clustering saw, from which the output ``R`` is computed. Like every step, it leaves this
+        state unchanged, so a step that dask runs twice gives the same result."""
         old = self.z_corr
-        new = old if not final else np.empty_like(old)
+        new = np.empty_like(old)
         centroid_sums = np.zeros_like(y)
         for b in range(self.n_blocks):
             sl = self._block(b)
@@ -259,10 +268,8 @@ class HarmonyChunk:
                     corrected[start + a : start + e] -= r[a:e] @ per_pattern[p]
                 centroid_sums += normalize_rows(corrected[start:stop]).T @ r
             new[sl] = corrected
-        self.z_corr = new
-        if final:
-            self.z_clustered = old
-        return centroid_sums
+        state = replace(self, z_corr=new, z_clustered=old if final else None)
+        return Stepped(state, centroid_sums)
 
     # -- outputs in the original cell order ---------------------------------------------------------
 

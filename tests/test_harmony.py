@@ -1,0 +1,168 @@
+"""Chunked Harmony: agreement with R Harmony, chunk and scheduler independence, memory, bad input."""
+
+from __future__ import annotations
+
+import dask
+import dask.array as da
+import numpy as np
+import pandas as pd
+import pytest
+from distributed import Client, LocalCluster
+
+import symphony_dask as sd
+from conftest import DATA
+from symphony_dask.compression import compression_sums
+from symphony_dask.harmony_chunk import HarmonyChunk
+from symphony_dask.metrics import lisi
+
+TOL = 1e-10
+
+
+@pytest.fixture(scope="module")
+def pbmc3500():
+    root = DATA / "harmony_pbmc3500"
+    z = pd.read_csv(root / "pbmc_3500_pcs.tsv.gz", sep="\t").to_numpy()
+    meta = pd.read_csv(root / "pbmc_3500_meta.tsv.gz", sep="\t")
+    r_corrected = pd.read_csv(root / "pbmc_3500_pcs_harmonized.tsv.gz", sep="\t").to_numpy()
+    return z, meta, r_corrected
+
+
+def test_matches_r_harmony_per_pc(pbmc3500):
+    z, meta, r_corrected = pbmc3500
+    res = sd.harmonize(z, meta, "donor")
+    r = [np.corrcoef(res.Z_corr[:, i], r_corrected[:, i])[0, 1] for i in range(z.shape[1])]
+    assert min(r) >= 0.99  # observed 0.9987
+    np.testing.assert_allclose(res.R.sum(axis=1), 1.0, rtol=1e-12)
+    assert res.centroids.shape == (30, 100)
+    assert np.all(np.diff(res.objective) < 0)  # each Harmony iteration lowers the objective
+
+
+@pytest.mark.parametrize("n_chunks", [3, 7])
+def test_chunking_does_not_change_results(pbmc3500, n_chunks):
+    z, meta, _ = pbmc3500
+    kw = dict(max_iter_harmony=3, max_iter_cluster=8, seed=3)
+    one = sd.harmonize(z, meta, "donor", **kw)
+    size = -(-len(z) // n_chunks)
+    many = sd.harmonize(z, meta, "donor", chunk_size=size, **kw)
+    lazy = sd.harmonize(da.from_array(z, chunks=(size, -1)), meta, "donor", **kw)
+    assert lazy.Z_corr.chunks[0] == lazy.R.chunks[0] == da.from_array(z, chunks=(size, -1)).chunks[0]
+    for res in (many, lazy):
+        assert np.abs(np.asarray(res.Z_corr) - one.Z_corr).max() <= TOL
+        assert np.abs(np.asarray(res.R) - one.R).max() <= TOL
+        assert res.n_iter == one.n_iter
+
+
+def test_threads_and_process_cluster_agree(pbmc3500):
+    z, meta, _ = pbmc3500
+    kw = dict(max_iter_harmony=2, max_iter_cluster=6, seed=5)
+    lazy = da.from_array(z, chunks=(1000, -1))
+    threaded = sd.harmonize(lazy, meta, "donor", **kw)
+    expected = (threaded.Z_corr.compute(), threaded.R.compute())
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        with Client(cluster):
+            res = sd.harmonize(lazy, meta, "donor", **kw)
+            assert np.abs(res.Z_corr.compute() - expected[0]).max() <= TOL
+            assert np.abs(res.R.compute() - expected[1]).max() <= TOL
+
+
+def test_workers_with_less_memory_than_r_integrate_by_chunks():
+    """500,000 cells x k = 200: R alone is 800 MB, each worker may use 600 MiB (spilling off)."""
+    n, k = 500_000, 200
+    memory = {
+        "distributed.worker.memory.target": False,
+        "distributed.worker.memory.spill": False,
+        "distributed.worker.memory.pause": False,
+        "distributed.worker.memory.terminate": 0.95,
+    }
+    batch = np.random.default_rng(0).integers(0, 4, n)
+    meta = pd.DataFrame({"batch": batch.astype(str)})
+    with dask.config.set(memory):
+        with LocalCluster(n_workers=2, threads_per_worker=1, memory_limit="600MiB", dashboard_address=None) as cluster:
+            with Client(cluster) as client:
+                z = da.random.RandomState(0).normal(size=(n, 10), chunks=(50_000, 10))
+                z = z + da.from_array(batch[:, None] * 0.5, chunks=(50_000, 1))
+                res = sd.harmonize(z, meta, "batch", n_clusters=k, max_iter_harmony=1, max_iter_cluster=3, n_init=1)
+                assert n * k * 8 > 600 * 2**20
+                assert res.Z_corr.shape == (n, 10)
+                means = [float(res.Z_corr[batch == b, 0].mean().compute()) for b in range(4)]
+                before = [float(z[batch == b, 0].mean().compute()) for b in range(4)]
+                assert np.ptp(means) < 0.5 * np.ptp(before)  # the batch shift is mostly removed
+                assert float(res.R[:1000].sum(axis=1).mean().compute()) == pytest.approx(1.0)
+                assert len(client.scheduler_info()["workers"]) == 2  # nobody was restarted
+
+
+def test_splitA_mapping_through_our_harmony(pbmcs, oracle):
+    """R's pre-Harmony PCs through our Harmony; R's query mapped onto the result; vs R's Z_corr."""
+    z_orig = oracle.per_cell("ref_Z_orig", oracle.ref_cells)
+    obs = pbmcs.obs.loc[oracle.ref_cells]
+    res = sd.harmonize(z_orig, obs, "donor", n_clusters=100, max_iter_harmony=20, seed=111)
+    sums = compression_sums(z_orig, res.Z_corr, res.R)
+    vg = oracle.vargenes
+    ref = sd.Reference.from_arrays(vg["symbol"], vg["mean"], vg["stddev"], oracle.matrix("loadings_U"),
+                                   sums.centroids, sums.cluster_sizes, sums.compression,
+                                   embedding=res.Z_corr, obs=obs)
+    query = sd.map_query(ref, pbmcs[oracle.query_cells].copy(), "donor", normalize=False)
+    sd.transfer_labels(ref, query, "cell_type")
+    accuracy = sd.evaluate(query.obs["cell_type"], query.obs["cell_type_pred"])["accuracy"]
+    assert accuracy >= 0.917241379310345 - 0.01
+    r_lisi = lisi(oracle.per_cell("ref_Z_corr", oracle.ref_cells), obs["donor"]).mean()
+    our_lisi = lisi(res.Z_corr, obs["donor"]).mean()
+    assert abs(our_lisi - r_lisi) <= 0.05 * r_lisi
+
+
+def test_lisi_counts_mixed_categories():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 2))
+    mixed = lisi(x, rng.integers(0, 2, 400))
+    separated = lisi(np.r_[x[:200], x[200:] + 100], np.r_[np.zeros(200), np.ones(200)])
+    assert mixed.mean() > 1.8 and separated.max() < 1.0001
+
+
+def test_steps_leave_the_state_unchanged(pbmc3500):
+    z, _, _ = pbmc3500
+    state = HarmonyChunk.create(z[:500], np.zeros(500, dtype=int), 0, 1, 4, key=1)
+    y = np.linalg.qr(np.random.default_rng(0).normal(size=(30, 30)))[0][:, :5]
+    before = state.z_corr.copy()
+    penalties = np.ones((4, 1, 5))
+    first = state.correct(np.full((1, 5, 30), 0.1), y, 0.1, penalties, final=True)
+    again = state.correct(np.full((1, 5, 30), 0.1), y, 0.1, penalties, final=True)
+    np.testing.assert_array_equal(state.z_corr, before)
+    np.testing.assert_array_equal(first.state.z_corr, again.state.z_corr)
+    np.testing.assert_array_equal(first.result, again.result)
+
+
+def test_single_level_batch_falls_back_to_soft_kmeans(pbmc3500):
+    z, meta, _ = pbmc3500
+    meta = meta.assign(one="x")
+    with pytest.warns(UserWarning, match="'one' has a single level"):
+        with pytest.warns(UserWarning, match="soft k-means without correction"):
+            res = sd.harmonize(z[:600], meta.iloc[:600], "one", n_clusters=10)
+    np.testing.assert_array_equal(res.Z_corr, z[:600])
+    assert res.n_iter == 0 and res.R.shape == (600, 10)
+
+
+def test_bad_harmony_input(pbmc3500):
+    z, meta, _ = pbmc3500
+    bad = z.copy()
+    bad[[3, 7], 0] = np.nan
+    bad[9, 1] = np.inf
+    with pytest.raises(ValueError, match=r"Z holds 3 NaN or infinite value\(s\)"):
+        sd.harmonize(bad, meta, "donor")
+    with pytest.raises(ValueError, match="n_clusters=5000 is impossible with 3500 cells; try n_clusters=100"):
+        sd.harmonize(z, meta, "donor", n_clusters=5000)
+    with pytest.raises(ValueError, match="meta has 10 rows but Z has 3500 cells"):
+        sd.harmonize(z, meta.iloc[:10], "donor")
+    tiny = meta.copy()
+    tiny.loc[0, "donor"] = "D"
+    with pytest.warns(UserWarning, match="batch 'D' of 'donor' has 1 cell"):
+        sd.harmonize(z, tiny, "donor", max_iter_harmony=1)
+
+
+def test_build_without_batch_keys_clusters_without_correcting(split):
+    ref_cells, query = split
+    ref = sd.build_reference(ref_cells, normalize=False, n_hvg=1000, hvg_batch_key="donor", n_clusters=30)
+    mapped = sd.map_query(ref, ref_cells.copy(), normalize=False)
+    assert ref.params["harmony_iterations"] == 0
+    np.testing.assert_allclose(ref.cluster_sizes.sum(), 910)
+    # without batches the embedding is the PCA projection of the reference cells
+    np.testing.assert_allclose(mapped.obsm["X_symphony_pca"], ref.embedding, atol=1e-10)
