@@ -21,7 +21,7 @@ import numpy as np
 
 from . import __version__
 from .checks import as_key_list, check_obs_keys, check_unique_genes, raise_on_bad_values
-from .chunked import as_row_chunked, map_reduce, map_rows
+from .chunked import as_row_chunked, map_reduce, map_rows, one_blas_thread_per_task
 from .compression import CompressionSums, compression_sums
 from .harmony import default_n_clusters, harmonize, soft_kmeans
 from .io import AnnDataLike, Expression, read_expression
@@ -140,9 +140,11 @@ def build_reference(
 
     scaling = dict(genes=gene_idx, mean=mean, std=std, normalize=normalize)
     with timed(timings, "pca"):
-        gram_matrix = dask.compute(map_reduce(gram, expr.X, combine=operator.add, **scaling))[0]
+        with one_blas_thread_per_task():
+            gram_matrix = dask.compute(map_reduce(gram, expr.X, combine=operator.add, **scaling))[0]
         loadings, singular_values = svd_from_gram(gram_matrix, n_pcs)
-        z = map_rows(project, expr.X, n_out=n_pcs, loadings=loadings, **scaling).persist()
+        with one_blas_thread_per_task():
+            z = map_rows(project, expr.X, n_out=n_pcs, loadings=loadings, **scaling).persist()
 
     harmony_chunks = max(max(expr.X.chunks[0]), HARMONY_CHUNK_SIZE)
     with timed(timings, "harmony"):
@@ -159,7 +161,8 @@ def build_reference(
     timings.update({f"harmony {name}": seconds for name, seconds in res.timings_s.items()})
     with timed(timings, "compression"):
         z = z.rechunk({0: res.Z_corr.chunks[0]})
-        sums = dask.compute(map_reduce(compression_sums, z, res.Z_corr, res.R, combine=CompressionSums.merge))[0]
+        with one_blas_thread_per_task():
+            sums = dask.compute(map_reduce(compression_sums, z, res.Z_corr, res.R, combine=CompressionSums.merge))[0]
     embedding = None
     if keep_embedding:
         # data held in memory give an in-memory embedding; data read from disk keep it on the workers

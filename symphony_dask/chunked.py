@@ -13,12 +13,14 @@ The in-memory path is the one-chunk case: a kernel applied to the whole matrix.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import dask
 import dask.array as da
 import numpy as np
+from dask.delayed import Delayed
 from threadpoolctl import threadpool_limits
 
 #: How many partial results are combined by one task of a tree reduction.
@@ -44,13 +46,14 @@ def tree_reduce(parts: Sequence[Any], combine: Callable[[Any, Any], Any], split_
     if not parts:
         raise ValueError("nothing to reduce: the input has no chunks")
     level = list(parts)
-    fold = dask.delayed(_fold, pure=True)
+    task = dask.delayed(fold, pure=True)
     while len(level) > 1:
-        level = [fold(combine, *level[i : i + split_every]) for i in range(0, len(level), split_every)]
+        level = [task(combine, *level[i : i + split_every]) for i in range(0, len(level), split_every)]
     return level[0]
 
 
-def _fold(combine: Callable[[Any, Any], Any], *parts: Any) -> Any:
+def fold(combine: Callable[[Any, Any], Any], *parts: Any) -> Any:
+    """``combine`` the parts left to right."""
     out = parts[0]
     for p in parts[1:]:
         out = combine(out, p)
@@ -140,3 +143,38 @@ def one_blas_thread_per_task() -> threadpool_limits:
     of a distributed cluster already run with one BLAS thread.
     """
     return threadpool_limits(limits=1, user_api="blas")
+
+
+class TaskGraph:
+    """A low-level task graph built task by task (far cheaper per task than ``dask.delayed``).
+
+    For loops of many small steps (Harmony runs thousands): tasks are ``(function, *arguments)``
+    tuples whose arguments may be keys of earlier tasks; :meth:`delayed` wraps a key for
+    ``dask.persist`` / ``dask.compute`` on the active scheduler.
+    """
+
+    def __init__(self, dependencies: Sequence[Delayed] = ()) -> None:
+        self.dsk: dict = {}
+        for dep in dependencies:
+            self.dsk.update(dep.__dask_graph__())
+        self.token = uuid.uuid4().hex
+        self.count = 0
+
+    def task(self, func: Callable[..., Any], *args: Any) -> tuple:
+        """Add ``func(*args)`` and return its key."""
+        self.count += 1
+        key = (func.__name__, self.token, self.count)
+        self.dsk[key] = (func, *args)
+        return key
+
+    def reduce(self, keys: Sequence, combine: Callable[[Any, Any], Any], split_every: int = SPLIT_EVERY) -> tuple:
+        """Key of the tree reduction of the values at ``keys``."""
+        level = list(keys)
+        if len(level) == 1:
+            return self.task(fold, combine, level[0])
+        while len(level) > 1:
+            level = [self.task(fold, combine, *level[i : i + split_every]) for i in range(0, len(level), split_every)]
+        return level[0]
+
+    def delayed(self, key: tuple) -> Delayed:
+        return Delayed(key, self.dsk)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import operator
-import uuid
+import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,10 +36,9 @@ import dask
 import dask.array as da
 import numpy as np
 import pandas as pd
-from dask.delayed import Delayed
 
 from .checks import as_key_list, check_obs_keys
-from .chunked import SPLIT_EVERY, one_blas_thread_per_task
+from .chunked import TaskGraph, fold, one_blas_thread_per_task
 from .harmony_chunk import HarmonyChunk, Stepped, Sums
 from .kmeans import SEED_SAMPLE_PER_CLUSTER, kmeans
 from .mixture import Design, make_design, ridge_system, solve_batch_terms
@@ -50,8 +49,11 @@ logger = logging.getLogger("symphony_dask")
 Flavor = Literal["harmony1"]
 #: Objective window of the clustering convergence test (harmony 0.1).
 WINDOW = 3
-#: Cells per chunk when ``Z`` is a NumPy array and no ``chunk_size`` is given.
-DEFAULT_CHUNK_SIZE = 100_000
+#: Most cells per chunk when ``Z`` is a NumPy array and no ``chunk_size`` is given (fewer when
+#: that leaves a dask thread without a chunk).
+DEFAULT_CHUNK_SIZE = 250_000
+#: Fewest cells per chunk worth a task of their own.
+MIN_CHUNK_SIZE = 20_000
 #: Iterations of Symphony's soft k-means when the reference has no batch variable.
 SOFT_KMEANS_ITERATIONS = 20
 
@@ -201,7 +203,8 @@ def harmonize(
     flavor
         ``'harmony1'``: the algorithm of harmony 0.1 used by the Symphony paper.
     chunk_size
-        Cells per chunk: rechunks a dask ``Z``; splits a NumPy ``Z`` (default 100,000 cells).
+        Cells per chunk: rechunks a dask ``Z``; splits a NumPy ``Z`` (default: up to 250,000 cells,
+        one chunk per dask thread at least, chunks of 20,000 cells at least).
         Results do not depend on it beyond round-off.
 
     Returns
@@ -294,13 +297,6 @@ def _result(handle: Stepped) -> Any:
     return handle.result
 
 
-def _fold(combine, *parts: Any) -> Any:
-    out = parts[0]
-    for p in parts[1:]:
-        out = combine(out, p)
-    return out
-
-
 def _output(handle: HarmonyChunk | Stepped, method: str, *args: Any) -> np.ndarray:
     return getattr(handle.state if isinstance(handle, Stepped) else handle, method)(*args)
 
@@ -337,7 +333,7 @@ def _first_block(old: np.ndarray, first: int, consts: tuple) -> _Ledger:
 
 def _next_block(ledger: _Ledger, following: int | None, consts: tuple, *parts: Sums) -> _Ledger:
     """Put the current block's cells back with their new assignments and take the following block's out."""
-    done = _fold(Sums.merge, *parts)
+    done = fold(Sums.merge, *parts)
     new = ledger.new.copy()
     new[ledger.current] = done.s
     s = ledger.s + done.s
@@ -357,38 +353,6 @@ def _iteration_sums(ledger: _Ledger) -> tuple:
     return ledger.new, ledger.penalties, ledger.logw, ledger.logz, ledger.centroid_sums
 
 
-class _Graph:
-    """A low-level task graph built step by step (far cheaper per task than ``dask.delayed``).
-
-    Harmony runs thousands of small steps; each clustering iteration is one graph of chunk steps
-    and tree reductions, computed by whatever dask scheduler is active.
-    """
-
-    def __init__(self, handles: list[Delayed]) -> None:
-        self.dsk: dict = {}
-        for h in handles:
-            self.dsk.update(h.__dask_graph__())
-        self.token = uuid.uuid4().hex
-        self.count = 0
-
-    def task(self, func, *args: Any) -> tuple:
-        self.count += 1
-        key = (func.__name__, self.token, self.count)
-        self.dsk[key] = (func, *args)
-        return key
-
-    def reduce(self, keys: list, combine, split_every: int = SPLIT_EVERY) -> tuple:
-        level = list(keys)
-        if len(level) == 1:
-            return self.task(_fold, combine, level[0])
-        while len(level) > 1:
-            level = [self.task(_fold, combine, *level[i : i + split_every]) for i in range(0, len(level), split_every)]
-        return level[0]
-
-    def delayed(self, key) -> Delayed:
-        return Delayed(key, self.dsk)
-
-
 class _Run:
     """One Harmony (or soft k-means) run: chunk states and the loop over them."""
 
@@ -400,7 +364,7 @@ class _Run:
             blocks = list(Z.to_delayed().ravel())
         else:
             Z = np.asarray(Z, dtype=np.float64)
-            step = chunk_size or DEFAULT_CHUNK_SIZE
+            step = chunk_size or _default_chunk_size(len(Z))
             sizes = tuple(min(step, len(Z) - a) for a in range(0, len(Z), step))
             blocks = [Z[a : a + s] for a, s in zip(np.cumsum((0,) + sizes[:-1]), sizes)]
         self.sizes = sizes
@@ -431,17 +395,17 @@ class _Run:
 
     # -- plumbing --------------------------------------------------------------------------------
 
-    def _graph(self) -> tuple[_Graph, list]:
-        g = _Graph(self.states)
+    def _graph(self) -> tuple[TaskGraph, list]:
+        g = TaskGraph(self.states)
         return g, [h.key for h in self.states]
 
-    def _apply(self, g: _Graph, handles: list, method: str, *args: Any) -> tuple[list, list]:
+    def _apply(self, g: TaskGraph, handles: list, method: str, *args: Any) -> tuple[list, list]:
         """One step on every chunk: the new state handles, and keys of the step's results alone
         (so that reducing them never moves a chunk's state between workers)."""
         handles = [g.task(_step, h, method, *args) for h in handles]
         return handles, [g.task(_result, h) for h in handles]
 
-    def _persist(self, g: _Graph, handles: list, *keys) -> tuple:
+    def _persist(self, g: TaskGraph, handles: list, *keys) -> tuple:
         """Run the graph: keep the chunk states where they are, bring the small results here.
 
         A single in-memory chunk without a distributed client runs in this thread (nothing to
@@ -578,6 +542,12 @@ class _IterationState:
     logz: float
     centroid_sums: np.ndarray
     y: np.ndarray
+
+
+def _default_chunk_size(n: int) -> int:
+    """Chunks of at most DEFAULT_CHUNK_SIZE cells, at least one per dask thread when cells allow."""
+    threads = dask.config.get("num_workers", None) or os.cpu_count() or 1
+    return max(MIN_CHUNK_SIZE, min(DEFAULT_CHUNK_SIZE, -(-n // threads)))
 
 
 def _distributed_client_active() -> bool:

@@ -73,7 +73,7 @@ def test_threads_and_process_cluster_agree(pbmcs, oracle):
     ref_cells, query = pbmcs[oracle.ref_cells].copy(), pbmcs[oracle.query_cells].copy()
     short = dict(max_iter_harmony=2, max_iter_cluster=5)
     threaded = build_and_map(ref_cells, query, 200, **short)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
         with Client(cluster):
             distributed = build_and_map(ref_cells, query, 200, **short)
             assert_same_reference(threaded[0], distributed[0])

@@ -58,7 +58,7 @@ def test_threads_and_process_cluster_agree(pbmc3500):
     lazy = da.from_array(z, chunks=(1000, -1))
     threaded = sd.harmonize(lazy, meta, "donor", **kw)
     expected = (threaded.Z_corr.compute(), threaded.R.compute())
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
         with Client(cluster):
             res = sd.harmonize(lazy, meta, "donor", **kw)
             assert np.abs(res.Z_corr.compute() - expected[0]).max() <= TOL
@@ -77,7 +77,7 @@ def test_workers_with_less_memory_than_r_integrate_by_chunks():
     batch = np.random.default_rng(0).integers(0, 4, n)
     meta = pd.DataFrame({"batch": batch.astype(str)})
     with dask.config.set(memory):
-        with LocalCluster(n_workers=2, threads_per_worker=1, memory_limit="600MiB", dashboard_address=None) as cluster:
+        with LocalCluster(n_workers=2, threads_per_worker=1, memory_limit="600MiB", dashboard_address=":0") as cluster:
             with Client(cluster) as client:
                 z = da.random.RandomState(0).normal(size=(n, 10), chunks=(50_000, 10))
                 z = z + da.from_array(batch[:, None] * 0.5, chunks=(50_000, 1))

@@ -1,0 +1,141 @@
+"""Harmony alone at scale: symphony_dask.harmonize beside harmonypy on the same synthetic PCs.
+
+Both sides run the same work: 10 Harmony iterations of 4 clustering iterations each (convergence
+tests off), k = 100, one k-means start, 20 PCs. Each run is a fresh process, so its peak RSS
+(ru_maxrss, which includes the shared data generation and imports) is its own.
+
+    python benchmarks/harmony_scale.py --cells 100000 1000000 5000000 --out benchmarks/results/harmony_scale.json
+
+Prints a table and writes JSON. Our time is split into the k-means start, the clustering, the
+correction, and the scheduling overhead (wall time of clustering + correction minus the time the
+dask threads spent inside tasks, divided by the number of threads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ITERATIONS = dict(outer=10, inner=4, k=100, d=20, batches=8, types=20)
+
+
+def synthetic_pcs(n: int, seed: int = 0):
+    """PCs of ``types`` cell types with per-batch shifts and unequal batch composition."""
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    d, n_types, n_batches = ITERATIONS["d"], ITERATIONS["types"], ITERATIONS["batches"]
+    batch = rng.integers(0, n_batches, n)
+    weights = rng.dirichlet(np.ones(n_types), size=n_batches)  # composition differs between batches
+    types = (rng.random(n)[:, None] > np.cumsum(weights[batch], axis=1)).sum(axis=1).clip(0, n_types - 1)
+    z = rng.normal(size=(n, d))
+    z += (rng.normal(size=(n_types, d)) * 3.0)[types]
+    z += rng.normal(size=(n_batches, d))[batch]
+    return z, pd.DataFrame({"batch": batch.astype(str)})
+
+
+def run_one(method: str, n: int, chunk_size: int) -> dict:
+    """Run one method in this process and return its measurements."""
+    z, meta = synthetic_pcs(n)
+    it = ITERATIONS
+    if method == "symphony_dask":
+        import dask
+        from dask.callbacks import Callback
+
+        import symphony_dask as sd
+
+        start = time.perf_counter()
+        busy = [0.0]
+
+        class TaskTime(Callback):
+            def _pretask(self, key, dsk, state):
+                state.setdefault("t0", {})[key] = time.perf_counter()
+
+            def _posttask(self, key, result, dsk, state, worker_id):
+                busy[0] += time.perf_counter() - state["t0"].pop(key)
+
+        threads = os.cpu_count()
+        with TaskTime(), dask.config.set(num_workers=threads):
+            res = sd.harmonize(z, meta, "batch", n_clusters=it["k"], max_iter_harmony=it["outer"],
+                               max_iter_cluster=it["inner"], epsilon_cluster=-1.0, epsilon_harmony=-1.0,
+                               n_init=1, chunk_size=chunk_size)
+        wall = time.perf_counter() - start
+        t = res.timings_s
+        split = {name: round(v, 2) for name, v in t.items()}
+        split["scheduling_overhead"] = round(t["clustering"] + t["correction"] - busy[0] / threads, 2)
+        iterations = res.n_iter
+    else:
+        import harmonypy
+
+        start = time.perf_counter()
+        res = harmonypy.run_harmony(z, meta, "batch", nclust=it["k"], max_iter_harmony=it["outer"],
+                                    max_iter_kmeans=it["inner"], epsilon_cluster=-1.0, epsilon_harmony=-1.0,
+                                    verbose=False)
+        wall = time.perf_counter() - start
+        split = {}
+        iterations = len(res.objective_harmony) - 1
+    return {
+        "method": method,
+        "cells": n,
+        "seconds": round(wall, 2),
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 3),
+        "harmony_iterations": iterations,
+        "split_s": split,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cells", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--methods", nargs="+", default=["symphony_dask", "harmonypy"])
+    parser.add_argument("--chunk-size", type=int, default=None, help="cells per chunk (default: harmonize's)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/harmony_scale.json"))
+    parser.add_argument("--one", nargs=2, metavar=("METHOD", "CELLS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_one(args.one[0], int(args.one[1]), args.chunk_size)))
+        return
+
+    rows = []
+    for n in args.cells:
+        for method in args.methods:
+            cmd = [sys.executable, __file__, "--one", method, str(n)]
+            if args.chunk_size:
+                cmd += ["--chunk-size", str(args.chunk_size)]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                rows.append({"method": method, "cells": n, "error": done.stderr.strip().splitlines()[-1]})
+            else:
+                rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(_row(rows[-1]), flush=True)
+    for n in args.cells:
+        ours = next((r for r in rows if r["cells"] == n and r["method"] == "symphony_dask" and "seconds" in r), None)
+        peer = next((r for r in rows if r["cells"] == n and r["method"] == "harmonypy" and "seconds" in r), None)
+        if ours and peer:
+            print(f"{n:>9} cells: time ratio symphony_dask / harmonypy = {ours['seconds'] / peer['seconds']:.2f}, "
+                  f"peak RSS ratio = {ours['peak_rss_gb'] / peer['peak_rss_gb']:.2f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "python": platform.python_version(),
+            "work": ITERATIONS, "chunk_size": args.chunk_size}
+    args.out.write_text(json.dumps({"setup": meta, "runs": rows}, indent=2) + "\n")
+    print(f"written to {args.out}")
+
+
+def _row(r: dict) -> str:
+    if "error" in r:
+        return f"{r['method']:<14}{r['cells']:>10}  failed: {r['error']}"
+    split = ", ".join(f"{k} {v}" for k, v in r["split_s"].items())
+    return (f"{r['method']:<14}{r['cells']:>10}{r['seconds']:>9.1f} s{r['peak_rss_gb']:>8.2f} GB  "
+            f"{r['harmony_iterations']} iterations  {split}")
+
+
+if __name__ == "__main__":
+    main()
