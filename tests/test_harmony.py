@@ -166,3 +166,14 @@ def test_build_without_batch_keys_clusters_without_correcting(split):
     np.testing.assert_allclose(ref.cluster_sizes.sum(), 910)
     # without batches the embedding is the PCA projection of the reference cells
     np.testing.assert_allclose(mapped.obsm["X_symphony_pca"], ref.embedding, atol=1e-10)
+
+
+def test_several_batch_variables_with_their_own_theta(pbmc3500):
+    z, meta, _ = pbmc3500
+    meta = meta.assign(lane=np.where(np.arange(len(meta)) % 3 == 0, "L1", "L2"))
+    res = sd.harmonize(z, meta, ["donor", "lane"], theta=[2.0, 1.0], tau=[0.0, 5.0], max_iter_harmony=3)
+    assert res.Z_corr.shape == z.shape
+    single = sd.harmonize(z, meta, "donor", max_iter_harmony=3)
+    assert not np.allclose(res.Z_corr, single.Z_corr)  # the second variable takes part
+    with pytest.raises(ValueError, match=r"theta needs one value or one per batch key \(2\), got 3"):
+        sd.harmonize(z, meta, ["donor", "lane"], theta=[1.0, 2.0, 3.0])
