@@ -13,7 +13,6 @@ Passes over the expression matrix hold one chunk per task and reduce small stati
 from __future__ import annotations
 
 import logging
-import operator
 from collections.abc import Sequence
 
 import dask
@@ -25,7 +24,7 @@ from .chunked import as_row_chunked, map_reduce, map_rows, one_blas_thread_per_t
 from .compression import CompressionSums, compression_sums
 from .harmony import default_n_clusters, harmonize, soft_kmeans
 from .io import AnnDataLike, Expression, read_expression
-from .pca import gram, project, svd_from_gram
+from .pca import PCASolver, fit_pca, project
 from .preprocess import FirstPass, first_pass
 from .reference import Reference
 from .timing import timed
@@ -59,6 +58,7 @@ def build_reference(
     epsilon_cluster: float = 1e-5,
     epsilon_harmony: float = 1e-4,
     n_init: int = 10,
+    pca_solver: PCASolver = "auto",
     keep_embedding: bool = True,
 ) -> Reference:
     """Build a Symphony reference from an expression matrix.
@@ -96,6 +96,9 @@ def build_reference(
         Use this AnnData layer instead of ``X``.
     block_size, max_iter_cluster, epsilon_cluster, epsilon_harmony, n_init
         Further Harmony settings (see :func:`symphony_dask.harmonize`).
+    pca_solver
+        ``'gram'`` (exact, one pass, cost ~ genes^2 per cell), ``'krylov'`` (randomized block Krylov,
+        11 passes, cost ~ genes per cell) or ``'auto'``: the cheaper (Gram up to ~5,000 genes).
     keep_embedding
         Keep the corrected per-cell embedding and ``obs`` (needed for label transfer).
 
@@ -140,9 +143,7 @@ def build_reference(
 
     scaling = dict(genes=gene_idx, mean=mean, std=std, normalize=normalize)
     with timed(timings, "pca"):
-        with one_blas_thread_per_task():
-            gram_matrix = dask.compute(map_reduce(gram, expr.X, combine=operator.add, **scaling))[0]
-        loadings, singular_values = svd_from_gram(gram_matrix, n_pcs)
+        loadings, singular_values, solver = fit_pca(expr.X, scaling, n_pcs, solver=pca_solver, seed=seed)
         with one_blas_thread_per_task():
             z = map_rows(project, expr.X, n_out=n_pcs, loadings=loadings, **scaling).persist()
 
@@ -173,7 +174,7 @@ def build_reference(
         n_clusters=k, theta=theta, tau=tau, sigma=sigma, lamb=lamb, max_iter_harmony=max_iter_harmony,
         seed=seed, block_size=block_size, max_iter_cluster=max_iter_cluster, epsilon_cluster=epsilon_cluster,
         epsilon_harmony=epsilon_harmony, n_init=n_init, n_cells=n, n_variable_genes=len(chosen),
-        singular_values=singular_values, harmony_iterations=res.n_iter, harmony_converged=res.converged,
+        singular_values=singular_values, pca_solver=solver, harmony_iterations=res.n_iter, harmony_converged=res.converged,
         timings_s=timings, symphony_dask_version=__version__,
     )
     logger.info("built reference: %d cells, %d genes, stage times %s", n, len(chosen), timings)
