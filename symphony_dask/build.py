@@ -13,9 +13,11 @@ Passes over the expression matrix hold one chunk per task and reduce small stati
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 
 import dask
+import dask.array as da
 import numpy as np
 
 from . import __version__
@@ -23,9 +25,9 @@ from .checks import as_key_list, check_obs_keys, check_unique_genes, raise_on_ba
 from .chunked import as_row_chunked, map_reduce, map_rows, one_blas_thread_per_task
 from .compression import CompressionSums, compression_sums
 from .harmony import default_n_clusters, harmonize, soft_kmeans
-from .io import AnnDataLike, Expression, read_expression
+from .io import AnnDataLike, Expression, keep_cells, read_expression
 from .pca import PCASolver, fit_pca, project
-from .preprocess import FirstPass, first_pass
+from .preprocess import FirstPass, first_pass, has_counts
 from .reference import Reference
 from .timing import timed
 from .variable_genes import ClippedSquares, clipped_squares, expected_variance, select_top, vst_table
@@ -128,11 +130,13 @@ def build_reference(
         first: FirstPass = dask.compute(
             map_reduce(first_pass, expr.X, codes_da, combine=FirstPass.merge, normalize=normalize)
         )[0]
-    raise_on_bad_values(first.counts, where="the reference expression", normalize=normalize)
-    if first.n_empty_cells:
-        raise ValueError(
-            f"{first.n_empty_cells} reference cell(s) have zero total counts and cannot be normalized; remove them"
-        )
+    raise_on_bad_values(first.counts, where="the reference expression", normalize=normalize, warn_empty=False)
+    if normalize and first.counts.n_empty_cells:
+        expr, first = _drop_empty_cells(expr, first.counts.n_empty_cells, hvg_keys, normalize, timings)
+        n = expr.n_cells
+        _check_sizes(n, expr.X.shape[1], n_hvg, n_pcs)
+        group_names, codes = _groups(expr, hvg_keys)
+        codes_da = as_row_chunked(codes, expr.X)
 
     with timed(timings, "variable_genes"):
         chosen, table = _variable_genes(expr, first, codes_da, group_names, n_hvg, normalize)
@@ -184,6 +188,24 @@ def build_reference(
         embedding=embedding, obs=expr.obs.copy() if keep_embedding else None,
         pca_moments=sums.pca_moments, params=params, variable_gene_table=table,
     )
+
+
+def _drop_empty_cells(expr: Expression, n_empty: int, hvg_keys: list[str], normalize: bool,
+                      timings: dict[str, float]) -> tuple[Expression, FirstPass]:
+    """Leave out cells with zero total counts (they cannot be normalized) and redo the first pass."""
+    warnings.warn(
+        f"{n_empty} of {expr.n_cells} reference cells have zero total counts and are left out of the "
+        "reference (they cannot be normalized)",
+        UserWarning,
+        stacklevel=3,
+    )
+    keep = da.map_blocks(has_counts, expr.X, drop_axis=1, dtype=bool).compute()
+    expr = keep_cells(expr, keep)
+    _, codes = _groups(expr, hvg_keys)
+    with timed(timings, "moments"):
+        first = dask.compute(map_reduce(first_pass, expr.X, as_row_chunked(codes, expr.X), combine=FirstPass.merge,
+                                        normalize=normalize))[0]
+    return expr, first
 
 
 def _check_sizes(n_cells: int, n_genes: int, n_hvg: int | None, n_pcs: int) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 import numpy as np
 import pandas as pd
@@ -55,26 +55,22 @@ def check_unique_genes(genes: pd.Index, *, where: str) -> None:
 
 @dataclass(frozen=True)
 class ValueCounts:
-    """Counts of problematic stored values in an expression matrix (a tree-reducible statistic)."""
+    """Counts of problematic stored values and of cells without counts (a tree-reducible statistic)."""
 
     n_nan: int = 0
     n_inf: int = 0
     n_negative: int = 0
     n_non_integer: int = 0
     n_values: int = 0
+    n_empty_cells: int = 0
 
     def __add__(self, other: ValueCounts) -> ValueCounts:
-        return ValueCounts(
-            self.n_nan + other.n_nan,
-            self.n_inf + other.n_inf,
-            self.n_negative + other.n_negative,
-            self.n_non_integer + other.n_non_integer,
-            self.n_values + other.n_values,
-        )
+        return ValueCounts(*(a + b for a, b in zip(astuple(self), astuple(other))))
 
 
 def count_bad_values(block: np.ndarray | sp.spmatrix) -> ValueCounts:
-    """Kernel: counts of NaN, infinite, negative and non-integer stored values of one block."""
+    """Kernel: counts of NaN, infinite, negative and non-integer stored values of one block, and of
+    its cells whose values sum to zero."""
     values = block.data if sp.issparse(block) else np.asarray(block).ravel()
     finite = np.isfinite(values)
     n_nan = int(np.isnan(values).sum())
@@ -82,10 +78,11 @@ def count_bad_values(block: np.ndarray | sp.spmatrix) -> ValueCounts:
     with np.errstate(invalid="ignore"):
         n_neg = int((values < 0).sum())
         n_frac = int((finite & (values != np.round(values))).sum())
-    return ValueCounts(n_nan, n_inf, n_neg, n_frac, int(values.size))
+        n_empty = int((np.asarray(block.sum(axis=1)).ravel() == 0).sum())
+    return ValueCounts(n_nan, n_inf, n_neg, n_frac, int(values.size), n_empty)
 
 
-def raise_on_bad_values(counts: ValueCounts, *, where: str, normalize: bool) -> None:
+def raise_on_bad_values(counts: ValueCounts, *, where: str, normalize: bool, warn_empty: bool = True) -> None:
     """Error for NaN, inf or negative values; warn when the values do not look like the chosen input."""
     problems = []
     if counts.n_nan:
@@ -99,6 +96,13 @@ def raise_on_bad_values(counts: ValueCounts, *, where: str, normalize: bool) -> 
             f"{where} holds {', '.join(problems)} value(s) out of {counts.n_values} stored values; "
             "expression must be finite and non-negative (raw counts with normalize=True, or "
             "log(CP10K+1) values with normalize=False)"
+        )
+    if counts.n_empty_cells and normalize and warn_empty:
+        warnings.warn(
+            f"{counts.n_empty_cells} cell(s) of {where} have zero total counts; they are mapped as cells "
+            "expressing nothing (at the reference's scaled zero), so their results mean little",
+            UserWarning,
+            stacklevel=3,
         )
     if not normalize and counts.n_values and counts.n_non_integer == 0:
         warnings.warn(

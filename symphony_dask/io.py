@@ -12,11 +12,13 @@ import logging
 import os
 import shutil
 import uuid
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import anndata as ad
+import dask
 import dask.array as da
 import h5py
 import numpy as np
@@ -100,9 +102,11 @@ def _from_memory(adata: ad.AnnData, chunk_size: int | None, layer: str | None) -
 def _single_column_chunk(arr: da.Array) -> da.Array:
     """Chunks must hold all genes of their cells: a matrix chunked along genes is rechunked."""
     if arr.numblocks[1] != 1:
-        logger.warning(
-            "the expression matrix is chunked along genes (%d chunks); rechunking to whole rows of cells",
-            arr.numblocks[1],
+        warnings.warn(
+            f"the expression matrix is chunked along genes ({arr.numblocks[1]} chunks); rechunking it to "
+            "chunks of whole cells, which costs a shuffle: chunk it by cells to avoid this",
+            UserWarning,
+            stacklevel=4,
         )
         arr = arr.rechunk({1: -1})
     return arr
@@ -119,6 +123,11 @@ def _read_store(path: Path, chunk_size: int | None, layer: str | None) -> Expres
     obs = ad.io.read_elem(group["obs"])
     var = ad.io.read_elem(group["var"])
     elem = group[key]
+    if dict(elem.attrs).get("encoding-type") == "csc_matrix":
+        raise ValueError(
+            f"{path}: {key} is stored by gene (CSC), which cannot be read in chunks of cells; write it by cell "
+            "(CSR) once, e.g. adata.X = adata.X.tocsr(); adata.write_zarr(...)"
+        )
     shape = _stored_shape(elem)
     if shape[0] != len(obs) or shape[1] != len(var):
         raise ValueError(
@@ -128,6 +137,24 @@ def _read_store(path: Path, chunk_size: int | None, layer: str | None) -> Expres
     arr = ad.experimental.read_elem_lazy(elem, chunks=(min(rows, max(shape[0], 1)), -1))
     arr = _single_column_chunk(arr)
     return Expression(arr, obs, var, str(path))
+
+
+def keep_cells(expr: Expression, keep: np.ndarray) -> Expression:
+    """The cells where ``keep`` is true, chunk by chunk (chunks left empty are dropped)."""
+    blocks = expr.X.to_delayed().ravel()
+    take = dask.delayed(_take_rows, pure=True)
+    parts, start = [], 0
+    for block, size in zip(blocks, expr.X.chunks[0]):
+        rows = np.flatnonzero(keep[start : start + size])
+        start += size
+        if len(rows):
+            parts.append(da.from_delayed(take(block, rows), shape=(len(rows), expr.X.shape[1]),
+                                         dtype=expr.X.dtype, meta=expr.X._meta))
+    return Expression(da.concatenate(parts, axis=0), expr.obs[keep], expr.var, expr.source)
+
+
+def _take_rows(block, rows: np.ndarray):
+    return block[rows]
 
 
 def open_anndata_group(path: Path) -> h5py.Group | zarr.Group:

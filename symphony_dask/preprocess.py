@@ -139,25 +139,26 @@ def group_moments(block: Block, codes: np.ndarray) -> GroupMoments:
 
 @dataclass
 class FirstPass:
-    """What the first pass over the raw matrix learns: value checks, cell totals, group moments."""
+    """What the first pass over the raw matrix learns: value checks and group moments."""
 
     counts: ValueCounts
-    n_empty_cells: int
     moments: GroupMoments
 
     def merge(self, other: FirstPass) -> FirstPass:
-        return FirstPass(
-            self.counts + other.counts, self.n_empty_cells + other.n_empty_cells, self.moments.merge(other.moments)
-        )
+        return FirstPass(self.counts + other.counts, self.moments.merge(other.moments))
 
 
 def first_pass(block: Block, codes: np.ndarray, *, normalize: bool) -> FirstPass:
     """Kernel: value checks on the raw values, then moments of the (normalized) values per group."""
     counts = count_bad_values(block)
-    n_empty = int((cell_totals(block) <= 0).sum()) if normalize else 0
     with np.errstate(invalid="ignore", over="ignore"):  # bad values are reported from `counts`
         values = log_normalize(block) if normalize else block
-        return FirstPass(counts, n_empty, group_moments(values, codes))
+        return FirstPass(counts, group_moments(values, codes))
+
+
+def has_counts(block: Block) -> np.ndarray:
+    """Kernel: whether each cell of a chunk has a nonzero total."""
+    return cell_totals(block) != 0
 
 
 def scale(block: Block, genes: np.ndarray, mean: np.ndarray, std: np.ndarray, *, normalize: bool) -> np.ndarray:

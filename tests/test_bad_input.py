@@ -81,14 +81,21 @@ def test_duplicated_gene_names(split, built_reference):
         sd.map_query(built_reference, query, "donor", normalize=False)
 
 
-def test_zero_count_cells_are_reported(raw_pbmcs):
+def test_zero_count_cells_are_left_out_with_a_warning(raw_pbmcs):
     data = raw_pbmcs.copy()
     keep = np.ones(data.n_obs)
-    keep[[0, 5]] = 0
+    keep[[0, 5, 130]] = 0
     data.X = sp.csr_matrix(sp.diags(keep) @ data.X)
     data.X.eliminate_zeros()
-    with pytest.raises(ValueError, match=r"2 reference cell\(s\) have zero total counts"):
-        sd.build_reference(data, "batch", n_hvg=300, n_pcs=5, n_clusters=5)
+    kw = dict(n_hvg=300, n_pcs=5, n_clusters=5, chunk_size=100)
+    with pytest.warns(UserWarning, match="3 of 240 reference cells have zero total counts and are left out"):
+        ref = sd.build_reference(data, "batch", **kw)
+    assert ref.n_cells == 237 and list(ref.obs.index) == list(data.obs.index[keep > 0])
+    expected = sd.build_reference(data[keep > 0].copy(), "batch", **kw)
+    assert np.abs(ref.embedding - expected.embedding).max() < 1e-10
+    with pytest.warns(UserWarning, match=r"3 cell\(s\) of the query expression have zero total counts"):
+        mapped = sd.map_query(ref, data, "batch")
+    assert mapped.n_obs == 240
 
 
 def test_impossible_sizes(split):
