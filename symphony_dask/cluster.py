@@ -1,13 +1,13 @@
 """Connecting to a Dask cluster described by a file in ``cluster_configs/`` or by a scheduler address.
 
-A cluster file is YAML with a ``cluster`` mapping whose ``kind`` says which cluster to start; the
-other keys are passed to that cluster's constructor::
+A cluster file is YAML with a ``cluster`` mapping whose ``kind`` says which cluster to start:
 
-    cluster:
-      kind: local          # distributed.LocalCluster
-      n_workers: 2
-      threads_per_worker: 1
-      memory_limit: 4GiB
+- ``local``: a ``distributed.LocalCluster``; the other keys are its arguments;
+- ``slurm``: a ``dask_jobqueue.SLURMCluster`` (``pip install "symphony_dask[slurm]"``); ``jobs`` is
+  the number of jobs to start, the other keys are its arguments;
+- ``kubernetes``: a ``dask_kubernetes.operator.KubeCluster`` (``pip install
+  "symphony_dask[kubernetes]"``) created from the DaskCluster resource in ``spec`` (a path relative
+  to the cluster file), or connected to the running DaskCluster ``name``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from distributed import Client, LocalCluster
 
 logger = logging.getLogger("symphony_dask")
 
-KINDS = ("local",)
+KINDS = ("local", "slurm", "kubernetes")
 
 
 def read_cluster_config(path: str | Path) -> dict[str, Any]:
@@ -38,6 +38,25 @@ def read_cluster_config(path: str | Path) -> dict[str, Any]:
     return dict(cluster)
 
 
+def make_cluster(path: str | Path) -> tuple[Any, int | None]:
+    """The cluster a cluster file describes (for SLURM, no job submitted yet) and the number of
+    SLURM jobs to scale it to."""
+    options = read_cluster_config(path)
+    kind = options.pop("kind")
+    if kind == "local":
+        return LocalCluster(**options), None
+    if kind == "slurm":
+        slurm_cluster = _optional("dask_jobqueue", "SLURMCluster", "slurm")
+        jobs = int(options.pop("jobs", 1))
+        return slurm_cluster(**{k: v for k, v in options.items() if v is not None}), jobs
+    kube_cluster = _optional("dask_kubernetes.operator", "KubeCluster", "kubernetes")
+    namespace = options.get("namespace")
+    if "name" in options:
+        return kube_cluster.from_name(options["name"], namespace=namespace), None
+    spec = yaml.safe_load((Path(path).parent / options["spec"]).read_text())
+    return kube_cluster(custom_cluster_spec=spec, namespace=namespace), None
+
+
 def connect(*, cluster_file: str | Path | None = None, scheduler: str | None = None) -> Client | None:
     """A client for the cluster in ``cluster_file`` or at ``scheduler``; ``None`` for neither.
 
@@ -49,6 +68,16 @@ def connect(*, cluster_file: str | Path | None = None, scheduler: str | None = N
         return Client(scheduler)
     if cluster_file is None:
         return None
-    options = read_cluster_config(cluster_file)
-    options.pop("kind")
-    return Client(LocalCluster(**options))
+    cluster, jobs = make_cluster(cluster_file)
+    if jobs:
+        cluster.scale(jobs=jobs)
+    return Client(cluster)
+
+
+def _optional(module: str, name: str, extra: str) -> Any:
+    try:
+        return getattr(__import__(module, fromlist=[name]), name)
+    except ImportError as err:
+        raise ValueError(
+            f"this cluster kind needs {module.split('.')[0]}: pip install \"symphony_dask[{extra}]\""
+        ) from err

@@ -1,0 +1,141 @@
+"""Reference building at atlas scale from chunked zarr, beside symphonypy (scanpy + harmonypy).
+
+Each build runs in its own process; its peak RSS is sampled over the whole process tree (every
+0.2 s, with psutil). Datasets come from ``synthetic_atlas.py`` (written first if missing).
+
+    python benchmarks/build_scale.py --cells 100000 500000 1400000 \\
+        --peer-python /path/to/venv-with-symphonypy/bin/python
+
+symphony_dask: ``build_reference(store, 'donor', n_hvg=2000, n_pcs=20, chunk_size=10_000)`` on the
+threaded scheduler (raw counts, log-normalized on the fly). symphonypy: the same steps in memory
+(read the whole AnnData, ``normalize_total`` + ``log1p``, 2,000 Seurat-flavor variable genes,
+``scale(max_value=10)``, 20 PCs, ``symphonypy.pp.harmony_integrate`` over ``donor``) with its
+defaults for Harmony (harmonypy 2.1). Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+HERE = Path(__file__).resolve().parent
+
+OURS = """
+import json, sys, time
+import symphony_dask as sd
+start = time.perf_counter()
+ref = sd.build_reference(sys.argv[1], "donor", n_hvg=2000, n_pcs=20, chunk_size=10_000)
+wall = time.perf_counter() - start
+p = ref.params
+print(json.dumps({"seconds": round(wall, 1), "stages_s": {k: round(v, 1) for k, v in p["timings_s"].items()},
+                  "genes": p["n_variable_genes"], "pca_solver": p["pca_solver"], "clusters": p["n_clusters"],
+                  "harmony_iterations": p["harmony_iterations"]}))
+"""
+
+PEER = """
+import json, sys, time
+import anndata as ad, scanpy as sc, symphonypy as sp
+stages = {}
+def stage(name, t0):
+    stages[name] = round(time.perf_counter() - t0, 1)
+    return time.perf_counter()
+start = t = time.perf_counter()
+adata = ad.read_zarr(sys.argv[1]); t = stage("read", t)
+sc.pp.normalize_total(adata, target_sum=1e4); sc.pp.log1p(adata); t = stage("normalize", t)
+sc.pp.highly_variable_genes(adata, n_top_genes=2000, flavor="seurat"); t = stage("variable_genes", t)
+adata = adata[:, adata.var["highly_variable"]].copy()
+sc.pp.scale(adata, max_value=10); t = stage("scale", t)
+sc.tl.pca(adata, n_comps=20); t = stage("pca", t)
+sp.pp.harmony_integrate(adata, key="donor", verbose=False); t = stage("harmony", t)
+print(json.dumps({"seconds": round(time.perf_counter() - start, 1), "stages_s": stages}))
+"""
+
+
+def run_measured(cmd: list[str]) -> dict:
+    """Run ``cmd``; return its last JSON line plus peak RSS of its process tree, or the failure."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = [0]
+
+    def sample() -> None:
+        root = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            try:
+                rss = sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+                peak[0] = max(peak[0], rss)
+            except psutil.Error:
+                pass
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=sample, daemon=True)
+    start = time.perf_counter()
+    watcher.start()
+    out, err = proc.communicate()
+    watcher.join()
+    result = {"peak_rss_gb": round(peak[0] / 1e9, 2), "wall_s": round(time.perf_counter() - start, 1)}
+    if proc.returncode != 0:
+        lines = err.strip().splitlines() or [f"exit code {proc.returncode}"]
+        result["error"] = f"exit code {proc.returncode}: {lines[-1]}"
+        return result
+    result.update(json.loads(out.strip().splitlines()[-1]))
+    return result
+
+
+def dataset(n: int, data_dir: Path) -> Path:
+    path = data_dir / f"atlas_{n}.zarr"
+    if not path.exists():
+        subprocess.run([sys.executable, str(HERE / "synthetic_atlas.py"), "--cells", str(n), "--out", str(path)],
+                       check=True)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cells", type=int, nargs="+", default=[100_000, 500_000, 1_400_000])
+    parser.add_argument("--data-dir", type=Path, default=HERE / "data")
+    parser.add_argument("--peer-python", help="a Python with symphonypy installed; omit to skip the peer")
+    parser.add_argument("--peer-max-cells", type=int, default=500_000, help="largest dataset the peer is run on")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "build_scale.json")
+    args = parser.parse_args()
+
+    rows = []
+    for n in args.cells:
+        path = dataset(n, args.data_dir)
+        runs = [("symphony_dask", [sys.executable, "-c", OURS, str(path)])]
+        if args.peer_python and n <= args.peer_max_cells:
+            runs.append(("symphonypy", [args.peer_python, "-c", PEER, str(path)]))
+        for method, cmd in runs:
+            row = {"method": method, "cells": n, **run_measured(cmd)}
+            rows.append(row)
+            print(_row(row), flush=True)
+    for n in args.cells:
+        ours = next((r for r in rows if r["cells"] == n and r["method"] == "symphony_dask" and "error" not in r), None)
+        peer = next((r for r in rows if r["cells"] == n and r["method"] == "symphonypy"), None)
+        if ours and peer and "error" not in peer:
+            print(f"{n:>9} cells: time ratio symphony_dask / symphonypy = {ours['seconds'] / peer['seconds']:.2f}, "
+                  f"peak RSS ratio = {ours['peak_rss_gb'] / peer['peak_rss_gb']:.2f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    setup = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+                        f"{round(psutil.virtual_memory().total / 2**30)} GiB", "python": platform.python_version()}
+    args.out.write_text(json.dumps({"setup": setup, "runs": rows}, indent=2) + "\n")
+    print(f"written to {args.out}")
+
+
+def _row(r: dict) -> str:
+    head = f"{r['method']:<14}{r['cells']:>10}"
+    if "error" in r:
+        return f"{head}  failed after {r['wall_s']} s at {r['peak_rss_gb']} GB: {r['error']}"
+    stages = ", ".join(f"{k} {v}" for k, v in r["stages_s"].items())
+    return f"{head}{r['seconds']:>9.1f} s{r['peak_rss_gb']:>8.2f} GB  {stages}"
+
+
+if __name__ == "__main__":
+    main()
