@@ -169,7 +169,11 @@ def scale(block: Block, genes: np.ndarray, mean: np.ndarray, std: np.ndarray, *,
     """
     values = log_normalize(block) if normalize else block
     sub = values[:, genes]
-    dense = sub.toarray() if sp.issparse(sub) else np.asarray(sub, dtype=np.float64)
-    dense = (dense - mean) / std
+    del values
+    dense = sub.toarray() if sp.issparse(sub) else np.array(sub, dtype=np.float64)
+    if dense.dtype != np.float64:
+        dense = dense.astype(np.float64)
+    dense -= mean  # in place: the dense chunk is the largest array of a pass
+    dense /= std
     np.clip(dense, -SCALE_CLIP, SCALE_CLIP, out=dense)
     return dense
