@@ -1,7 +1,7 @@
 """Reference building at atlas scale from chunked zarr, beside symphonypy (scanpy + harmonypy).
 
 Each build runs in its own process; its peak RSS is sampled over the whole process tree (every
-0.2 s, with psutil). Datasets come from ``synthetic_atlas.py`` (written first if missing).
+0.2 s, with psutil). Datasets come from ``symphony_dask.datasets.synthetic`` (written first if missing).
 
     python benchmarks/build_scale.py --cells 100000 500000 1400000 \\
         --peer-python /path/to/venv-with-symphonypy/bin/python
@@ -92,8 +92,8 @@ def run_measured(cmd: list[str]) -> dict:
 def dataset(n: int, data_dir: Path) -> Path:
     path = data_dir / f"atlas_{n}.zarr"
     if not path.exists():
-        subprocess.run([sys.executable, str(HERE / "synthetic_atlas.py"), "--cells", str(n), "--out", str(path)],
-                       check=True)
+        subprocess.run([sys.executable, "-m", "symphony_dask.datasets.synthetic", "--cells", str(n), "--out",
+                        str(path)], check=True)
     return path
 
 

@@ -1,4 +1,5 @@
-"""A realistic synthetic single-cell atlas written straight to a chunked AnnData zarr (v3) store.
+"""A realistic synthetic single-cell atlas written straight to a chunked AnnData zarr (v3) store,
+for benchmarks and tests at sizes no real data set here has.
 
 The whole matrix is never held: chunks of cells are generated (in parallel processes) from a seed
 and the chunk index alone, and appended to the store's CSR arrays.
@@ -17,7 +18,7 @@ Model (per cell c of type t from donor s, gene g):
 
 About 1,000-2,000 nonzeros per cell at 20,000 genes.
 
-    python benchmarks/synthetic_atlas.py --cells 1400000 --out data/atlas_1.4M.zarr
+    python -m symphony_dask.datasets.synthetic --cells 1400000 --out data/atlas_1.4M.zarr
 """
 
 from __future__ import annotations
@@ -112,9 +113,28 @@ class Model:
         }
 
 
-def write_atlas(path: Path, n_cells: int, *, n_genes: int = 20_000, n_types: int = 20, n_donors: int | None = None,
-                seed: int = 0, workers: int = 2) -> dict:
-    """Write the atlas to ``path`` (a new zarr v3 store) and return a summary."""
+def write_synthetic_atlas(path: str | Path, n_cells: int, *, n_genes: int = 20_000, n_types: int = 20,
+                          n_donors: int | None = None, seed: int = 0, workers: int = 2) -> dict:
+    """Write a synthetic atlas of raw counts to ``path`` (a new AnnData zarr v3 store).
+
+    Parameters
+    ----------
+    path
+        The store to create (an existing path is an error).
+    n_cells, n_genes, n_types
+        Size and number of cell types.
+    n_donors
+        Donors (the batches), each a contiguous run of cells; default one per 5,000 cells (at least 4).
+    seed
+        Every chunk of 10,000 cells is drawn from ``(seed, chunk index)`` alone.
+    workers
+        Processes generating chunks in parallel.
+
+    Returns
+    -------
+    dict
+        A summary: cells, genes, donors, nonzeros (per cell), seconds.
+    """
     import anndata as ad
     import pandas as pd
     import zarr
@@ -175,7 +195,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    summary = write_atlas(args.out, args.cells, n_genes=args.genes, n_types=args.types, n_donors=args.donors,
+    summary = write_synthetic_atlas(args.out, args.cells, n_genes=args.genes, n_types=args.types, n_donors=args.donors,
                           seed=args.seed, workers=args.workers)
     print(json.dumps(summary, indent=2))
 

@@ -1,0 +1,48 @@
+"""A reference built on a distributed worker whose memory limit is below the size of the data."""
+
+from __future__ import annotations
+
+import dask
+import numpy as np
+import pytest
+import zarr
+from distributed import Client, LocalCluster
+
+import symphony_dask as sd
+from symphony_dask.datasets.synthetic import write_synthetic_atlas
+
+LIMIT = 2**30  # 1 GiB for the worker process
+
+
+@pytest.fixture(scope="module")
+def atlas(tmp_path_factory):
+    path = tmp_path_factory.mktemp("atlas") / "atlas.zarr"
+    summary = write_synthetic_atlas(path, 100_000, n_genes=10_000, n_types=15, n_donors=6, seed=1)
+    return path, summary
+
+
+def test_worker_with_less_memory_than_the_data_builds_the_reference(atlas, tmp_path):
+    path, summary = atlas
+    stored = sum(zarr.open_group(str(path))["X"][name].nbytes for name in ("data", "indices", "indptr"))
+    assert stored > LIMIT  # the matrix alone (float32 values, int32 indices) exceeds the worker's memory
+    memory = {
+        "distributed.worker.memory.target": False,
+        "distributed.worker.memory.spill": False,
+        "distributed.worker.memory.pause": False,
+        "distributed.worker.memory.terminate": 0.95,
+    }
+    with dask.config.set(memory):
+        with LocalCluster(n_workers=1, threads_per_worker=1, memory_limit=LIMIT, dashboard_address=":0") as cluster:
+            with Client(cluster) as client:
+                ref = sd.build_reference(path, "donor", n_hvg=1000, chunk_size=5_000, max_iter_harmony=2,
+                                         max_iter_cluster=5)
+                ref.save(tmp_path / "ref.zarr")
+                assert client.scheduler_info()["workers"], "the worker was lost"
+                restarts = [w.get("metrics", {}) for w in client.scheduler_info()["workers"].values()]
+                assert len(restarts) == 1
+    loaded = sd.load_reference(tmp_path / "ref.zarr")
+    assert loaded.n_cells == summary["cells"] and loaded.n_genes == 1000
+    # the integrated reference separates the synthetic cell types: most 5-NN labels are right
+    query = sd.map_query(loaded, path, "donor", chunk_size=10_000)
+    sd.transfer_labels(loaded, query, "cell_type", k=5)
+    assert (query.obs["cell_type_pred"] == query.obs["cell_type"]).mean() > 0.9
