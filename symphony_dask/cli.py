@@ -25,7 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``symphony-dask`` command."""
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
+    if not args.quiet:  # one line per finished pass or Harmony iteration
+        logging.getLogger("symphony_dask").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         with ExitStack() as stack:
             client = connect(cluster_file=args.cluster, scheduler=args.scheduler)
@@ -96,8 +98,8 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--cluster", metavar="FILE", help="start the Dask cluster described in FILE (cluster_configs/)")
     common.add_argument("--scheduler", metavar="ADDRESS", help="use the running Dask scheduler at ADDRESS")
     common.add_argument("--chunk-size", type=int, default=None, help="cells per chunk")
-    common.add_argument("-v", "--verbose", action="store_true", help="log each stage")
-    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    common.add_argument("-v", "--verbose", action="store_true", help="log everything, dask's messages included")
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars or stage lines")
     sub = parser.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("build", parents=[common], help="build a reference from an .h5ad or .zarr AnnData")
