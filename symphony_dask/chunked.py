@@ -1,12 +1,14 @@
 """Lifting one-block kernels over row chunks of cells.
 
 Every heavy step of symphony_dask is a *map* of a pure NumPy kernel over row chunks of cells
-followed by a *tree reduction* of small statistics. This module holds the two generic pieces:
+followed by a *tree reduction* of small statistics. This module holds the generic pieces:
 
 - :func:`map_reduce`: apply ``kernel(block, *aligned_blocks)`` to each row chunk and combine the
-  per-chunk results pairwise (``split_every`` at a time) into one small result;
+  per-chunk results ``split_every`` at a time into one small result;
 - :func:`map_rows`: apply a per-cell kernel and keep the result as a dask array with the same
-  row chunks (per-cell outputs are never gathered on the client).
+  row chunks (per-cell outputs are never gathered on the client);
+- :class:`TaskGraph`: a low-level graph for loops of many small steps (Harmony);
+- :func:`one_blas_thread_per_task`: keeps BLAS from oversubscribing the cores under dask threads.
 
 The in-memory path is the one-chunk case: a kernel applied to the whole matrix.
 """
@@ -71,8 +73,8 @@ def map_reduce(
     """Delayed result of ``combine``-reducing ``kernel(block, *aligned_blocks, **kwargs)`` over row chunks.
 
     ``aligned`` are dask arrays with the same row chunks as ``x`` (per-cell covariates such as batch
-    codes). Keyword arguments are passed unchanged to every kernel call (small arrays such as gene
-    means travel once per task).
+    codes). Keyword arguments are passed unchanged to every kernel call; they sit in the graph once,
+    not once per task.
     """
     blocks = row_blocks(x)
     aligned_blocks = [_aligned_blocks(a, x) for a in aligned]
