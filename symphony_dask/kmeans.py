@@ -13,29 +13,32 @@ import numpy as np
 SEED_SAMPLE_PER_CLUSTER = 256
 
 
-def sq_distances(x: np.ndarray, centers: np.ndarray) -> np.ndarray:
-    """Kernel: squared Euclidean distances of rows of ``x`` to ``centers`` (rows x k)."""
-    d = (x * x).sum(1)[:, None] - 2.0 * (x @ centers.T) + (centers * centers).sum(1)[None, :]
-    return np.maximum(d, 0.0)
+def sq_distances(x: np.ndarray, centers: np.ndarray, x_sq: np.ndarray | None = None) -> np.ndarray:
+    """Kernel: squared Euclidean distances of rows of ``x`` to ``centers`` (rows x k); ``x_sq`` are
+    the squared norms of the rows of ``x`` if known."""
+    if x_sq is None:
+        x_sq = np.einsum("ij,ij->i", x, x)
+    d = x @ centers.T
+    d *= -2.0
+    d += x_sq[:, None]
+    d += np.einsum("ij,ij->i", centers, centers)[None, :]
+    return np.maximum(d, 0.0, out=d)
 
 
-def sum_by_label(values: np.ndarray, labels: np.ndarray, n_labels: int) -> np.ndarray:
-    """Sum of the rows of ``values`` (n x m) for each label (n_labels x m); fast for any number of labels."""
-    out = np.zeros((n_labels, values.shape[1]))
-    if len(labels) == 0:
-        return out
-    order = np.argsort(labels, kind="stable")
-    present, starts = np.unique(labels[order], return_index=True)
-    out[present] = np.add.reduceat(values[order], starts, axis=0)
-    return out
+def nearest(x: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    """Index of the nearest center of each row (argmax of ``x c - |c|^2 / 2``, one product)."""
+    score = x @ centers.T
+    score -= 0.5 * np.einsum("ij,ij->i", centers, centers)[None, :]
+    return np.argmax(score, axis=1)
 
 
 def kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     """k-means++ seeding (Arthur and Vassilvitskii 2007) with two trials per step."""
     n = x.shape[0]
+    x_sq = np.einsum("ij,ij->i", x, x)
     centers = np.empty((k, x.shape[1]))
     centers[0] = x[rng.integers(n)]
-    closest = sq_distances(x, centers[:1]).ravel()
+    closest = sq_distances(x, centers[:1], x_sq).ravel()
     for j in range(1, k):
         total = closest.sum()
         if total <= 0:
@@ -43,7 +46,7 @@ def kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndar
             continue
         candidates = np.searchsorted(np.cumsum(closest), rng.random(2) * total)
         candidates = np.minimum(candidates, n - 1)
-        trial = np.minimum(closest[:, None], sq_distances(x, x[candidates]))
+        trial = np.minimum(closest[:, None], sq_distances(x, x[candidates], x_sq))
         best = int(np.argmin(trial.sum(0)))
         centers[j] = x[candidates[best]]
         closest = trial[:, best]
@@ -55,13 +58,12 @@ def lloyd(x: np.ndarray, centers: np.ndarray, max_iter: int) -> tuple[np.ndarray
     labels = None
     k = centers.shape[0]
     for _ in range(max_iter):
-        d = sq_distances(x, centers)
-        new = np.argmin(d, axis=1)
+        new = nearest(x, centers)
         if labels is not None and np.array_equal(new, labels):
             break
         labels = new
-        sums = sum_by_label(x, labels, k)
         sizes = np.bincount(labels, minlength=k)
+        sums = np.stack([np.bincount(labels, weights=x[:, j], minlength=k) for j in range(x.shape[1])], axis=1)
         filled = sizes > 0
         centers = centers.copy()
         centers[filled] = sums[filled] / sizes[filled, None]
