@@ -151,7 +151,12 @@ def build_reference(
         with one_blas_thread_per_task():
             z = map_rows(project, expr.X, n_out=n_pcs, loadings=loadings, **scaling).persist()
 
-    harmony_chunks = max(max(expr.X.chunks[0]), HARMONY_CHUNK_SIZE)
+    # data held in memory: the embedding is small and in memory too (NumPy Harmony, one chunk per
+    # thread); data read from disk: it stays chunked, on the workers of a cluster
+    if expr.in_memory:
+        z, harmony_chunks = z.compute(), None
+    else:
+        harmony_chunks = max(max(expr.X.chunks[0]), HARMONY_CHUNK_SIZE)
     with timed(timings, "harmony"):
         if keys:
             res = harmonize(
@@ -164,14 +169,15 @@ def build_reference(
             res = soft_kmeans(z, k, sigma=sigma, n_init=n_init, seed=seed, chunk_size=harmony_chunks)
 
     timings.update({f"harmony {name}": seconds for name, seconds in res.timings_s.items()})
-    with timed(timings, "compression"):
-        z = z.rechunk({0: res.Z_corr.chunks[0]})
-        with one_blas_thread_per_task():
+    with timed(timings, "compression"), one_blas_thread_per_task():
+        if expr.in_memory:
+            sums = compression_sums(z, res.Z_corr, res.R)
+        else:
+            z = z.rechunk({0: res.Z_corr.chunks[0]})
             sums = dask.compute(map_reduce(compression_sums, z, res.Z_corr, res.R, combine=CompressionSums.merge))[0]
     embedding = None
     if keep_embedding:
-        # data held in memory give an in-memory embedding; data read from disk keep it on the workers
-        embedding = res.Z_corr.compute() if expr.in_memory else res.Z_corr.persist()
+        embedding = res.Z_corr if expr.in_memory else res.Z_corr.persist()
 
     params = dict(
         batch_keys=keys, normalize=normalize, n_hvg=n_hvg, hvg_batch_key=hvg_batch_key, n_pcs=n_pcs,

@@ -376,7 +376,8 @@ class _Run:
         self.rng = np.random.default_rng(seed)
         self.states: list[Any] = []
         self.timings: dict[str, float] = {}
-        self.inline = len(sizes) == 1 and not _distributed_client_active()
+        # one in-memory chunk without a distributed client: the steps run here, without a scheduler
+        self.inline = not self.lazy and len(sizes) == 1 and not _distributed_client_active()
 
     def set_design(self, design: Design, pr_b: np.ndarray, theta_b: np.ndarray, n_blocks: int = 1) -> None:
         """Create the chunk states (persisted) and check the values of ``Z``."""
@@ -384,7 +385,7 @@ class _Run:
         self.n_blocks = n_blocks
         n_patterns = len(design.patterns)
         key = int(self.rng.integers(2**62))
-        create = dask.delayed(HarmonyChunk.create, pure=False)
+        create = HarmonyChunk.create if self.inline else dask.delayed(HarmonyChunk.create, pure=False)
         self.states = [
             create(block, design.codes[a : a + s], int(a), n_patterns, n_blocks, key)
             for block, a, s in zip(self.blocks, self.offsets, self.sizes)
@@ -396,6 +397,8 @@ class _Run:
     # -- plumbing --------------------------------------------------------------------------------
 
     def _graph(self) -> tuple[TaskGraph, list]:
+        if self.inline:  # the states are the objects themselves
+            return TaskGraph(), list(self.states)
         g = TaskGraph(self.states)
         return g, [h.key for h in self.states]
 
@@ -409,12 +412,15 @@ class _Run:
         """Run the graph: keep the chunk states where they are, bring the small results here.
 
         A single in-memory chunk without a distributed client runs in this thread (nothing to
-        parallelize, and no scheduling overhead for Harmony's many small steps).
+        parallelize, and no scheduling overhead for Harmony's many small steps): the same steps.
         """
-        scheduler = "sync" if self.inline else None
-        persisted = dask.persist(*(g.delayed(h) for h in handles), *(g.delayed(k) for k in keys), scheduler=scheduler)
+        if self.inline:
+            values = g.run([*handles, *keys])
+            self.states = values[: len(handles)]
+            return tuple(values[len(handles) :])
+        persisted = dask.persist(*(g.delayed(h) for h in handles), *(g.delayed(k) for k in keys))
         self.states = list(persisted[: len(handles)])
-        return dask.compute(*persisted[len(handles) :], scheduler=scheduler)
+        return dask.compute(*persisted[len(handles) :])
 
     def _reduce(self, method: str, *args: Any, combine) -> Any:
         """One step on every chunk and the tree reduction of its results."""
