@@ -1,23 +1,29 @@
 """Transferring reference annotations to mapped query cells, and scoring the result.
 
-Label transfer is a k-nearest-neighbour vote in the corrected embedding (Euclidean distance, k = 5
-by default, as R Symphony's ``knnPredict``): each query cell takes the label most frequent among its
-k nearest reference cells, ties broken at random with a seeded generator, and its confidence is the
-fraction of the k neighbours that voted for the winner.
+Both transfers look up each query cell's k nearest reference cells in the corrected embedding
+(Euclidean; :meth:`Reference.neighbor_index`: exact for small references, HNSW for large ones):
+
+- :func:`transfer_labels`: majority vote (k = 5 as R Symphony's ``knnPredict``), ties broken at
+  random with a seeded generator; confidence = fraction of the k neighbours voting for the winner;
+  below ``min_confidence`` the cell is 'Unassigned' (the paper's 0.6 option);
+- :func:`transfer_values`: the neighbours' mean of continuous annotations, ``obs`` columns (a
+  pseudotime) or ``obsm`` matrices (protein levels).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import anndata as ad
 import numpy as np
 import pandas as pd
-from scipy.spatial import cKDTree
 
 from .reference import Reference
 
 logger = logging.getLogger("symphony_dask")
+
+UNASSIGNED = "Unassigned"
 
 
 def transfer_labels(
@@ -28,6 +34,7 @@ def transfer_labels(
     k: int = 5,
     confidence: bool = True,
     seed: int = 0,
+    min_confidence: float | None = None,
     embedding_key: str = "X_symphony",
 ) -> ad.AnnData:
     """Predict ``reference.obs[key]`` for mapped query cells by a k-NN vote.
@@ -46,6 +53,8 @@ def transfer_labels(
         Also write the fraction of the k neighbours that voted for the winning label.
     seed
         Seeds the random breaking of tied votes.
+    min_confidence
+        Cells whose confidence is below this are labelled ``'Unassigned'``.
     embedding_key
         ``obsm`` key of the query's corrected embedding.
 
@@ -55,25 +64,64 @@ def transfer_labels(
         ``query``, annotated in place with ``obs[f'{key}_pred']`` (categorical) and, if
         ``confidence``, ``obs[f'{key}_conf']``.
     """
-    labels = _reference_labels(reference, key)
-    emb = _query_embedding(query, embedding_key, reference.n_pcs)
-    n_ref = reference.embedding.shape[0]
-    if not 1 <= k <= n_ref:
-        raise ValueError(f"k={k} must be between 1 and the number of reference cells ({n_ref})")
-    neighbours = nearest_reference_cells(np.asarray(reference.embedding), emb, k)
-    codes = labels.codes[neighbours]
-    winner, votes = majority_vote(codes, len(labels.categories), seed=seed)
-    query.obs[f"{key}_pred"] = pd.Categorical.from_codes(winner, categories=labels.categories)
+    labels = pd.Categorical(_reference_column(reference, key))
+    if labels.isna().any():
+        raise ValueError(f"reference obs column {key!r} has {int(labels.isna().sum())} missing label(s)")
+    neighbours = _neighbours(reference, query, k, embedding_key)
+    winner, votes = majority_vote(labels.codes[neighbours], len(labels.categories), seed=seed)
+    conf = votes / k
+    predicted = pd.Categorical.from_codes(winner, categories=labels.categories)
+    if min_confidence is not None:
+        predicted = predicted.add_categories([UNASSIGNED]) if UNASSIGNED not in predicted.categories else predicted
+        predicted[conf < min_confidence] = UNASSIGNED
+    query.obs[f"{key}_pred"] = predicted
     if confidence:
-        query.obs[f"{key}_conf"] = votes / k
+        query.obs[f"{key}_conf"] = conf
     return query
 
 
-def nearest_reference_cells(reference_embedding: np.ndarray, query_embedding: np.ndarray, k: int) -> np.ndarray:
-    """Indices (query cells x k) of the k nearest reference cells by Euclidean distance, nearest first."""
-    tree = cKDTree(reference_embedding)
-    _, idx = tree.query(query_embedding, k=k, workers=-1)
-    return idx.reshape(len(query_embedding), k)
+def transfer_values(
+    reference: Reference,
+    query: ad.AnnData,
+    keys: str | Sequence[str],
+    *,
+    k: int = 5,
+    embedding_key: str = "X_symphony",
+) -> ad.AnnData:
+    """Predict continuous reference annotations as the mean over the k nearest reference cells.
+
+    Parameters
+    ----------
+    reference
+        Reference with its per-cell ``embedding`` and ``obs`` (and the ``obsm`` matrices to transfer,
+        kept in ``reference.obsm``).
+    query
+        Output of :func:`~symphony_dask.map_query`.
+    keys
+        Numeric ``obs`` columns (each written to ``query.obs[f'{key}_pred']``) or ``reference.obsm``
+        keys (each written to ``query.obsm[f'{key}_pred']``, a DataFrame if the source is one).
+    k
+        Number of nearest reference cells.
+    embedding_key
+        ``obsm`` key of the query's corrected embedding.
+
+    Returns
+    -------
+    AnnData
+        ``query``, annotated in place.
+    """
+    keys = [keys] if isinstance(keys, str) else list(keys)
+    values = {key: _reference_values(reference, key) for key in keys}
+    neighbours = _neighbours(reference, query, k, embedding_key)
+    for key, (target, source) in values.items():
+        mean = np.asarray(source)[neighbours].mean(axis=1)
+        if target == "obs":
+            query.obs[f"{key}_pred"] = mean
+        elif isinstance(source, pd.DataFrame):
+            query.obsm[f"{key}_pred"] = pd.DataFrame(mean, index=query.obs_names, columns=source.columns)
+        else:
+            query.obsm[f"{key}_pred"] = mean
+    return query
 
 
 def majority_vote(codes: np.ndarray, n_labels: int, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -104,7 +152,17 @@ def evaluate(true: pd.Series | np.ndarray, predicted: pd.Series | np.ndarray) ->
     }
 
 
-def _reference_labels(reference: Reference, key: str) -> pd.Categorical:
+def _neighbours(reference: Reference, query: ad.AnnData, k: int, embedding_key: str) -> np.ndarray:
+    if embedding_key not in query.obsm:
+        raise ValueError(f"the query has no obsm[{embedding_key!r}]; map it first with map_query")
+    emb = np.asarray(query.obsm[embedding_key], dtype=np.float64)
+    if emb.shape[1] != reference.n_pcs:
+        raise ValueError(f"obsm[{embedding_key!r}] has {emb.shape[1]} dimensions but the reference has "
+                         f"{reference.n_pcs}")
+    return reference.neighbor_index().query(emb, k)
+
+
+def _reference_column(reference: Reference, key: str) -> pd.Series:
     if reference.embedding is None or reference.obs is None:
         raise ValueError(
             "this reference was saved without its per-cell embedding and obs, which label transfer needs; "
@@ -113,16 +171,23 @@ def _reference_labels(reference: Reference, key: str) -> pd.Categorical:
     if key not in reference.obs.columns:
         cols = ", ".join(map(repr, reference.obs.columns)) or "(none)"
         raise ValueError(f"{key!r} is not a column of the reference obs; the columns are: {cols}")
-    values = reference.obs[key]
-    if values.isna().any():
-        raise ValueError(f"reference obs column {key!r} has {int(values.isna().sum())} missing label(s)")
-    return pd.Categorical(values)
+    return reference.obs[key]
 
 
-def _query_embedding(query: ad.AnnData, embedding_key: str, n_pcs: int) -> np.ndarray:
-    if embedding_key not in query.obsm:
-        raise ValueError(f"the query has no obsm[{embedding_key!r}]; map it first with map_query")
-    emb = np.asarray(query.obsm[embedding_key], dtype=np.float64)
-    if emb.shape[1] != n_pcs:
-        raise ValueError(f"obsm[{embedding_key!r}] has {emb.shape[1]} dimensions but the reference has {n_pcs}")
-    return emb
+def _reference_values(reference: Reference, key: str) -> tuple[str, np.ndarray | pd.DataFrame]:
+    """``('obs', column)`` or ``('obsm', matrix)`` of numeric values without NaN."""
+    if reference.obs is not None and key in reference.obs.columns:
+        target, values = "obs", reference.obs[key]
+        if not pd.api.types.is_numeric_dtype(values):
+            raise ValueError(f"reference obs column {key!r} is not numeric; use transfer_labels for categories")
+        values = values.to_numpy(dtype=np.float64)
+    elif key in reference.obsm:
+        target, values = "obsm", reference.obsm[key]
+    else:
+        _reference_column(reference, key)  # raises the error naming the columns
+        raise AssertionError("unreachable")
+    if np.isnan(np.asarray(values, dtype=np.float64)).any():
+        raise ValueError(f"reference {target} {key!r} has missing values; fill or drop them before transfer")
+    if len(values) != reference.n_cells:
+        raise ValueError(f"reference {target} {key!r} has {len(values)} rows for {reference.n_cells} cells")
+    return target, values

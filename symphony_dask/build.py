@@ -192,6 +192,7 @@ def build_reference(
         genes=chosen, mean=mean, std=std, loadings=loadings, centroids=sums.centroids,
         cluster_sizes=sums.cluster_sizes, compression=sums.compression,
         embedding=embedding, obs=expr.obs.copy() if keep_embedding else None,
+        obsm=dict(expr.obsm) if keep_embedding else {},
         pca_moments=sums.pca_moments, params=params, variable_gene_table=table,
     )
 

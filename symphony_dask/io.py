@@ -14,7 +14,7 @@ import shutil
 import uuid
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import anndata as ad
@@ -42,6 +42,7 @@ class Expression:
     obs: pd.DataFrame
     var: pd.DataFrame
     source: str
+    obsm: dict = field(default_factory=dict)
 
     @property
     def genes(self) -> pd.Index:
@@ -88,7 +89,7 @@ def _from_memory(adata: ad.AnnData, chunk_size: int | None, layer: str | None) -
     if isinstance(x, da.Array):
         arr = x if chunk_size is None else x.rechunk({0: chunk_size})
         arr = _single_column_chunk(arr)
-        return Expression(arr, adata.obs, adata.var, "AnnData (dask)")
+        return Expression(arr, adata.obs, adata.var, "AnnData (dask)", dict(adata.obsm))
     n = adata.n_obs
     rows = n if chunk_size is None else chunk_size
     if sp.issparse(x):
@@ -96,7 +97,7 @@ def _from_memory(adata: ad.AnnData, chunk_size: int | None, layer: str | None) -
         arr = da.from_array(x, chunks=(max(rows, 1), -1), asarray=False, meta=sp.csr_matrix((0, 0), dtype=x.dtype))
     else:
         arr = da.from_array(np.asarray(x), chunks=(max(rows, 1), -1))
-    return Expression(arr, adata.obs, adata.var, "AnnData")
+    return Expression(arr, adata.obs, adata.var, "AnnData", dict(adata.obsm))
 
 
 def _single_column_chunk(arr: da.Array) -> da.Array:
@@ -136,7 +137,8 @@ def _read_store(path: Path, chunk_size: int | None, layer: str | None) -> Expres
         )
     arr = ad.experimental.read_elem_lazy(elem, chunks=(min(rows, max(shape[0], 1)), -1))
     arr = _single_column_chunk(arr)
-    return Expression(arr, obs, var, str(path))
+    obsm = dict(ad.io.read_elem(group["obsm"])) if "obsm" in group else {}
+    return Expression(arr, obs, var, str(path), obsm)
 
 
 def keep_cells(expr: Expression, keep: np.ndarray) -> Expression:
@@ -150,7 +152,8 @@ def keep_cells(expr: Expression, keep: np.ndarray) -> Expression:
         if len(rows):
             parts.append(da.from_delayed(take(block, rows), shape=(len(rows), expr.X.shape[1]),
                                          dtype=expr.X.dtype, meta=expr.X._meta))
-    return Expression(da.concatenate(parts, axis=0), expr.obs[keep], expr.var, expr.source)
+    obsm = {k: v.loc[keep] if isinstance(v, pd.DataFrame) else np.asarray(v)[keep] for k, v in expr.obsm.items()}
+    return Expression(da.concatenate(parts, axis=0), expr.obs[keep], expr.var, expr.source, obsm)
 
 
 def _take_rows(block, rows: np.ndarray):

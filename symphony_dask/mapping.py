@@ -11,27 +11,33 @@
    (``W_k = diag(R_q[k])``, ``I'`` the identity without its intercept entry), and remove the batch
    terms: ``z_hat = z - sum_k R_qk B_k[1:]^T x[1:]``. The reference never moves.
 
-Steps 1-2 are a per-chunk kernel, the ridge statistics of step 3 a tree reduction, and the
-correction a second per-chunk kernel; a query held in memory as one chunk runs the same kernels
-directly with NumPy.
+Steps 1-2 are a per-chunk kernel, the ridge statistics of step 3 (per design pattern: ``sum R`` and
+``sum R z``) one tree reduction, and the correction a second per-chunk kernel. A query held in memory
+as one chunk runs the same kernels directly with NumPy; a large or sharded query (several files)
+runs them as dask tasks, each shard read on the workers, and gets the same answer as if its cells
+were in one matrix. With ``per_batch=True`` every query batch gets its own ridge fit, as if mapped
+alone.
 """
 
 from __future__ import annotations
 
+import glob
 import logging
+import os
 import warnings
 from collections.abc import Sequence
 
 import anndata as ad
 import dask
+import dask.array as da
 import numpy as np
 import pandas as pd
 
 from .checks import ValueCounts, as_key_list, check_obs_keys, check_unique_genes, count_bad_values, raise_on_bad_values
-from .chunked import as_row_chunked, map_reduce, map_rows
+from .chunked import as_row_chunked, map_reduce, map_rows, one_blas_thread_per_task
 from .harmony import cosine_normalize, soft_assign
-from .io import AnnDataLike, read_expression
-from .mixture import Design, make_design, remove_batch_terms, ridge_statistics, ridge_system, solve_batch_terms
+from .io import AnnDataLike, Expression, read_expression
+from .mixture import Design, apply_batch_terms, make_design, ridge_statistics, ridge_system, solve_batch_terms
 from .pca import project
 from .reference import Reference
 
@@ -39,16 +45,23 @@ logger = logging.getLogger("symphony_dask")
 
 #: Below this fraction of reference genes found in the query, mapping warns.
 MIN_GENE_FRACTION = 0.5
+#: In-memory queries above this many cells are mapped in chunks of IN_MEMORY_CHUNK cells.
+ONE_CHUNK_MAX_CELLS = 20_000
+IN_MEMORY_CHUNK = 10_000
+
+QueryLike = AnnDataLike | Sequence[AnnDataLike]
 
 
 def map_query(
     reference: Reference,
-    query: AnnDataLike,
+    query: QueryLike,
     batch_keys: str | Sequence[str] | None = None,
     *,
     normalize: bool = True,
     sigma: float = 0.1,
     lamb: float = 1.0,
+    gene_key: str | None = None,
+    per_batch: bool = False,
     chunk_size: int | None = None,
     layer: str | None = None,
     copy: bool = False,
@@ -60,8 +73,9 @@ def map_query(
     reference
         A :class:`~symphony_dask.Reference`.
     query
-        Cells x genes expression (AnnData, or a path to ``.h5ad``/``.zarr``), normalized like the
-        reference: raw counts with ``normalize=True``, log(CP10K+1) values otherwise.
+        Cells x genes expression normalized like the reference (raw counts with ``normalize=True``,
+        log(CP10K+1) values otherwise): an AnnData, a path to ``.h5ad``/``.zarr``, or several of
+        them (a list, or a glob pattern such as ``'shards/*.h5ad'``) mapped together as one query.
     batch_keys
         Query ``obs`` column(s) whose batch effects are removed. With none, all query cells are one batch.
     normalize
@@ -70,8 +84,15 @@ def map_query(
         Soft-assignment bandwidth. As in R Symphony, it is rounded to float32 (0.1 -> 0.10000000149).
     lamb
         Ridge penalty of the batch terms.
+    gene_key
+        Match reference genes to this ``var`` column of the query (e.g. symbols beside Ensembl IDs)
+        instead of ``var_names``.
+    per_batch
+        Fit the batch terms of each query batch on its own, as if each were mapped alone (the paper
+        notes that mapping batches together couples them slightly).
     chunk_size
-        Cells per chunk; ``None`` maps an in-memory query as one chunk with NumPy.
+        Cells per chunk; ``None``: one chunk for an in-memory query of up to 20,000 cells (NumPy),
+        10,000 otherwise (in memory) or 10,000 (on disk).
     layer
         Use this layer of the query instead of ``X``.
     copy
@@ -80,72 +101,71 @@ def map_query(
     Returns
     -------
     AnnData
-        The query (or, for a path, an AnnData with its ``obs`` and ``var``) with
+        The query (for paths, an AnnData with their ``obs`` and ``var`` and no ``X``; for several
+        shards, their ``obs`` concatenated with ``obs['symphony_shard']``) with
         ``obsm['X_symphony']`` (corrected embedding), ``obsm['X_symphony_pca']`` (projection before
         correction), ``obsm['X_symphony_R']`` (soft cluster assignments) and ``uns['symphony']``.
     """
-    expr = read_expression(query, chunk_size=chunk_size, layer=layer)
+    shards = _shards(query)
     keys = as_key_list(batch_keys)
-    check_obs_keys(expr.obs, keys, where="the query's obs")
-    check_unique_genes(expr.genes, where="the query")
-    query_cols, ref_rows = match_genes(reference.genes, expr.genes)
+    exprs = [_read(shard, chunk_size, layer) for shard in shards]
+    matched = [_match(reference, expr, keys, gene_key, where=_name(shard, i, len(shards)))
+               for i, (shard, expr) in enumerate(zip(shards, exprs))]
+    obs = exprs[0].obs if len(exprs) == 1 else pd.concat([e.obs for e in exprs])
+    design = query_design(obs, keys)
     sigma32 = float(np.float32(sigma))
-    design = query_design(expr.obs, keys)
-    kernel_args = dict(
-        genes=query_cols, mean=reference.mean[ref_rows], std=reference.std[ref_rows],
-        loadings=reference.loadings[ref_rows], normalize=normalize,
-    )
-    penalty = np.concatenate([[0.0], np.full(design.patterns.shape[1] - 1, float(lamb))])
+    terms = _BatchTerms(reference, design, lamb, per_batch)
 
-    if expr.X.numblocks[0] == 1:
-        block = expr.X.blocks[0].compute()
-        raise_on_bad_values(count_bad_values(block), where="the query expression", normalize=normalize)
-        zq = project(block, **kernel_args)
-        rq = soft_assign(cosine_normalize(zq), reference.centroids, sigma32)
-        w = _query_terms(reference, design, *ridge_statistics(zq, rq, design.codes, len(design.patterns)), penalty)
-        zq_corr = remove_batch_terms(zq, rq, design.codes, design.patterns, w)
+    single = len(exprs) == 1 and exprs[0].X.numblocks[0] == 1
+    if single:
+        with one_blas_thread_per_task():
+            zq_corr, zq, rq = _map_in_memory(reference, exprs[0], matched[0], design, terms, sigma32, normalize)
     else:
-        zq_corr, zq, rq = _map_chunked(reference, expr.X, design, kernel_args, sigma32, penalty, normalize)
+        with one_blas_thread_per_task():
+            zq_corr, zq, rq = _map_chunked(reference, exprs, matched, design, terms, sigma32, normalize)
 
-    out = _output(query, expr, copy)
+    out = _output(query, exprs, copy)
     out.obsm["X_symphony"] = zq_corr
     out.obsm["X_symphony_pca"] = zq
     out.obsm["X_symphony_R"] = rq
+    found = [len(rows) for _, rows in matched]
     out.uns["symphony"] = {
         "batch_keys": keys,
+        "per_batch": per_batch,
+        "gene_key": gene_key,
         "normalize": normalize,
         "sigma": sigma,
         "sigma_float32": sigma32,
         "lamb": lamb,
         "n_reference_genes": reference.n_genes,
-        "n_genes_found": int(len(ref_rows)),
-        "fraction_genes_found": float(len(ref_rows) / reference.n_genes),
+        "n_genes_found": int(min(found)),
+        "fraction_genes_found": float(min(found) / reference.n_genes),
     }
     return out
 
 
-def match_genes(reference_genes: pd.Index, query_genes: pd.Index) -> tuple[np.ndarray, np.ndarray]:
+def match_genes(reference_genes: pd.Index, query_genes: pd.Index, *, where: str = "the query") -> tuple[np.ndarray, np.ndarray]:
     """Query column and reference row of each reference gene found in the query.
 
     Raises when no gene is shared and warns when fewer than half of the reference genes are found.
     """
-    where = query_genes.get_indexer(reference_genes)
-    ref_rows = np.flatnonzero(where >= 0)
+    where_found = query_genes.get_indexer(reference_genes)
+    ref_rows = np.flatnonzero(where_found >= 0)
     if ref_rows.size == 0:
         raise ValueError(
-            "the query shares no genes with the reference (reference genes look like "
+            f"{where} shares no genes with the reference (reference genes look like "
             f"{', '.join(reference_genes[:3])}; query genes like {', '.join(map(str, query_genes[:3]))}); "
-            "use the same gene identifiers (e.g. symbols vs Ensembl IDs) in both"
+            "use the same gene identifiers (e.g. symbols vs Ensembl IDs) in both, or gene_key="
         )
     fraction = ref_rows.size / len(reference_genes)
     if fraction < MIN_GENE_FRACTION:
         warnings.warn(
-            f"only {ref_rows.size} of {len(reference_genes)} reference genes ({fraction:.1%}) are in the query; "
+            f"only {ref_rows.size} of {len(reference_genes)} reference genes ({fraction:.1%}) are in {where}; "
             "missing genes are imputed at the reference mean and the mapping may be poor",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
-    return where[ref_rows], ref_rows
+    return where_found[ref_rows], ref_rows
 
 
 def query_design(obs: pd.DataFrame, keys: list[str]) -> Design:
@@ -155,27 +175,63 @@ def query_design(obs: pd.DataFrame, keys: list[str]) -> Design:
     return make_design(obs, keys)
 
 
-def _query_terms(reference: Reference, design: Design, s: np.ndarray, t: np.ndarray, penalty: np.ndarray) -> np.ndarray:
-    """Per-cluster batch coefficients, with the reference entering through N_r and C."""
-    a, b = ridge_system(s, t, design.patterns)
-    a[:, 0, 0] += reference.cluster_sizes
-    b[:, 0, :] += reference.compression
-    return solve_batch_terms(a, b, penalty)
+class _BatchTerms:
+    """The per-cluster batch coefficients from the ridge sums, as ``M[p] = x_p^T B`` per pattern."""
+
+    def __init__(self, reference: Reference, design: Design, lamb: float, per_batch: bool) -> None:
+        self.reference, self.design, self.lamb, self.per_batch = reference, design, float(lamb), per_batch
+
+    def per_pattern(self, s: np.ndarray, t: np.ndarray) -> np.ndarray:
+        if not self.per_batch:  # one ridge over all query cells
+            return np.einsum("pa,kad->pkd", self.design.patterns, self._solve(self.design.patterns, s, t))
+        out = np.empty((len(self.design.patterns), s.shape[1], t.shape[2]))
+        n_keys = len({key for key, _ in self.design.levels})
+        ones = np.ones((1, 1 + n_keys))  # a batch alone: intercept and one single-level column per key
+        for p in range(len(self.design.patterns)):
+            out[p] = np.einsum("pa,kad->pkd", ones, self._solve(ones, s[p : p + 1], t[p : p + 1]))[0]
+        return out
+
+    def _solve(self, patterns: np.ndarray, s: np.ndarray, t: np.ndarray) -> np.ndarray:
+        a, b = ridge_system(s, t, patterns)
+        a[:, 0, 0] += self.reference.cluster_sizes
+        b[:, 0, :] += self.reference.compression
+        penalty = np.concatenate([[0.0], np.full(patterns.shape[1] - 1, self.lamb)])
+        return solve_batch_terms(a, b, penalty)
 
 
-def _map_chunked(reference, x, design, kernel_args, sigma32, penalty, normalize):
-    """The same kernels over row chunks: projection and assignment, a tree-reduced ridge, correction."""
-    codes = as_row_chunked(design.codes, x)
-    counts = map_reduce(count_bad_values, x, combine=ValueCounts.__add__)
-    zq = map_rows(project, x, n_out=reference.n_pcs, **kernel_args)
+def _map_in_memory(reference, expr, matched, design, terms, sigma32, normalize):
+    """The kernels on the whole query (the one-chunk case)."""
+    block = expr.X.blocks[0].compute()
+    raise_on_bad_values(count_bad_values(block), where="the query expression", normalize=normalize)
+    zq = project(block, **_projection(reference, matched, normalize))
+    rq = soft_assign(cosine_normalize(zq), reference.centroids, sigma32)
+    per_pattern = terms.per_pattern(*ridge_statistics(zq, rq, design.codes, len(design.patterns)))
+    return apply_batch_terms(zq, rq, design.codes, per_pattern), zq, rq
+
+
+def _map_chunked(reference, exprs, matched, design, terms, sigma32, normalize):
+    """The same kernels over the chunks of every shard: projection and assignment, one tree-reduced
+    ridge for all shards, correction."""
+    zq = da.concatenate([map_rows(project, e.X, n_out=reference.n_pcs, **_projection(reference, m, normalize))
+                         for e, m in zip(exprs, matched)], axis=0)
+    counts = [map_reduce(count_bad_values, e.X, combine=ValueCounts.__add__) for e in exprs]
     rq = map_rows(_assign, zq, n_out=reference.n_clusters, centroids=reference.centroids, sigma=sigma32)
-    zq, rq, counts = dask.persist(zq, rq, counts)
-    raise_on_bad_values(counts.compute(), where="the query expression", normalize=normalize)
-    n_patterns = len(design.patterns)
-    s, t = map_reduce(_ridge, zq, rq, codes, combine=_add_pairs, n_patterns=n_patterns).compute()
-    w = _query_terms(reference, design, s, t, penalty)
-    zq_corr = map_rows(_correct, zq, rq, codes, n_out=reference.n_pcs, patterns=design.patterns, w=w)
+    zq, rq, *counts = dask.persist(zq, rq, *counts)
+    total = ValueCounts()
+    for c in dask.compute(*counts):
+        total = total + c
+    raise_on_bad_values(total, where="the query expression", normalize=normalize)
+    codes = as_row_chunked(design.codes, zq)
+    s, t = map_reduce(_ridge, zq, rq, codes, combine=_add_pairs, n_patterns=len(design.patterns)).compute()
+    per_pattern = terms.per_pattern(s, t)
+    zq_corr = map_rows(_correct, zq, rq, codes, n_out=reference.n_pcs, per_pattern=per_pattern)
     return dask.compute(zq_corr, zq, rq)
+
+
+def _projection(reference: Reference, matched, normalize: bool) -> dict:
+    query_cols, ref_rows = matched
+    return dict(genes=query_cols, mean=reference.mean[ref_rows], std=reference.std[ref_rows],
+                loadings=reference.loadings[ref_rows], normalize=normalize)
 
 
 def _assign(zq: np.ndarray, *, centroids: np.ndarray, sigma: float) -> np.ndarray:
@@ -190,11 +246,68 @@ def _add_pairs(a, b):
     return a[0] + b[0], a[1] + b[1]
 
 
-def _correct(zq: np.ndarray, rq: np.ndarray, codes: np.ndarray, *, patterns: np.ndarray, w: np.ndarray) -> np.ndarray:
-    return remove_batch_terms(zq, rq, codes, patterns, w)
+def _correct(zq: np.ndarray, rq: np.ndarray, codes: np.ndarray, *, per_pattern: np.ndarray) -> np.ndarray:
+    return apply_batch_terms(zq, rq, codes, per_pattern)
 
 
-def _output(query: AnnDataLike, expr, copy: bool) -> ad.AnnData:
-    if isinstance(query, ad.AnnData) and not query.isbacked:
+def _shards(query: QueryLike) -> list[AnnDataLike]:
+    """The query as a list of shards; a string with glob characters is expanded."""
+    if isinstance(query, (str, os.PathLike)) and any(ch in str(query) for ch in "*?["):
+        paths = sorted(glob.glob(str(query)))
+        if not paths:
+            raise FileNotFoundError(f"no query shard matches {query!r}")
+        return paths
+    if isinstance(query, (list, tuple)):
+        if not query:
+            raise ValueError("the list of query shards is empty")
+        return list(query)
+    return [query]
+
+
+def _read(shard: AnnDataLike, chunk_size: int | None, layer: str | None) -> Expression:
+    if chunk_size is None and isinstance(shard, ad.AnnData) and not shard.isbacked and shard.n_obs > ONE_CHUNK_MAX_CELLS:
+        chunk_size = IN_MEMORY_CHUNK
+    return read_expression(shard, chunk_size=chunk_size, layer=layer)
+
+
+def _match(reference: Reference, expr: Expression, keys: list[str], gene_key: str | None, *, where: str):
+    check_obs_keys(expr.obs, keys, where=f"{where}'s obs")
+    genes = _query_genes(expr, gene_key, where)
+    return match_genes(reference.genes, genes, where=where)
+
+
+def _query_genes(expr: Expression, gene_key: str | None, where: str) -> pd.Index:
+    if gene_key is None:
+        check_unique_genes(expr.genes, where=where)
+        return expr.genes
+    if gene_key not in expr.var.columns:
+        cols = ", ".join(map(repr, expr.var.columns)) or "(none)"
+        raise ValueError(f"gene_key {gene_key!r} is not a column of {where}'s var; the columns are: {cols}")
+    genes = pd.Index(expr.var[gene_key].astype(str))
+    duplicated = genes.duplicated()
+    if duplicated.any():
+        warnings.warn(
+            f"{int(duplicated.sum())} gene(s) of var[{gene_key!r}] in {where} repeat an earlier name; the first "
+            "occurrence of each is used",
+            UserWarning,
+            stacklevel=4,
+        )
+        genes = pd.Index(np.where(duplicated, None, genes.to_numpy(dtype=object)))  # later copies match nothing
+    return genes
+
+
+def _name(shard: AnnDataLike, i: int, n: int) -> str:
+    if n == 1:
+        return "the query"
+    return f"query shard {i} ({shard})" if not isinstance(shard, ad.AnnData) else f"query shard {i}"
+
+
+def _output(query: QueryLike, exprs: list[Expression], copy: bool) -> ad.AnnData:
+    if len(exprs) == 1 and isinstance(query, ad.AnnData) and not query.isbacked:
         return query.copy() if copy else query
-    return ad.AnnData(obs=expr.obs.copy(), var=expr.var.copy())
+    if len(exprs) == 1:
+        return ad.AnnData(obs=exprs[0].obs.copy(), var=exprs[0].var.copy())
+    obs = pd.concat([e.obs.assign(symphony_shard=i) for i, e in enumerate(exprs)])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not unique.*")
+        return ad.AnnData(obs=obs)

@@ -14,9 +14,10 @@ cluster_sizes  N_r          (k,) ``rowSums(R)``
 compression    C            (k, d) ``R Z_corr^T``
 ============== ============ ======================================================================
 
-Optional parts: ``embedding`` (corrected reference cells, n x d) and ``obs`` (their annotations),
-needed to transfer labels; ``pca_moments`` (R-weighted moments of the pre-Harmony PCs per cluster),
-needed for the per-cell mapping metric.
+Optional parts: ``embedding`` (corrected reference cells, n x d), ``obs`` and ``obsm`` (their
+annotations: labels, pseudotimes, protein levels), needed to transfer annotations, with the k-NN
+index over the embedding (HNSW for large references, saved); ``pca_moments`` (R-weighted moments of
+the pre-Harmony PCs per cluster), needed for the per-cell mapping metric.
 
 A reference is stored as a zarr (v3) group; every element is written with anndata's element
 encoding, so the store can be read by any AnnData-aware tool. Saving is atomic: the store is written
@@ -39,6 +40,7 @@ import pandas as pd
 import zarr
 
 from .io import write_atomically
+from .neighbors import Method, NeighborIndex
 
 logger = logging.getLogger("symphony_dask")
 
@@ -77,10 +79,13 @@ class Reference:
     compression: np.ndarray
     embedding: np.ndarray | da.Array | None = None
     obs: pd.DataFrame | None = None
+    obsm: dict[str, np.ndarray | pd.DataFrame] = field(default_factory=dict)
     pca_moments: ClusterMoments | None = None
     params: dict[str, Any] = field(default_factory=dict)
     #: Per-group VST table of the build (group, symbol, rank, mean, variance, ...); not saved.
     variable_gene_table: pd.DataFrame | None = field(default=None, repr=False, compare=False)
+    #: k-NN index over ``embedding`` (an HNSW index is saved with the reference).
+    neighbors: NeighborIndex | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.genes = pd.Index(np.asarray(self.genes, dtype=object).astype(str), name=None)
@@ -101,6 +106,7 @@ class Reference:
         embedding=None,
         obs: pd.DataFrame | None = None,
         *,
+        obsm: dict | None = None,
         pca_moments: ClusterMoments | None = None,
         params: dict[str, Any] | None = None,
     ) -> Reference:
@@ -135,6 +141,7 @@ class Reference:
             compression=compression,
             embedding=embedding,
             obs=obs,
+            obsm=dict(obsm or {}),
             pca_moments=pca_moments,
             params=dict(params or {}),
         )
@@ -155,6 +162,21 @@ class Reference:
     def n_cells(self) -> int | None:
         """Number of reference cells, if the per-cell embedding is kept."""
         return None if self.embedding is None else int(self.embedding.shape[0])
+
+    def neighbor_index(self, *, method: Method = "auto", seed: int = 0) -> NeighborIndex:
+        """The k-NN index over the corrected reference embedding, built on first use and kept.
+
+        Exact for references up to 50,000 cells, HNSW above (``method`` forces one).
+        """
+        if self.embedding is None:
+            raise ValueError(
+                "this reference was saved without its per-cell embedding and obs, which label transfer needs; "
+                "rebuild it with keep_embedding=True"
+            )
+        wanted = {"auto": None, "exact": "exact", "hnsw": "hnsw"}[method]
+        if self.neighbors is None or (wanted and self.neighbors.method != wanted):
+            self.neighbors = NeighborIndex.build(np.asarray(self.embedding), method=method, seed=seed)
+        return self.neighbors
 
     def __repr__(self) -> str:
         cells = "no per-cell embedding" if self.embedding is None else f"{self.n_cells} cells"
@@ -197,6 +219,13 @@ def _write_store(ref: Reference, path: Path) -> None:
             _write_embedding(group, ref.embedding)
         if ref.obs is not None:
             ad.io.write_elem(group, "obs", ref.obs)
+        if ref.obsm:
+            ad.io.write_elem(group, "obsm", ref.obsm)
+        if ref.neighbors is not None and ref.neighbors.method == "hnsw":
+            index = group.create_array("neighbor_index", data=np.frombuffer(ref.neighbors.to_bytes(), dtype=np.uint8),
+                                       chunks=(64 * 2**20,))
+            index.attrs.update({"method": "hnsw", "n_cells": ref.neighbors.n_cells, "dim": ref.neighbors.dim,
+                                "seed": ref.neighbors.seed})
 
 
 def _write_embedding(group: zarr.Group, embedding: np.ndarray | da.Array) -> None:
@@ -268,6 +297,13 @@ def load_reference(path: str | os.PathLike, *, lazy_embedding: bool = False) -> 
             node = group["embedding"]
             embedding = ad.experimental.read_elem_lazy(node) if lazy_embedding else ad.io.read_elem(node)
         obs = ad.io.read_elem(group["obs"]) if "obs" in group else None
+        obsm = dict(ad.io.read_elem(group["obsm"])) if "obsm" in group else {}
+        neighbors = None
+        if "neighbor_index" in group:
+            node = group["neighbor_index"]
+            meta = dict(node.attrs)
+            neighbors = NeighborIndex.from_bytes(node[:].tobytes(), n_cells=meta["n_cells"], dim=meta["dim"],
+                                                 seed=meta["seed"])
     except Exception as err:
         raise ValueError(f"{path} is a corrupt reference store: {err}") from err
     return Reference(
@@ -280,8 +316,10 @@ def load_reference(path: str | os.PathLike, *, lazy_embedding: bool = False) -> 
         compression=elems["compression"],
         embedding=embedding,
         obs=obs,
+        obsm=obsm,
         pca_moments=moments,
         params=dict(group.attrs.get("params", {})),
+        neighbors=neighbors,
     )
 
 
@@ -320,6 +358,10 @@ def _check_elements(ref: Reference) -> None:
             raise ValueError(f"embedding must be cells x {d}, got shape {ref.embedding.shape}")
         if ref.obs is not None and len(ref.obs) != ref.embedding.shape[0]:
             raise ValueError(f"obs has {len(ref.obs)} rows but the embedding has {ref.embedding.shape[0]} cells")
+        for key, values in ref.obsm.items():
+            if len(values) != ref.embedding.shape[0]:
+                raise ValueError(f"obsm[{key!r}] has {len(values)} rows but the embedding has "
+                                 f"{ref.embedding.shape[0]} cells")
     if ref.pca_moments is not None:
         m = ref.pca_moments
         if m.weight_sq.shape != (k,) or m.first.shape != (k, d) or m.second.shape != (k, d, d):

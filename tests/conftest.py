@@ -85,3 +85,13 @@ def built_reference(pbmcs, oracle) -> sd.Reference:
 def raw_pbmcs() -> ad.AnnData:
     """240 PBMCs from three 10x chemistries, raw counts."""
     return ad.read_h5ad(DATA / "pbmc10x_3chem_small.h5ad")
+
+
+@pytest.fixture(scope="session")
+def synthetic_atlas(tmp_path_factory):
+    """A 100,000-cell x 10,000-gene synthetic atlas of raw counts in zarr (1.1 GB of CSR arrays)."""
+    from symphony_dask.datasets.synthetic import write_synthetic_atlas
+
+    path = tmp_path_factory.mktemp("atlas") / "atlas.zarr"
+    summary = write_synthetic_atlas(path, 100_000, n_genes=10_000, n_types=15, n_donors=6, seed=1)
+    return path, summary

@@ -4,25 +4,16 @@ from __future__ import annotations
 
 import dask
 import numpy as np
-import pytest
 import zarr
 from distributed import Client, LocalCluster
 
 import symphony_dask as sd
-from symphony_dask.datasets.synthetic import write_synthetic_atlas
 
 LIMIT = 2**30  # 1 GiB for the worker process
 
 
-@pytest.fixture(scope="module")
-def atlas(tmp_path_factory):
-    path = tmp_path_factory.mktemp("atlas") / "atlas.zarr"
-    summary = write_synthetic_atlas(path, 100_000, n_genes=10_000, n_types=15, n_donors=6, seed=1)
-    return path, summary
-
-
-def test_worker_with_less_memory_than_the_data_builds_the_reference(atlas, tmp_path):
-    path, summary = atlas
+def test_worker_with_less_memory_than_the_data_builds_the_reference(synthetic_atlas, tmp_path):
+    path, summary = synthetic_atlas
     stored = sum(zarr.open_group(str(path))["X"][name].nbytes for name in ("data", "indices", "indptr"))
     assert stored > LIMIT  # the matrix alone (float32 values, int32 indices) exceeds the worker's memory
     memory = {

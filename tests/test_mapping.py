@@ -1,0 +1,175 @@
+"""Mapping at any size: shards, per-batch mapping, gene keys, annotation transfer, mapping metrics."""
+
+from __future__ import annotations
+
+import anndata as ad
+import dask
+import numpy as np
+import pandas as pd
+import pytest
+from distributed import Client, LocalCluster
+
+import symphony_dask as sd
+from conftest import DATA
+from symphony_dask.compression import compression_sums
+from symphony_dask.datasets.synthetic import write_synthetic_atlas
+
+TOL = 1e-10
+
+
+@pytest.fixture(scope="module")
+def r_reference_with_moments(pbmcs, oracle):
+    """R's reference elements, with the per-cluster moments of R's pre-Harmony PCs and R's R."""
+    z = oracle.per_cell("ref_Z_orig", oracle.ref_cells)
+    z_corr = oracle.per_cell("ref_Z_corr", oracle.ref_cells)
+    sums = compression_sums(z, z_corr, oracle.per_cell("ref_R", oracle.ref_cells))
+    vg = oracle.vargenes
+    return sd.Reference.from_arrays(
+        vg["symbol"], vg["mean"], vg["stddev"], oracle.matrix("loadings_U"), oracle.matrix("centroids_Ycos"),
+        oracle.matrix("cache_Nr").ravel(), oracle.matrix("cache_C"), embedding=z_corr,
+        obs=pbmcs.obs.loc[oracle.ref_cells], pca_moments=sums.pca_moments,
+    )
+
+
+def test_mapping_metrics_reproduce_r(r_reference_with_moments, pbmcs, oracle):
+    query = sd.map_query(r_reference_with_moments, pbmcs[oracle.query_cells].copy(), "donor", normalize=False)
+    r_pred = oracle.table("query_predictions", index_col=0).loc[oracle.query_cells]
+    per_cell = sd.per_cell_mapping_metric(r_reference_with_moments, query)
+    assert np.abs(per_cell.to_numpy() - r_pred["per_cell_mapping_metric"].to_numpy()).max() <= 1e-6
+    per_cluster = sd.per_cluster_mapping_metric(r_reference_with_moments, query, "cell_type")
+    expected = oracle.table("per_cluster_mapping_metric").set_index("query_cluster")["distance_score"]
+    got = per_cluster.set_index("query_cluster")["distance_score"].loc[expected.index]
+    assert (got.isna() == expected.isna()).all() and got.isna().sum() == 6  # clusters under 2 x 20 cells
+    assert np.abs(got - expected).max() <= 1e-6
+
+
+def test_sharded_query_equals_in_memory(built_reference, pbmcs, oracle, tmp_path):
+    query = pbmcs[oracle.query_cells].copy()
+    expected = sd.map_query(built_reference, query.copy(), "donor", normalize=False)
+    paths = []
+    for i, rows in enumerate(np.array_split(np.arange(query.n_obs), 3)):
+        paths.append(tmp_path / f"shard_{i}.h5ad")
+        query[rows].write_h5ad(paths[-1])
+    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster, Client(cluster):
+        sharded = sd.map_query(built_reference, str(tmp_path / "shard_*.h5ad"), "donor", normalize=False, chunk_size=50)
+    assert list(sharded.obs["symphony_shard"].unique()) == [0, 1, 2]
+    for key in ("X_symphony", "X_symphony_pca", "X_symphony_R"):
+        assert np.abs(sharded.obsm[key] - expected.obsm[key]).max() <= TOL
+
+
+def test_per_batch_equals_mapping_each_batch_alone(pbmcs):
+    ref = sd.build_reference(pbmcs[pbmcs.obs["donor"] == "3pv2"].copy(), normalize=False, n_hvg=1000, n_clusters=16)
+    query = pbmcs[pbmcs.obs["donor"] != "3pv2"].copy()
+    together = sd.map_query(ref, query.copy(), "donor", normalize=False)
+    alone = sd.map_query(ref, query.copy(), "donor", normalize=False, per_batch=True)
+    for donor in ("3pv1", "5p"):
+        cells = (query.obs["donor"] == donor).to_numpy()
+        single = sd.map_query(ref, query[cells].copy(), "donor", normalize=False)
+        assert np.abs(alone.obsm["X_symphony"][cells] - single.obsm["X_symphony"]).max() <= TOL
+        assert np.abs(together.obsm["X_symphony"][cells] - single.obsm["X_symphony"]).max() > 1e-6
+
+
+@pytest.fixture(scope="module")
+def hsmm():
+    return ad.read_h5ad(DATA / "hsmm" / "hsmm_lognorm_1000.h5ad")
+
+
+def test_pseudotime_transfer_with_genes_matched_by_symbol(hsmm):
+    """Reference indexed by gene symbols, query by Ensembl IDs with symbols in var['gene_short_name']."""
+    rng = np.random.default_rng(0)
+    in_ref = rng.random(hsmm.n_obs) < 0.6
+    reference_cells = hsmm[in_ref].copy()
+    reference_cells.var_names = reference_cells.var["gene_short_name"].astype(str)
+    ref = sd.build_reference(reference_cells, normalize=False, n_hvg=600, n_pcs=10, n_clusters=8)
+    query = hsmm[~in_ref].copy()
+    with pytest.raises(ValueError, match="shares no genes with the reference.*gene_key="):
+        sd.map_query(ref, query.copy(), normalize=False)
+    mapped = sd.map_query(ref, query, normalize=False, gene_key="gene_short_name")
+    assert mapped.uns["symphony"]["fraction_genes_found"] == 1.0
+    sd.transfer_values(ref, mapped, "Pseudotime", k=5)
+    r = np.corrcoef(mapped.obs["Pseudotime_pred"], mapped.obs["Pseudotime"])[0, 1]
+    assert r >= 0.9  # observed 0.965
+
+
+def test_protein_transfer(tmp_path):
+    cite = ad.read_h5ad(DATA / "citeseq" / "citeseq_lognorm_3000.h5ad")
+    in_ref = np.random.default_rng(1).random(cite.n_obs) < 0.6
+    ref = sd.build_reference(cite[in_ref].copy(), normalize=False, n_hvg=1500, n_pcs=20, n_clusters=10)
+    ref.save(tmp_path / "ref.zarr")
+    ref = sd.load_reference(tmp_path / "ref.zarr")  # obsm['protein'] travels with the reference
+    query = sd.map_query(ref, cite[~in_ref].copy(), normalize=False)
+    sd.transfer_values(ref, query, "protein", k=10)
+    predicted, observed = query.obsm["protein_pred"], query.obsm["protein"]
+    assert list(predicted.columns) == list(observed.columns)
+    per_protein = [np.corrcoef(predicted[c], observed[c])[0, 1] for c in observed.columns
+                   if observed[c].std() > 0.3]
+    assert len(per_protein) == 47
+    assert np.median(per_protein) >= 0.4  # observed 0.44 (0.43-0.47 over n_hvg 1000-2000, k 10-20)
+    assert max(per_protein) >= 0.85  # observed: CD11b 0.87, HLA-DR 0.83, CD11c 0.83
+
+
+def test_labels_with_hnsw_index_saved_with_the_reference(built_reference, pbmcs, oracle, tmp_path):
+    query = sd.map_query(built_reference, pbmcs[oracle.query_cells].copy(), "donor", normalize=False)
+    exact = sd.transfer_labels(built_reference, query.copy(), "cell_type").obs["cell_type_pred"]
+    ref = sd.Reference.from_arrays(
+        built_reference.genes, built_reference.mean, built_reference.std, built_reference.loadings,
+        built_reference.centroids, built_reference.cluster_sizes, built_reference.compression,
+        embedding=built_reference.embedding, obs=built_reference.obs,
+    )
+    index = ref.neighbor_index(method="hnsw", seed=3)
+    ref.save(tmp_path / "ref.zarr")
+    loaded = sd.load_reference(tmp_path / "ref.zarr")
+    assert loaded.neighbors.method == "hnsw"
+    emb = query.obsm["X_symphony"]
+    np.testing.assert_array_equal(loaded.neighbors.query(emb, 5), index.query(emb, 5))
+    approximate = sd.transfer_labels(loaded, query.copy(), "cell_type").obs["cell_type_pred"]
+    assert (approximate == exact).mean() >= 0.99
+
+
+def test_min_confidence_leaves_cells_unassigned(built_reference, pbmcs, oracle):
+    query = sd.map_query(built_reference, pbmcs[oracle.query_cells].copy(), "donor", normalize=False)
+    sd.transfer_labels(built_reference, query, "cell_type", min_confidence=0.7)
+    low = query.obs["cell_type_conf"] < 0.7
+    assert low.any() and (query.obs.loc[low, "cell_type_pred"] == "Unassigned").all()
+    assert (query.obs.loc[~low, "cell_type_pred"] != "Unassigned").all()
+
+
+def test_knn_corr():
+    rng = np.random.default_rng(0)
+    ref, query = rng.normal(size=(500, 5)), rng.normal(size=(40, 5))
+    assert np.allclose(sd.knn_corr(ref, query, ref * 2.0, query * 2.0, k=50), 1.0)
+    noisy = sd.knn_corr(ref, query, ref + rng.normal(size=ref.shape), query, k=50)
+    assert 0 < noisy.mean() < 0.9
+    assert np.allclose(sd.within_query_knn_corr(query, query + 1.0, k=10), 1.0)
+
+
+def test_transfer_bad_input(built_reference, pbmcs, oracle):
+    query = sd.map_query(built_reference, pbmcs[oracle.query_cells].copy(), "donor", normalize=False)
+    with pytest.raises(ValueError, match="'cell_type' is not numeric; use transfer_labels"):
+        sd.transfer_values(built_reference, query, "cell_type")
+    with pytest.raises(ValueError, match="'height' is not a column of the reference obs"):
+        sd.transfer_values(built_reference, query, "height")
+    with pytest.raises(FileNotFoundError, match=r"no query shard matches '/nonexistent/shard_\*.h5ad'"):
+        sd.map_query(built_reference, "/nonexistent/shard_*.h5ad")
+
+
+def test_workers_with_less_memory_than_the_query_map_its_shards(synthetic_atlas, tmp_path):
+    """Shards are read and mapped on the workers: 1.3 GB of query matrices, 1 GiB per worker."""
+    atlas, _ = synthetic_atlas
+    model = dict(n_genes=10_000, n_types=15, n_donors=6, seed=1)  # the atlas's cell types and donors
+    write_synthetic_atlas(tmp_path / "ref.zarr", 20_000, **model)
+    shards = [atlas]
+    for i in range(2):
+        write_synthetic_atlas(tmp_path / f"extra_{i}.zarr", 10_000, **model)
+        shards.append(tmp_path / f"extra_{i}.zarr")
+    ref = sd.build_reference(tmp_path / "ref.zarr", "donor", n_hvg=1000, max_iter_harmony=2)
+    memory = {"distributed.worker.memory.target": False, "distributed.worker.memory.spill": False,
+              "distributed.worker.memory.pause": False, "distributed.worker.memory.terminate": 0.95}
+    with dask.config.set(memory):
+        with LocalCluster(n_workers=2, threads_per_worker=1, memory_limit=2**30, dashboard_address=":0") as cluster:
+            with Client(cluster) as client:
+                mapped = sd.map_query(ref, shards, "donor", chunk_size=10_000)
+                assert len(client.scheduler_info()["workers"]) == 2
+    assert mapped.n_obs == 120_000 and np.isfinite(mapped.obsm["X_symphony"]).all()
+    sd.transfer_labels(ref, mapped, "cell_type")
+    assert (mapped.obs["cell_type_pred"] == mapped.obs["cell_type"]).mean() > 0.9
