@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import glob
 import logging
 import sys
 from contextlib import ExitStack
@@ -11,7 +12,7 @@ from pathlib import Path
 import anndata as ad
 
 from . import __version__
-from .annotate import transfer_labels
+from .annotate import transfer_labels, transfer_values
 from .build import build_reference
 from .cluster import connect
 from .demo import format_report, run_demo
@@ -56,21 +57,47 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _map(args: argparse.Namespace) -> int:
+    shards = _shards(args.query)
     out = Path(args.out)
-    _refuse_existing(out, args.overwrite)
+    one_file = len(shards) == 1 and out.suffix in (".h5ad", ".zarr")
+    targets = [out] if one_file else [out / f"{_stem(shard)}.symphony{args.format}" for shard in shards]
+    for target in targets:
+        _refuse_existing(target, args.overwrite)
     reference = load_reference(args.reference)
     mapped = map_query(
-        reference, args.query, args.batch_key or None, normalize=not args.no_normalize, chunk_size=args.chunk_size
+        reference, shards if len(shards) > 1 else shards[0], args.batch_key or None,
+        normalize=not args.no_normalize, gene_key=args.gene_key, per_batch=args.per_batch, chunk_size=args.chunk_size,
     )
     for key in args.transfer:
-        transfer_labels(reference, mapped, key, k=args.k)
-    write_atomically(out, lambda tmp: _write_anndata(mapped, tmp, out.suffix), overwrite=args.overwrite)
-    print(f"mapped {mapped.n_obs} cells ({mapped.uns['symphony']['fraction_genes_found']:.1%} of reference genes found)")
+        transfer_labels(reference, mapped, key, k=args.k, min_confidence=args.min_confidence)
+    if args.transfer_values:
+        transfer_values(reference, mapped, args.transfer_values, k=args.k)
+    print(f"mapped {mapped.n_obs} cells from {len(shards)} file(s) "
+          f"({mapped.uns['symphony']['fraction_genes_found']:.1%} of reference genes found)")
     for key in args.transfer:
         counts = mapped.obs[f"{key}_pred"].value_counts()
         print(f"{key}_pred: " + ", ".join(f"{label} {n}" for label, n in counts.items()))
-    print(f"written to {out}")
+    for i, target in enumerate(targets):
+        part = mapped if len(shards) == 1 else mapped[mapped.obs["symphony_shard"].to_numpy() == i].copy()
+        write_atomically(target, lambda tmp, part=part, suffix=target.suffix: _write_anndata(part, tmp, suffix),
+                         overwrite=args.overwrite)
+        print(f"written to {target}")
     return 0
+
+
+def _shards(query: str) -> list[str]:
+    paths = sorted(glob.glob(query)) if any(ch in query for ch in "*?[") else [query]
+    if not paths:
+        raise FileNotFoundError(f"no query file matches {query!r}")
+    return paths
+
+
+def _stem(path: str) -> str:
+    name = Path(path).name
+    for suffix in (".h5ad", ".zarr"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 def _refuse_existing(out: Path, overwrite: bool) -> None:
@@ -120,12 +147,20 @@ def _parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("map", parents=[common], help="map a query onto a reference")
     m.add_argument("--reference", required=True, help="reference store written by 'build'")
-    m.add_argument("--query", required=True, help="query expression (.h5ad or .zarr)")
-    m.add_argument("--out", required=True, help="output AnnData (.h5ad or .zarr) with the mapped embedding")
+    m.add_argument("--query", required=True,
+                   help="query expression (.h5ad or .zarr), or a quoted glob of shards ('shards/*.h5ad') mapped together")
+    m.add_argument("--out", required=True,
+                   help="output AnnData (.h5ad/.zarr) for one query file, else a folder: one <shard>.symphony.h5ad each")
+    m.add_argument("--format", choices=[".h5ad", ".zarr"], default=".h5ad", help="format of per-shard outputs")
     m.add_argument("--batch-key", action="append", default=[], help="query obs column to correct (repeatable)")
+    m.add_argument("--per-batch", action="store_true", help="fit each query batch's terms on its own")
+    m.add_argument("--gene-key", default=None, help="query var column holding the reference's gene names")
     m.add_argument("--no-normalize", action="store_true", help="the query is already log(CP10K+1)-normalized")
-    m.add_argument("--transfer", action="append", default=[], metavar="KEY", help="reference obs column to transfer")
-    m.add_argument("--k", type=int, default=5, help="neighbours for label transfer")
+    m.add_argument("--transfer", action="append", default=[], metavar="KEY", help="reference obs label to transfer")
+    m.add_argument("--transfer-values", action="append", default=[], metavar="KEY",
+                   help="numeric reference obs column or obsm key to transfer as a k-NN mean")
+    m.add_argument("--min-confidence", type=float, default=None, help="label cells below it 'Unassigned'")
+    m.add_argument("--k", type=int, default=5, help="neighbours for transfers")
     m.add_argument("--overwrite", action="store_true", help="replace an existing output")
     m.set_defaults(run=_map)
 

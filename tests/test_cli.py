@@ -34,7 +34,7 @@ def test_build_then_map_with_label_transfer(files, capsys, built_reference):
                  "--batch-key", "donor", "--no-normalize", "--transfer", "cell_type", "--out", str(out), "-q"])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "mapped 290 cells (100.0% of reference genes found)" in printed
+    assert "mapped 290 cells from 1 file(s) (100.0% of reference genes found)" in printed
     mapped = ad.read_h5ad(out)
     assert mapped.obsm["X_symphony"].shape == (290, 20)
     assert (mapped.obs["cell_type_pred"] == mapped.obs["cell_type"]).mean() >= 0.9
@@ -70,3 +70,20 @@ def test_build_on_local_cluster_config(files, capsys):
     out = capsys.readouterr().out
     assert "Dask dashboard:" in out and "910 cells" in out
     assert sd.load_reference(files / "ref.zarr").params["harmony_iterations"] == 1
+
+
+def test_map_shards_into_one_output_each(files, capsys, built_reference, split):
+    _, query = split
+    built_reference.save(files / "ref.zarr")
+    for i, rows in enumerate(np.array_split(np.arange(query.n_obs), 3)):
+        query[rows].write_h5ad(files / f"shard_{i}.h5ad")
+    code = main(["map", "--reference", str(files / "ref.zarr"), "--query", str(files / "shard_*.h5ad"),
+                 "--batch-key", "donor", "--no-normalize", "--transfer", "cell_type", "--out", str(files / "mapped"),
+                 "--chunk-size", "60", "-q"])
+    assert code == 0
+    assert "mapped 290 cells from 3 file(s)" in capsys.readouterr().out
+    expected = sd.map_query(built_reference, query.copy(), "donor", normalize=False).obsm["X_symphony"]
+    parts = [ad.read_h5ad(files / "mapped" / f"shard_{i}.symphony.h5ad") for i in range(3)]
+    assert [p.n_obs for p in parts] == [97, 97, 96]
+    assert np.abs(np.vstack([p.obsm["X_symphony"] for p in parts]) - expected).max() < 1e-10
+    assert all("cell_type_pred" in p.obs for p in parts)
