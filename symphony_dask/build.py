@@ -26,6 +26,7 @@ from .chunked import as_row_chunked, map_reduce, map_rows, one_blas_thread_per_t
 from .compression import CompressionSums, compression_sums
 from .harmony import default_n_clusters, harmonize, soft_kmeans
 from .io import AnnDataLike, Expression, keep_cells, read_expression
+from .neighbors import EXACT_MAX_CELLS, NeighborIndex
 from .pca import PCASolver, fit_pca, project
 from .preprocess import FirstPass, first_pass, has_counts
 from .reference import Reference
@@ -100,9 +101,11 @@ def build_reference(
         Further Harmony settings (see :func:`symphony_dask.harmonize`).
     pca_solver
         ``'gram'`` (exact, one pass, cost ~ genes^2 per cell), ``'krylov'`` (randomized block Krylov,
-        11 passes, cost ~ genes per cell) or ``'auto'``: the cheaper (Gram up to ~5,000 genes).
+        10-20 passes, cost ~ genes per cell) or ``'auto'``: the cheaper (Gram up to ~5,000 genes).
     keep_embedding
-        Keep the corrected per-cell embedding and ``obs`` (needed for label transfer).
+        Keep the corrected per-cell embedding, ``obs`` and ``obsm`` (needed to transfer annotations).
+        Above 50,000 cells the embedding is also gathered here once to build the HNSW index that
+        label transfer uses, kept (and saved) with the reference.
 
     Returns
     -------
@@ -179,6 +182,12 @@ def build_reference(
     if keep_embedding:
         embedding = res.Z_corr if expr.in_memory else res.Z_corr.persist()
 
+    if keep_embedding and n > EXACT_MAX_CELLS:  # built once here, saved with the reference
+        with timed(timings, "neighbor_index"):
+            neighbors = NeighborIndex.build(np.asarray(embedding), seed=seed)
+    else:
+        neighbors = None
+
     params = dict(
         batch_keys=keys, normalize=normalize, n_hvg=n_hvg, hvg_batch_key=hvg_batch_key, n_pcs=n_pcs,
         n_clusters=k, theta=theta, tau=tau, sigma=sigma, lamb=lamb, max_iter_harmony=max_iter_harmony,
@@ -193,7 +202,7 @@ def build_reference(
         cluster_sizes=sums.cluster_sizes, compression=sums.compression,
         embedding=embedding, obs=expr.obs.copy() if keep_embedding else None,
         obsm=dict(expr.obsm) if keep_embedding else {},
-        pca_moments=sums.pca_moments, params=params, variable_gene_table=table,
+        pca_moments=sums.pca_moments, params=params, variable_gene_table=table, neighbors=neighbors,
     )
 
 
