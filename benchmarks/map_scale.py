@@ -1,0 +1,158 @@
+"""Query mapping and label transfer at scale, beside symphonypy's mapping on the same data.
+
+References are built from synthetic atlases (``symphony_dask.datasets.synthetic``) and saved once;
+queries are the first 1k, 10k and 100k cells of a separate synthetic atlas of new donors (same cell
+types), held in memory, and all 1M cells of it mapped from its zarr store in chunks.
+
+    python benchmarks/map_scale.py --reference benchmarks/data/ref_atlas_50000.zarr \\
+        --reference benchmarks/data/atlas_1400000.zarr --query benchmarks/data/query_atlas_1000000.zarr \\
+        --peer-python /path/to/venv-with-symphonypy/bin/python
+
+Times: ``map_query`` from an in-memory AnnData of raw counts to the corrected embedding (read
+excluded; best of 3), the 1M-cell query from disk (read included), and 5-NN label transfer
+(``transfer_labels``). symphonypy 0.2.4 is timed on the 50k reference (it cannot build the 1.4M one
+in 24 GB): ``map_embedding`` after ``normalize_total`` + ``log1p``, and ``transfer_labels_kNN``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SIZES = (1_000, 10_000, 100_000)
+
+
+def first_cells(path: Path, n: int):
+    """The first ``n`` cells of a store as an in-memory AnnData (read lazily, only those rows)."""
+    import anndata as ad
+
+    from symphony_dask.io import read_expression
+
+    expr = read_expression(path, chunk_size=10_000)
+    return ad.AnnData(expr.X[:n].compute(), obs=expr.obs.iloc[:n].copy(), var=expr.var.copy())
+
+
+def best_of(runs: int, func) -> tuple[float, object]:
+    best, out = float("inf"), None
+    for _ in range(runs):
+        start = time.perf_counter()
+        out = func()
+        best = min(best, time.perf_counter() - start)
+    return best, out
+
+
+def ours(reference_store: Path, query_store: Path, full_query: bool) -> list[dict]:
+    import symphony_dask as sd
+
+    saved = reference_store.with_name(reference_store.stem + ".symphony_ref.zarr")
+    build_s = None
+    if not saved.exists():
+        start = time.perf_counter()
+        ref = sd.build_reference(reference_store, "donor", n_hvg=2000, n_pcs=20, chunk_size=10_000)
+        build_s = time.perf_counter() - start
+        ref.save(saved)
+    start = time.perf_counter()
+    ref = sd.load_reference(saved)
+    load_s = time.perf_counter() - start
+    rows = []
+    base = {"method": "symphony_dask", "reference_cells": ref.n_cells, "reference_load_s": round(load_s, 2),
+            "neighbor_index": ref.neighbors.method if ref.neighbors else "exact",
+            "neighbor_index_build_s": round(ref.params["timings_s"].get("neighbor_index", 0.0), 1)}
+    if build_s is not None:
+        base["reference_build_s"] = round(build_s, 1)
+    for n in SIZES:
+        query = first_cells(query_store, n)
+        seconds, mapped = best_of(3, lambda: sd.map_query(ref, query.copy(), "donor"))
+        transfer_s, _ = best_of(1 if n > 10_000 else 3, lambda: sd.transfer_labels(ref, mapped, "cell_type", k=5))
+        accuracy = float((mapped.obs["cell_type_pred"] == mapped.obs["cell_type"]).mean())
+        rows.append({**base, "query_cells": n, "map_s": round(seconds, 3), "transfer_s": round(transfer_s, 3),
+                     "accuracy": round(accuracy, 4)})
+        print(json.dumps(rows[-1]), flush=True)
+    if full_query:
+        start = time.perf_counter()
+        mapped = sd.map_query(ref, query_store, "donor", chunk_size=10_000)
+        seconds = time.perf_counter() - start
+        transfer_s, _ = best_of(1, lambda: sd.transfer_labels(ref, mapped, "cell_type", k=5))
+        rows.append({**base, "query_cells": mapped.n_obs, "map_s": round(seconds, 1), "read_included": True,
+                     "transfer_s": round(transfer_s, 1),
+                     "accuracy": round(float((mapped.obs["cell_type_pred"] == mapped.obs["cell_type"]).mean()), 4)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+PEER = """
+import json, sys, time
+import anndata as ad, scanpy as sc, symphonypy as sp
+from anndata.experimental import read_elem_lazy
+import zarr
+
+def first_cells(path, n):
+    g = zarr.open_group(path, mode="r")
+    x = read_elem_lazy(g["X"], chunks=(10_000, -1))[:n].compute()
+    return ad.AnnData(x, obs=ad.io.read_elem(g["obs"]).iloc[:n].copy(), var=ad.io.read_elem(g["var"]))
+
+reference_store, query_store = sys.argv[1], sys.argv[2]
+start = time.perf_counter()
+ref = ad.read_zarr(reference_store)
+sc.pp.normalize_total(ref, target_sum=1e4); sc.pp.log1p(ref)
+sc.pp.highly_variable_genes(ref, n_top_genes=2000, flavor="seurat")
+ref.raw = ref
+ref = ref[:, ref.var["highly_variable"]].copy()
+sc.pp.scale(ref, max_value=10); sc.tl.pca(ref, n_comps=20)
+sp.pp.harmony_integrate(ref, key="donor", verbose=False)
+build = time.perf_counter() - start
+for n in (1_000, 10_000, 100_000):
+    q0 = first_cells(query_store, n)
+    best = float("inf")
+    for _ in range(3 if n <= 10_000 else 1):
+        q = q0.copy()
+        t = time.perf_counter()
+        sc.pp.normalize_total(q, target_sum=1e4); sc.pp.log1p(q)
+        sp.tl.map_embedding(q, ref, key="donor")
+        best = min(best, time.perf_counter() - t)
+    t = time.perf_counter()
+    sp.tl.transfer_labels_kNN(q, ref, ref_labels=["cell_type"], n_neighbors=5)
+    transfer = time.perf_counter() - t
+    print(json.dumps({"method": "symphonypy", "reference_cells": ref.n_obs, "reference_build_s": round(build, 1),
+                      "query_cells": n, "map_s": round(best, 3), "transfer_s": round(transfer, 3)}), flush=True)
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reference", type=Path, action="append", required=True, help="reference atlas store")
+    parser.add_argument("--query", type=Path, required=True, help="query atlas store (>= 100k cells)")
+    parser.add_argument("--peer-python", help="a Python with symphonypy installed; omit to skip the peer")
+    parser.add_argument("--peer-max-cells", type=int, default=100_000)
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "map_scale.json")
+    args = parser.parse_args()
+
+    rows = []
+    for store in args.reference:
+        rows += ours(store, args.query, full_query=True)
+        n_ref = rows[-1]["reference_cells"]
+        if args.peer_python and n_ref <= args.peer_max_cells:
+            done = subprocess.run([args.peer_python, "-c", PEER, str(store), str(args.query)], capture_output=True,
+                                  text=True)
+            if done.returncode != 0:
+                rows.append({"method": "symphonypy", "reference_cells": n_ref,
+                             "error": done.stderr.strip().splitlines()[-1]})
+                print(json.dumps(rows[-1]))
+            for line in done.stdout.strip().splitlines():
+                rows.append(json.loads(line))
+                print(line, flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    setup = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "python": platform.python_version()}
+    args.out.write_text(json.dumps({"setup": setup, "runs": rows}, indent=2) + "\n")
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
