@@ -7,9 +7,9 @@ import warnings
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from conftest import R_BUILD
 
 import symphony_dask as sd
-from conftest import R_BUILD
 
 
 def test_batch_key_not_in_obs_names_it_and_lists_columns(split):

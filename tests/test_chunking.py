@@ -6,10 +6,10 @@ import anndata as ad
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from conftest import R_BUILD
 from distributed import Client, LocalCluster
 
 import symphony_dask as sd
-from conftest import R_BUILD
 
 TOL = 1e-10
 ELEMENTS = ("mean", "std", "loadings", "centroids", "cluster_sizes", "compression", "embedding")

@@ -7,10 +7,10 @@ import dask.array as da
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import DATA
 from distributed import Client, LocalCluster
 
 import symphony_dask as sd
-from conftest import DATA
 from symphony_dask.compression import compression_sums
 from symphony_dask.harmony_chunk import HarmonyChunk
 from symphony_dask.metrics import lisi

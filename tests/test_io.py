@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import zarr
+from conftest import R_BUILD
 
 import symphony_dask as sd
-from conftest import R_BUILD
 from symphony_dask.io import read_expression
 
 ELEMENTS = ("mean", "std", "loadings", "compression")

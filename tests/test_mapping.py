@@ -5,12 +5,11 @@ from __future__ import annotations
 import anndata as ad
 import dask
 import numpy as np
-import pandas as pd
 import pytest
+from conftest import DATA
 from distributed import Client, LocalCluster
 
 import symphony_dask as sd
-from conftest import DATA
 from symphony_dask.compression import compression_sums
 from symphony_dask.datasets.synthetic import write_synthetic_atlas
 

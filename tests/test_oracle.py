@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.linalg
+from conftest import R_BUILD
 
 import symphony_dask as sd
-from conftest import R_BUILD
 from symphony_dask.harmony import cosine_normalize, soft_assign
 
 MAP_TOL = 1e-10

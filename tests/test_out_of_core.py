@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dask
-import numpy as np
 import zarr
 from distributed import Client, LocalCluster
 

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
 import scipy.linalg
 import scipy.sparse as sp
-import anndata as ad
 
 import symphony_dask as sd
-from conftest import R_BUILD
 from symphony_dask.io import read_expression
 from symphony_dask.pca import choose_solver, fit_pca
-from symphony_dask.preprocess import log_normalize, scale
+from symphony_dask.preprocess import scale
 
 D = 20
 
