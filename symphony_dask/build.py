@@ -104,7 +104,7 @@ def build_reference(
         10-20 passes, cost ~ genes per cell) or ``'auto'``: the cheaper (Gram up to ~5,000 genes).
     keep_embedding
         Keep the corrected per-cell embedding, ``obs`` and ``obsm`` (needed to transfer annotations).
-        Above 50,000 cells the embedding is also gathered here once to build the HNSW index that
+        Above 20,000 cells the embedding is also gathered here once to build the HNSW index that
         label transfer uses, kept (and saved) with the reference.
 
     Returns

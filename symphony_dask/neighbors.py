@@ -19,7 +19,7 @@ from scipy.spatial import cKDTree
 logger = logging.getLogger("symphony_dask")
 
 #: Largest reference searched exactly when the method is 'auto'.
-EXACT_MAX_CELLS = 50_000
+EXACT_MAX_CELLS = 20_000
 #: HNSW graph degree and construction breadth; query breadth is max(HNSW_EF, 4 k).
 HNSW_M = 16
 HNSW_EF_CONSTRUCTION = 200

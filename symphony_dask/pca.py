@@ -30,9 +30,10 @@ import dask
 import dask.array as da
 import numpy as np
 import scipy.linalg
+import scipy.sparse as sp
 
 from .chunked import map_reduce, one_blas_thread_per_task
-from .preprocess import Block, scale
+from .preprocess import SCALE_CLIP, Block, log_normalize, scale
 
 logger = logging.getLogger("symphony_dask")
 
@@ -56,8 +57,34 @@ def gram(block: Block, genes: np.ndarray, mean: np.ndarray, std: np.ndarray, *, 
 
 def project(block: Block, genes: np.ndarray, mean: np.ndarray, std: np.ndarray, loadings: np.ndarray, *,
             normalize: bool) -> np.ndarray:
-    """Kernel: PC embedding ``scale(block) @ loadings`` of one chunk (cells x d)."""
-    return scale(block, genes, mean, std, normalize=normalize) @ loadings
+    """Kernel: PC embedding ``scale(block) @ loadings`` of one chunk (cells x d).
+
+    A sparse chunk is never densified: ``clip((x - mu) / sigma) U`` is ``x (U / sigma) -
+    (mu / sigma) U`` plus a correction for each stored value beyond the clip, which is exact except
+    for genes whose zeros are themselves clipped (``mu / sigma > 10``); those few genes are scaled
+    densely. Equal to the dense product up to round-off.
+    """
+    if not sp.issparse(block):
+        return scale(block, genes, mean, std, normalize=normalize) @ loadings
+    values = log_normalize(block) if normalize else block
+    sub = sp.csr_matrix(values[:, genes])
+    inv = 1.0 / std
+    dense_genes = np.flatnonzero(mean * inv > SCALE_CLIP)  # their zeros are clipped: scale them densely
+    linear = np.ones(len(genes), dtype=bool)
+    linear[dense_genes] = False
+    weights = loadings * (inv * linear)[:, None]
+    z = sub @ weights - (mean * inv * linear) @ loadings
+    scaled = (sub.data - mean[sub.indices]) * inv[sub.indices]
+    clipped = np.clip(scaled, -SCALE_CLIP, SCALE_CLIP)
+    beyond = (scaled != clipped) & linear[sub.indices]
+    if beyond.any():  # the clip of stored values: subtract what lies beyond it
+        rows = np.repeat(np.arange(sub.shape[0]), np.diff(sub.indptr))[beyond]
+        excess = sp.csr_matrix(((scaled - clipped)[beyond], (rows, sub.indices[beyond])), shape=sub.shape)
+        z -= excess @ loadings
+    if len(dense_genes):
+        cols = sub[:, dense_genes].toarray()
+        z += np.clip((cols - mean[dense_genes]) * inv[dense_genes], -SCALE_CLIP, SCALE_CLIP) @ loadings[dense_genes]
+    return np.asarray(z)
 
 
 def apply_gram(block: Block, genes: np.ndarray, mean: np.ndarray, std: np.ndarray, w: np.ndarray, *,

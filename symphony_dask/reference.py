@@ -166,7 +166,7 @@ class Reference:
     def neighbor_index(self, *, method: Method = "auto", seed: int = 0) -> NeighborIndex:
         """The k-NN index over the corrected reference embedding, built on first use and kept.
 
-        Exact for references up to 50,000 cells, HNSW above (``method`` forces one).
+        Exact for references up to 20,000 cells, HNSW above (``method`` forces one).
         """
         if self.embedding is None:
             raise ValueError(
