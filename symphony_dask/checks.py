@@ -73,13 +73,13 @@ def count_bad_values(block: np.ndarray | sp.spmatrix) -> ValueCounts:
     its cells whose values sum to zero."""
     values = block.data if sp.issparse(block) else np.asarray(block).ravel()
     finite = np.isfinite(values)
-    n_nan = int(np.isnan(values).sum())
-    n_inf = int(values.size - finite.sum() - n_nan)
+    n_finite = int(np.count_nonzero(finite))
+    n_nan = 0 if n_finite == values.size else int(np.count_nonzero(np.isnan(values)))
     with np.errstate(invalid="ignore"):
-        n_neg = int((values < 0).sum())
-        n_frac = int((finite & (values != np.round(values))).sum())
-        n_empty = int((np.asarray(block.sum(axis=1)).ravel() == 0).sum())
-    return ValueCounts(n_nan, n_inf, n_neg, n_frac, int(values.size), n_empty)
+        n_neg = int(np.count_nonzero(values < 0)) if values.size and np.nanmin(values) < 0 else 0
+        n_frac = int(np.count_nonzero(finite & (values != np.round(values))))
+        n_empty = int(np.count_nonzero(np.asarray(block.sum(axis=1)).ravel() == 0))
+    return ValueCounts(n_nan, values.size - n_finite - n_nan, n_neg, n_frac, int(values.size), n_empty)
 
 
 def raise_on_bad_values(counts: ValueCounts, *, where: str, normalize: bool, warn_empty: bool = True) -> None:

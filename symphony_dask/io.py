@@ -94,9 +94,10 @@ def _from_memory(adata: ad.AnnData, chunk_size: int | None, layer: str | None) -
     rows = n if chunk_size is None else chunk_size
     if sp.issparse(x):
         x = sp.csr_matrix(x)
-        arr = da.from_array(x, chunks=(max(rows, 1), -1), asarray=False, meta=sp.csr_matrix((0, 0), dtype=x.dtype))
+        arr = da.from_array(x, chunks=(max(rows, 1), -1), asarray=False, meta=sp.csr_matrix((0, 0), dtype=x.dtype),
+                            name=False)  # name=False: no hashing of the whole matrix for a graph key
     else:
-        arr = da.from_array(np.asarray(x), chunks=(max(rows, 1), -1))
+        arr = da.from_array(np.asarray(x), chunks=(max(rows, 1), -1), name=False)
     return Expression(arr, adata.obs, adata.var, "AnnData", dict(adata.obsm))
 
 

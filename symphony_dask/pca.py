@@ -33,7 +33,7 @@ import scipy.linalg
 import scipy.sparse as sp
 
 from .chunked import map_reduce, one_blas_thread_per_task
-from .preprocess import SCALE_CLIP, Block, log_normalize, scale
+from .preprocess import SCALE_CLIP, Block, normalized_genes, scale
 
 logger = logging.getLogger("symphony_dask")
 
@@ -66,8 +66,7 @@ def project(block: Block, genes: np.ndarray, mean: np.ndarray, std: np.ndarray, 
     """
     if not sp.issparse(block):
         return scale(block, genes, mean, std, normalize=normalize) @ loadings
-    values = log_normalize(block) if normalize else block
-    sub = sp.csr_matrix(values[:, genes])
+    sub = sp.csr_matrix(normalized_genes(block, genes, normalize=normalize))
     inv = 1.0 / std
     dense_genes = np.flatnonzero(mean * inv > SCALE_CLIP)  # their zeros are clipped: scale them densely
     linear = np.ones(len(genes), dtype=bool)
@@ -78,7 +77,7 @@ def project(block: Block, genes: np.ndarray, mean: np.ndarray, std: np.ndarray, 
     clipped = np.clip(scaled, -SCALE_CLIP, SCALE_CLIP)
     beyond = (scaled != clipped) & linear[sub.indices]
     if beyond.any():  # the clip of stored values: subtract what lies beyond it
-        rows = np.repeat(np.arange(sub.shape[0]), np.diff(sub.indptr))[beyond]
+        rows = np.searchsorted(sub.indptr, np.flatnonzero(beyond), side="right") - 1
         excess = sp.csr_matrix(((scaled - clipped)[beyond], (rows, sub.indices[beyond])), shape=sub.shape)
         z -= excess @ loadings
     if len(dense_genes):

@@ -161,15 +161,28 @@ def has_counts(block: Block) -> np.ndarray:
     return cell_totals(block) != 0
 
 
+def normalized_genes(block: Block, genes: np.ndarray, *, normalize: bool) -> Block:
+    """Kernel: the chosen genes (columns) of one chunk, log-normalized by each cell's total over
+    *all* genes when ``normalize`` (only the chosen genes' values are transformed)."""
+    if not normalize:
+        return block[:, genes]
+    totals = cell_totals(block)
+    sub = block[:, genes]
+    if not sp.issparse(sub):
+        return np.log1p(np.asarray(sub, dtype=np.float64) * (_safe_inverse(totals) * SCALE_FACTOR)[:, None])
+    sub = sp.csr_matrix(sub, dtype=np.float64)  # a new matrix already: changed in place below
+    sub.data *= np.repeat(_safe_inverse(totals) * SCALE_FACTOR, np.diff(sub.indptr))
+    np.log1p(sub.data, out=sub.data)
+    return sub
+
+
 def scale(block: Block, genes: np.ndarray, mean: np.ndarray, std: np.ndarray, *, normalize: bool) -> np.ndarray:
     """Kernel: dense ``clip((x - mean) / std, -10, 10)`` of the chosen genes of one chunk.
 
     ``genes`` are column indices into the block; ``mean`` and ``std`` belong to those genes. The
     values are normalized first when ``normalize`` is set. Only this chunk is ever densified.
     """
-    values = log_normalize(block) if normalize else block
-    sub = values[:, genes]
-    del values
+    sub = normalized_genes(block, genes, normalize=normalize)
     dense = sub.toarray() if sp.issparse(sub) else np.array(sub, dtype=np.float64)
     if dense.dtype != np.float64:
         dense = dense.astype(np.float64)
