@@ -212,7 +212,8 @@ def _map_in_memory(reference, expr, matched, design, terms, sigma32, normalize):
 def _map_chunked(reference, exprs, matched, design, terms, sigma32, normalize):
     """The same kernels over the chunks of every shard: projection and assignment, one tree-reduced
     ridge for all shards, correction."""
-    zq = da.concatenate([map_rows(project, e.X, n_out=reference.n_pcs, **_projection(reference, m, normalize))
+    zq = da.concatenate([map_rows(_project_checked_later, e.X, n_out=reference.n_pcs,
+                                  **_projection(reference, m, normalize))
                          for e, m in zip(exprs, matched)], axis=0)
     counts = [map_reduce(count_bad_values, e.X, combine=ValueCounts.__add__) for e in exprs]
     rq = map_rows(_assign, zq, n_out=reference.n_clusters, centroids=reference.centroids, sigma=sigma32)
@@ -226,6 +227,12 @@ def _map_chunked(reference, exprs, matched, design, terms, sigma32, normalize):
     per_pattern = terms.per_pattern(s, t)
     zq_corr = map_rows(_correct, zq, rq, codes, n_out=reference.n_pcs, per_pattern=per_pattern)
     return dask.compute(zq_corr, zq, rq)
+
+
+def _project_checked_later(block, **kwargs) -> np.ndarray:
+    """Projection kernel of the chunked path, which checks the values from counts of the same pass."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        return project(block, **kwargs)
 
 
 def _projection(reference: Reference, matched, normalize: bool) -> dict:
