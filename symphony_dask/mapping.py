@@ -116,10 +116,8 @@ def map_query(
     sigma32 = float(np.float32(sigma))
     terms = _BatchTerms(reference, design, lamb, per_batch)
 
-    single = len(exprs) == 1 and exprs[0].X.numblocks[0] == 1
-    if single:
-        with one_blas_thread_per_task():
-            zq_corr, zq, rq = _map_in_memory(reference, exprs[0], matched[0], design, terms, sigma32, normalize)
+    if len(exprs) == 1 and exprs[0].X.numblocks[0] == 1:
+        zq_corr, zq, rq = _map_in_memory(reference, exprs[0], matched[0], design, terms, sigma32, normalize)
     else:
         with one_blas_thread_per_task():
             zq_corr, zq, rq = _map_chunked(reference, exprs, matched, design, terms, sigma32, normalize)
