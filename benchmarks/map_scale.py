@@ -68,7 +68,7 @@ def ours(reference_store: Path, query_store: Path, full_query: bool) -> list[dic
         base["reference_build_s"] = round(build_s, 1)
     for n in SIZES:
         query = first_cells(query_store, n)
-        seconds, mapped = best_of(3, lambda: sd.map_query(ref, query.copy(), "donor"))
+        seconds, mapped = best_of(3, lambda: sd.map_query(ref, query, "donor"))  # annotates query in place
         transfer_s, _ = best_of(1 if n > 10_000 else 3, lambda: sd.transfer_labels(ref, mapped, "cell_type", k=5))
         accuracy = float((mapped.obs["cell_type_pred"] == mapped.obs["cell_type"]).mean())
         rows.append({**base, "query_cells": n, "map_s": round(seconds, 3), "transfer_s": round(transfer_s, 3),
