@@ -15,6 +15,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .csr_kernels import row_totals, value_counts
+
 
 def as_key_list(keys: str | Sequence[str] | None) -> list[str]:
     """Normalize ``None``, one key or several keys to a list of keys."""
@@ -71,15 +73,20 @@ class ValueCounts:
 def count_bad_values(block: np.ndarray | sp.spmatrix) -> ValueCounts:
     """Kernel: counts of NaN, infinite, negative and non-integer stored values of one block, and of
     its cells whose values sum to zero."""
-    values = block.data if sp.issparse(block) else np.asarray(block).ravel()
-    finite = np.isfinite(values)
-    n_finite = int(np.count_nonzero(finite))
-    n_nan = 0 if n_finite == values.size else int(np.count_nonzero(np.isnan(values)))
-    with np.errstate(invalid="ignore"):
-        n_neg = int(np.count_nonzero(values < 0)) if values.size and np.nanmin(values) < 0 else 0
-        n_frac = int(np.count_nonzero(finite & (values != np.round(values))))
-        n_empty = int(np.count_nonzero(np.asarray(block.sum(axis=1)).ravel() == 0))
-    return ValueCounts(n_nan, values.size - n_finite - n_nan, n_neg, n_frac, int(values.size), n_empty)
+    if sp.issparse(block):
+        block = sp.csr_matrix(block)
+        values = block.data
+        n_empty = int(np.count_nonzero(row_totals(block.indptr, values) == 0))
+    else:
+        values = np.asarray(block)
+        n_empty = int(np.count_nonzero(values.sum(axis=1, dtype=np.float64) == 0))
+        values = values.ravel()
+    if values.dtype.kind in "iub":  # integers: finite and integer-valued by type
+        n_nan = n_inf = n_fraction = 0
+        n_negative = int(np.count_nonzero(values < 0)) if values.dtype.kind == "i" else 0
+    else:
+        n_nan, n_inf, n_negative, n_fraction = map(int, value_counts(np.ascontiguousarray(values)))
+    return ValueCounts(n_nan, n_inf, n_negative, n_fraction, int(values.size), n_empty)
 
 
 def raise_on_bad_values(counts: ValueCounts, *, where: str, normalize: bool, warn_empty: bool = True) -> None:

@@ -94,11 +94,30 @@ def _from_memory(adata: ad.AnnData, chunk_size: int | None, layer: str | None) -
     rows = n if chunk_size is None else chunk_size
     if sp.issparse(x):
         x = sp.csr_matrix(x)
-        arr = da.from_array(x, chunks=(max(rows, 1), -1), asarray=False, meta=sp.csr_matrix((0, 0), dtype=x.dtype),
-                            name=False)  # name=False: no hashing of the whole matrix for a graph key
+        meta = sp.csr_matrix((0, 0), dtype=x.dtype)
     else:
-        arr = da.from_array(np.asarray(x), chunks=(max(rows, 1), -1), name=False)
+        x = np.asarray(x)
+        meta = np.empty((0, 0), dtype=x.dtype)
+    # name=False: no hashing of the whole matrix for a graph key
+    arr = da.from_array(_InMemoryRows(x), chunks=(max(rows, 1), -1), asarray=False, meta=meta, name=False)
     return Expression(arr, adata.obs, adata.var, "AnnData", dict(adata.obsm))
+
+
+class _InMemoryRows:
+    """An in-memory matrix as ``da.from_array`` sees it: shape, dtype and row chunks, but no ``copy``
+    (from_array copies what has one: a whole query, to guard against later changes we do not make).
+    A chunk of all rows is the matrix itself; a CSR row slice copies only its rows."""
+
+    def __init__(self, x: np.ndarray | sp.csr_matrix) -> None:
+        self.x, self.shape, self.dtype, self.ndim = x, x.shape, x.dtype, 2
+
+    def __getitem__(self, key: tuple[slice, slice]):
+        rows, cols = key
+        if cols != slice(0, self.shape[1], None):
+            return self.x[key]
+        if rows.start in (0, None) and (rows.stop is None or rows.stop >= self.shape[0]):
+            return self.x
+        return self.x[rows]
 
 
 def _single_column_chunk(arr: da.Array) -> da.Array:

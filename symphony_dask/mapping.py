@@ -199,7 +199,7 @@ class _BatchTerms:
 
 def _map_in_memory(reference, expr, matched, design, terms, sigma32, normalize):
     """The kernels on the whole query (the one-chunk case)."""
-    block = expr.X.blocks[0].compute()
+    block = expr.X.blocks[0].compute(scheduler="sync")  # one task: no thread pool
     raise_on_bad_values(count_bad_values(block), where="the query expression", normalize=normalize)
     zq = project(block, **_projection(reference, matched, normalize))
     rq = soft_assign(cosine_normalize(zq), reference.centroids, sigma32)

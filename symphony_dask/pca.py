@@ -33,7 +33,8 @@ import scipy.linalg
 import scipy.sparse as sp
 
 from .chunked import map_reduce, one_blas_thread_per_task
-from .preprocess import SCALE_CLIP, Block, normalized_genes, scale
+from .csr_kernels import project_rows
+from .preprocess import SCALE_CLIP, SCALE_FACTOR, Block, scale
 
 logger = logging.getLogger("symphony_dask")
 
@@ -59,31 +60,19 @@ def project(block: Block, genes: np.ndarray, mean: np.ndarray, std: np.ndarray, 
             normalize: bool) -> np.ndarray:
     """Kernel: PC embedding ``scale(block) @ loadings`` of one chunk (cells x d).
 
-    A sparse chunk is never densified: ``clip((x - mu) / sigma) U`` is ``x (U / sigma) -
-    (mu / sigma) U`` plus a correction for each stored value beyond the clip, which is exact except
-    for genes whose zeros are themselves clipped (``mu / sigma > 10``); those few genes are scaled
-    densely. Equal to the dense product up to round-off.
+    A sparse chunk is never densified: each cell is the scaled zero of every gene times its loadings
+    plus, for each stored value of a chosen gene, the difference it makes (one pass over the stored
+    values, :func:`~symphony_dask.csr_kernels.project_rows`). Equal to the dense product up to
+    round-off.
     """
     if not sp.issparse(block):
         return scale(block, genes, mean, std, normalize=normalize) @ loadings
-    sub = sp.csr_matrix(normalized_genes(block, genes, normalize=normalize))
-    inv = 1.0 / std
-    dense_genes = np.flatnonzero(mean * inv > SCALE_CLIP)  # their zeros are clipped: scale them densely
-    linear = np.ones(len(genes), dtype=bool)
-    linear[dense_genes] = False
-    weights = loadings * (inv * linear)[:, None]
-    z = sub @ weights - (mean * inv * linear) @ loadings
-    scaled = (sub.data - mean[sub.indices]) * inv[sub.indices]
-    clipped = np.clip(scaled, -SCALE_CLIP, SCALE_CLIP)
-    beyond = (scaled != clipped) & linear[sub.indices]
-    if beyond.any():  # the clip of stored values: subtract what lies beyond it
-        rows = np.searchsorted(sub.indptr, np.flatnonzero(beyond), side="right") - 1
-        excess = sp.csr_matrix(((scaled - clipped)[beyond], (rows, sub.indices[beyond])), shape=sub.shape)
-        z -= excess @ loadings
-    if len(dense_genes):
-        cols = sub[:, dense_genes].toarray()
-        z += np.clip((cols - mean[dense_genes]) * inv[dense_genes], -SCALE_CLIP, SCALE_CLIP) @ loadings[dense_genes]
-    return np.asarray(z)
+    block = sp.csr_matrix(block)
+    position = np.full(block.shape[1], -1, dtype=np.int64)
+    position[genes] = np.arange(len(genes))
+    return project_rows(block.indptr, block.indices, block.data, position, np.asarray(mean, dtype=np.float64),
+                        np.asarray(std, dtype=np.float64), np.ascontiguousarray(loadings, dtype=np.float64),
+                        float(SCALE_CLIP), float(SCALE_FACTOR) if normalize else 0.0)
 
 
 def apply_gram(block: Block, genes: np.ndarray, mean: np.ndarray, std: np.ndarray, w: np.ndarray, *,

@@ -18,6 +18,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .checks import ValueCounts, count_bad_values
+from .csr_kernels import row_totals
 
 #: Library size that counts are scaled to before the log (counts per 10,000).
 SCALE_FACTOR = 1e4
@@ -33,14 +34,14 @@ def log_normalize(block: Block, scale_factor: float = SCALE_FACTOR) -> Block:
     Cells whose total is zero are left at zero (callers exclude or reject them).
     """
     if sp.issparse(block):
+        totals = cell_totals(block)
         block = sp.csr_matrix(block, dtype=np.float64, copy=True)
-        totals = np.asarray(block.sum(axis=1)).ravel()
         per_value = np.repeat(_safe_inverse(totals) * scale_factor, np.diff(block.indptr))
         block.data *= per_value
         np.log1p(block.data, out=block.data)
         return block
     block = np.asarray(block, dtype=np.float64)
-    totals = block.sum(axis=1)
+    totals = cell_totals(block)
     return np.log1p(block * (_safe_inverse(totals) * scale_factor)[:, None])
 
 
@@ -51,8 +52,11 @@ def _safe_inverse(totals: np.ndarray) -> np.ndarray:
 
 
 def cell_totals(block: Block) -> np.ndarray:
-    """Kernel: total of each cell (row) of a chunk."""
-    return np.asarray(block.sum(axis=1), dtype=np.float64).ravel()
+    """Kernel: total of each cell (row) of a chunk, accumulated in float64."""
+    if sp.issparse(block):
+        block = sp.csr_matrix(block)
+        return row_totals(block.indptr, block.data)
+    return np.asarray(block).sum(axis=1, dtype=np.float64)
 
 
 @dataclass

@@ -10,13 +10,14 @@ import pytest
 import scipy.sparse as sp
 
 from symphony_dask.annotate import majority_vote
+from symphony_dask.checks import count_bad_values
 from symphony_dask.chunked import map_reduce, map_rows, tree_reduce
 from symphony_dask.harmony import cosine_normalize, harmonize, soft_assign
 from symphony_dask.kmeans import kmeans
 from symphony_dask.mapping import query_design
 from symphony_dask.mixture import make_design, remove_batch_terms, ridge_statistics, ridge_system, solve_batch_terms
-from symphony_dask.pca import orient, svd_from_gram
-from symphony_dask.preprocess import Moments, group_moments, rows_by_group, scale
+from symphony_dask.pca import orient, project, svd_from_gram
+from symphony_dask.preprocess import Moments, cell_totals, group_moments, log_normalize, rows_by_group, scale
 from symphony_dask.variable_genes import clipped_squares
 
 
@@ -82,6 +83,39 @@ def test_scale_clips_at_ten():
     x = sp.csr_matrix(np.array([[0.0, 50.0], [1.0, 0.0]]))
     out = scale(x, np.array([0, 1]), np.array([0.5, 1.0]), np.array([0.5, 2.0]), normalize=False)
     np.testing.assert_array_equal(out, [[-1.0, 10.0], [1.0, -0.5]])
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int32])
+def test_sparse_projection_equals_dense_scaled_product(rng, normalize, dtype):
+    x = rng.poisson(1.5, size=(80, 40)) * (rng.random((80, 40)) < 0.3)
+    x[5] = 0  # a cell without counts
+    x[7, 2] = 400  # a value scaled beyond the clip
+    block = sp.csr_matrix(x.astype(dtype))
+    genes = rng.choice(40, size=25, replace=False)
+    mean = rng.random(25) + 0.2
+    std = rng.random(25) * 0.5 + 0.1
+    mean[:2], std[:2] = 3.0, 0.2  # genes whose zeros are clipped (mean / std > 10)
+    loadings = rng.standard_normal((25, 6))
+    dense = scale(x.astype(np.float64), genes, mean, std, normalize=normalize) @ loadings
+    out = project(block, genes, mean, std, loadings, normalize=normalize)
+    np.testing.assert_allclose(out, dense, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(project(block[:40], genes, mean, std, loadings, normalize=normalize), out[:40])
+
+
+def test_value_counts_of_sparse_and_dense_blocks_agree():
+    x = np.array([[1.0, 0.0, np.nan], [np.inf, -2.0, 0.5], [0.0, 0.0, 0.0], [-np.inf, 3.0, 0.0]])
+    for block in (x, sp.csr_matrix(x), x.astype(np.float32)):
+        c = count_bad_values(block)
+        assert (c.n_nan, c.n_inf, c.n_negative, c.n_non_integer, c.n_empty_cells) == (1, 2, 2, 1, 1)
+    ints = count_bad_values(sp.csr_matrix(np.array([[2, -1], [0, 0]], dtype=np.int32)))
+    assert (ints.n_negative, ints.n_non_integer, ints.n_empty_cells, ints.n_values) == (1, 0, 1, 2)
+
+
+def test_cell_totals_accumulate_in_float64():
+    x = sp.csr_matrix(np.full((2, 3000), 0.1, dtype=np.float32))
+    np.testing.assert_allclose(cell_totals(x), [3000 * float(np.float32(0.1))] * 2, rtol=1e-14)
+    np.testing.assert_allclose(log_normalize(x).toarray(), log_normalize(x.toarray()), rtol=1e-14)
 
 
 def test_svd_from_gram_equals_numpy_svd(rng):
