@@ -22,7 +22,7 @@ logger = logging.getLogger("symphony_dask")
 EXACT_MAX_CELLS = 20_000
 #: HNSW graph degree and construction breadth; query breadth is max(HNSW_EF, 4 k).
 HNSW_M = 16
-HNSW_EF_CONSTRUCTION = 200
+HNSW_EF_CONSTRUCTION = 100
 HNSW_EF = 64
 
 Method = Literal["auto", "exact", "hnsw"]
