@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .csr_kernels import row_totals, value_counts
+from .csr_kernels import as_csr, value_counts
 
 
 def as_key_list(keys: str | Sequence[str] | None) -> list[str]:
@@ -74,18 +74,14 @@ def count_bad_values(block: np.ndarray | sp.spmatrix) -> ValueCounts:
     """Kernel: counts of NaN, infinite, negative and non-integer stored values of one block, and of
     its cells whose values sum to zero."""
     if sp.issparse(block):
-        block = sp.csr_matrix(block)
-        values = block.data
-        n_empty = int(np.count_nonzero(row_totals(block.indptr, values) == 0))
+        block = as_csr(block)
+        indptr, values = block.indptr, block.data
     else:
-        values = np.asarray(block)
-        n_empty = int(np.count_nonzero(values.sum(axis=1, dtype=np.float64) == 0))
-        values = values.ravel()
-    if values.dtype.kind in "iub":  # integers: finite and integer-valued by type
-        n_nan = n_inf = n_fraction = 0
-        n_negative = int(np.count_nonzero(values < 0)) if values.dtype.kind == "i" else 0
-    else:
-        n_nan, n_inf, n_negative, n_fraction = map(int, value_counts(np.ascontiguousarray(values)))
+        values = np.ascontiguousarray(block).ravel()
+        indptr = np.arange(block.shape[0] + 1, dtype=np.int64) * block.shape[1]
+    if values.dtype.kind == "b":
+        values = values.view(np.uint8)
+    n_nan, n_inf, n_negative, n_fraction, n_empty = map(int, value_counts(indptr, values))
     return ValueCounts(n_nan, n_inf, n_negative, n_fraction, int(values.size), n_empty)
 
 

@@ -8,6 +8,13 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+import scipy.sparse as sp
+
+
+def as_csr(block: sp.spmatrix | sp.sparray) -> sp.csr_matrix | sp.csr_array:
+    """The block in CSR form, as it is when it already is one (``sp.csr_matrix(block)`` would copy
+    values that are views of a larger matrix)."""
+    return block if block.format == "csr" else sp.csr_matrix(block)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -24,20 +31,28 @@ def row_totals(indptr: np.ndarray, data: np.ndarray) -> np.ndarray:
 
 
 @numba.njit(cache=True, nogil=True)
-def value_counts(values: np.ndarray) -> tuple[int, int, int, int]:
-    """Counts of NaN, infinite, negative (``-inf`` included) and finite non-integer values."""
-    n_nan = n_inf = n_negative = n_fraction = 0
-    for v in values:
-        if v != v:
-            n_nan += 1
-            continue
-        if v < 0:
-            n_negative += 1
-        if np.isinf(v):
-            n_inf += 1
-        elif v != np.floor(v):
-            n_fraction += 1
-    return n_nan, n_inf, n_negative, n_fraction
+def value_counts(indptr: np.ndarray, data: np.ndarray) -> tuple[int, int, int, int, int]:
+    """Counts of NaN, infinite, negative (``-inf`` included) and finite non-integer values, and of
+    rows whose values sum to zero, in one pass (a dense matrix is one row per cell with ``indptr``
+    at multiples of its width)."""
+    n_nan = n_inf = n_negative = n_fraction = n_empty = 0
+    for i in range(len(indptr) - 1):
+        total = 0.0
+        for j in range(indptr[i], indptr[i + 1]):
+            v = data[j]
+            total += v
+            if v != v:
+                n_nan += 1
+                continue
+            if v < 0:
+                n_negative += 1
+            if np.isinf(v):
+                n_inf += 1
+            elif v != np.floor(v):
+                n_fraction += 1
+        if total == 0.0:
+            n_empty += 1
+    return n_nan, n_inf, n_negative, n_fraction, n_empty
 
 
 @numba.njit(cache=True, nogil=True)

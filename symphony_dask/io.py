@@ -106,7 +106,7 @@ def _from_memory(adata: ad.AnnData, chunk_size: int | None, layer: str | None) -
 class _InMemoryRows:
     """An in-memory matrix as ``da.from_array`` sees it: shape, dtype and row chunks, but no ``copy``
     (from_array copies what has one: a whole query, to guard against later changes we do not make).
-    A chunk of all rows is the matrix itself; a CSR row slice copies only its rows."""
+    A chunk of rows is a view of the matrix (CSR: views of its values and column indices)."""
 
     def __init__(self, x: np.ndarray | sp.csr_matrix) -> None:
         self.x, self.shape, self.dtype, self.ndim = x, x.shape, x.dtype, 2
@@ -115,9 +115,17 @@ class _InMemoryRows:
         rows, cols = key
         if cols != slice(0, self.shape[1], None):
             return self.x[key]
-        if rows.start in (0, None) and (rows.stop is None or rows.stop >= self.shape[0]):
+        start, stop, _ = rows.indices(self.shape[0])
+        if start == 0 and stop == self.shape[0]:
             return self.x
-        return self.x[rows]
+        if not sp.issparse(self.x):
+            return self.x[start:stop]
+        indptr = self.x.indptr[start : stop + 1]
+        first, last = indptr[0], indptr[-1]
+        # set the arrays after construction: scipy's constructor copies views of much larger arrays
+        chunk = sp.csr_matrix((stop - start, self.shape[1]), dtype=self.dtype)
+        chunk.data, chunk.indices, chunk.indptr = self.x.data[first:last], self.x.indices[first:last], indptr - first
+        return chunk
 
 
 def _single_column_chunk(arr: da.Array) -> da.Array:

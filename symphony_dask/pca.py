@@ -33,7 +33,7 @@ import scipy.linalg
 import scipy.sparse as sp
 
 from .chunked import map_reduce, one_blas_thread_per_task
-from .csr_kernels import project_rows
+from .csr_kernels import as_csr, project_rows
 from .preprocess import SCALE_CLIP, SCALE_FACTOR, Block, scale
 
 logger = logging.getLogger("symphony_dask")
@@ -67,7 +67,7 @@ def project(block: Block, genes: np.ndarray, mean: np.ndarray, std: np.ndarray, 
     """
     if not sp.issparse(block):
         return scale(block, genes, mean, std, normalize=normalize) @ loadings
-    block = sp.csr_matrix(block)
+    block = as_csr(block)
     position = np.full(block.shape[1], -1, dtype=np.int64)
     position[genes] = np.arange(len(genes))
     return project_rows(block.indptr, block.indices, block.data, position, np.asarray(mean, dtype=np.float64),

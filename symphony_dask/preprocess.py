@@ -18,7 +18,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .checks import ValueCounts, count_bad_values
-from .csr_kernels import row_totals
+from .csr_kernels import as_csr, row_totals
 
 #: Library size that counts are scaled to before the log (counts per 10,000).
 SCALE_FACTOR = 1e4
@@ -54,7 +54,7 @@ def _safe_inverse(totals: np.ndarray) -> np.ndarray:
 def cell_totals(block: Block) -> np.ndarray:
     """Kernel: total of each cell (row) of a chunk, accumulated in float64."""
     if sp.issparse(block):
-        block = sp.csr_matrix(block)
+        block = as_csr(block)
         return row_totals(block.indptr, block.data)
     return np.asarray(block).sum(axis=1, dtype=np.float64)
 
@@ -93,7 +93,7 @@ class Moments:
         if n == 0:
             return Moments(0, np.zeros(block.shape[1]), np.zeros(block.shape[1]))
         if sp.issparse(block):
-            block = sp.csr_matrix(block)
+            block = as_csr(block)
             g = block.shape[1]
             mean = np.bincount(block.indices, weights=block.data, minlength=g) / n
             nnz = np.bincount(block.indices, minlength=g)
