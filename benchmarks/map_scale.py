@@ -1,8 +1,9 @@
 """Query mapping and label transfer at scale, beside symphonypy's mapping on the same data.
 
 References are built from synthetic atlases (``symphony_dask.datasets.synthetic``) and saved once;
-queries are the first 1k, 10k and 100k cells of a separate synthetic atlas of new donors (same cell
-types), held in memory, and all 1M cells of it mapped from its zarr store in chunks.
+queries are the first 1k, 10k and 100k cells of a separate synthetic atlas (37 donors, same cell
+types; see benchmarks/README.md for how its donors relate to the references'), held in memory, and
+all 1M cells of it mapped from its zarr store in chunks.
 
     python benchmarks/map_scale.py --reference benchmarks/data/ref_atlas_50000.zarr \\
         --reference benchmarks/data/atlas_1400000.zarr --query benchmarks/data/query_atlas_1000000.zarr \\
