@@ -79,3 +79,24 @@ def test_store_without_x_or_with_mismatched_obs(split, tmp_path):
         ad.io.write_elem(group, "var", ref_cells.var)
     with pytest.raises(ValueError, match=r"X has shape \(910, 1767\) but obs has 100 rows"):
         sd.build_reference(tmp_path / "bad.zarr", "donor")
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_in_memory_chunks_are_views_and_the_query_is_left_unchanged(split, in_memory_reference, sparse):
+    _, query = split
+    query.X = sp.csr_matrix(query.X) if sparse else query.X.toarray()
+    before = query.X.copy()
+    x = read_expression(query, chunk_size=100).X
+    blocks = [x.blocks[i].compute() for i in range(x.numblocks[0])]
+    stacked = sp.vstack(blocks).toarray() if sparse else np.vstack(blocks)
+    np.testing.assert_array_equal(stacked, before.toarray() if sparse else before)
+    def shares(block):  # inside a task: the chunk is a view of the query's matrix
+        values = (block.data, query.X.data) if sparse else (block, query.X)
+        return np.array([[np.shares_memory(*values)]])
+
+    assert x.map_blocks(shares, chunks=(1, 1), dtype=bool, meta=np.array([[True]])).compute().all()
+    chunked = sd.map_query(in_memory_reference, query, "donor", normalize=False, chunk_size=100, copy=True)
+    whole = sd.map_query(in_memory_reference, query, "donor", normalize=False, copy=True)
+    assert np.abs(chunked.obsm["X_symphony"] - whole.obsm["X_symphony"]).max() <= 1e-10
+    after = query.X.toarray() if sparse else query.X
+    np.testing.assert_array_equal(after, before.toarray() if sparse else before)
