@@ -63,6 +63,7 @@ def build_reference(
     n_init: int = 10,
     pca_solver: PCASolver = "auto",
     keep_embedding: bool = True,
+    neighbor_index: bool = True,
 ) -> Reference:
     """Build a Symphony reference from an expression matrix.
 
@@ -104,8 +105,12 @@ def build_reference(
         10-20 passes, cost ~ genes per cell) or ``'auto'``: the cheaper (Gram up to ~5,000 genes).
     keep_embedding
         Keep the corrected per-cell embedding, ``obs`` and ``obsm`` (needed to transfer annotations).
-        Above 20,000 cells the embedding is also gathered here once to build the HNSW index that
-        label transfer uses, kept (and saved) with the reference.
+    neighbor_index
+        Above 20,000 cells, gather the embedding once to build the HNSW index that label transfer
+        uses, kept (and saved) with the reference. It is built on one thread, so that a rebuilt
+        reference has the same graph (about 3.5 min for 1.4M cells here); ``False`` leaves it to
+        the first label transfer (:meth:`Reference.neighbor_index`), and unsaved until the
+        reference is saved after it.
 
     Returns
     -------
@@ -182,7 +187,7 @@ def build_reference(
     if keep_embedding:
         embedding = res.Z_corr if expr.in_memory else res.Z_corr.persist()
 
-    if keep_embedding and n > EXACT_MAX_CELLS:  # built once here, saved with the reference
+    if neighbor_index and keep_embedding and n > EXACT_MAX_CELLS:  # built once here, saved with the reference
         with timed(timings, "neighbor_index"):
             neighbors = NeighborIndex.build(np.asarray(embedding), seed=seed)
     else:

@@ -49,6 +49,7 @@ def _build(args: argparse.Namespace) -> int:
         args.input, args.batch_key or None, normalize=not args.no_normalize, n_hvg=args.n_hvg,
         hvg_batch_key=args.hvg_batch_key, n_pcs=args.n_pcs, n_clusters=args.n_clusters, theta=args.theta,
         max_iter_harmony=args.max_iter_harmony, seed=args.seed, chunk_size=args.chunk_size, keep_embedding=not args.minimal,
+        neighbor_index=not args.no_neighbor_index,
     )
     reference.save(args.out, overwrite=args.overwrite)
     print(f"{reference} saved to {args.out}")
@@ -142,6 +143,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--max-iter-harmony", type=int, default=20, help="maximum Harmony iterations")
     b.add_argument("--seed", type=int, default=111)
     b.add_argument("--minimal", action="store_true", help="save only the minimal elements (no per-cell embedding)")
+    b.add_argument("--no-neighbor-index", action="store_true",
+                   help="do not build the HNSW index for label transfer now (built at the first transfer instead)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing reference store")
     b.set_defaults(run=_build)
 

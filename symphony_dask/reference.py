@@ -163,11 +163,14 @@ class Reference:
         """Number of reference cells, if the per-cell embedding is kept."""
         return None if self.embedding is None else int(self.embedding.shape[0])
 
-    def neighbor_index(self, *, method: Method = "auto", seed: int = 0) -> NeighborIndex:
+    def neighbor_index(self, *, method: Method = "auto", seed: int | None = None) -> NeighborIndex:
         """The k-NN index over the corrected reference embedding, built on first use and kept.
 
-        Exact for references up to 20,000 cells, HNSW above (``method`` forces one).
+        Exact for references up to 20,000 cells, HNSW above (``method`` forces one). ``seed``
+        defaults to the build's seed, so that an index built here is the one the build would have made.
         """
+        if seed is None:
+            seed = int(self.params.get("seed", 0))
         if self.embedding is None:
             raise ValueError(
                 "this reference was saved without its per-cell embedding and obs, which label transfer needs; "

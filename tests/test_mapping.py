@@ -125,6 +125,21 @@ def test_labels_with_hnsw_index_saved_with_the_reference(built_reference, pbmcs,
     assert (approximate == exact).mean() >= 0.99
 
 
+def test_neighbor_index_built_with_the_reference_or_at_first_transfer(pbmcs, oracle, monkeypatch):
+    monkeypatch.setattr("symphony_dask.build.EXACT_MAX_CELLS", 100)  # HNSW for this 910-cell reference
+    monkeypatch.setattr("symphony_dask.neighbors.EXACT_MAX_CELLS", 100)
+    data, query = pbmcs[oracle.ref_cells].copy(), pbmcs[oracle.query_cells].copy()
+    with_index = sd.build_reference(data, "donor", normalize=False, n_hvg=1000, n_clusters=20)
+    without = sd.build_reference(data, "donor", normalize=False, n_hvg=1000, n_clusters=20, neighbor_index=False)
+    assert with_index.neighbors.method == "hnsw" and "neighbor_index" in with_index.params["timings_s"]
+    assert without.neighbors is None and "neighbor_index" not in without.params["timings_s"]
+    query = sd.map_query(without, query, "donor", normalize=False)
+    sd.transfer_labels(without, query, "cell_type")
+    assert without.neighbors.method == "hnsw"  # built at the first transfer, with the same seed and graph
+    np.testing.assert_array_equal(without.neighbors.query(query.obsm["X_symphony"], 5),
+                                  with_index.neighbors.query(query.obsm["X_symphony"], 5))
+
+
 def test_min_confidence_leaves_cells_unassigned(built_reference, pbmcs, oracle):
     query = sd.map_query(built_reference, pbmcs[oracle.query_cells].copy(), "donor", normalize=False)
     sd.transfer_labels(built_reference, query, "cell_type", min_confidence=0.7)
