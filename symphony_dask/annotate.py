@@ -19,7 +19,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from .reference import Reference
+from .reference import NO_PER_CELL_DATA, Reference
 
 logger = logging.getLogger("symphony_dask")
 
@@ -164,10 +164,7 @@ def _neighbours(reference: Reference, query: ad.AnnData, k: int, embedding_key: 
 
 def _reference_column(reference: Reference, key: str) -> pd.Series:
     if reference.embedding is None or reference.obs is None:
-        raise ValueError(
-            "this reference was saved without its per-cell embedding and obs, which label transfer needs; "
-            "rebuild it with keep_embedding=True"
-        )
+        raise ValueError(NO_PER_CELL_DATA)
     if key not in reference.obs.columns:
         cols = ", ".join(map(repr, reference.obs.columns)) or "(none)"
         raise ValueError(f"{key!r} is not a column of the reference obs; the columns are: {cols}")

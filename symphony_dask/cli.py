@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import glob
 import logging
 import sys
 from contextlib import ExitStack
@@ -17,7 +16,7 @@ from .build import build_reference
 from .cluster import connect
 from .demo import format_report, run_demo
 from .io import write_atomically
-from .mapping import map_query
+from .mapping import map_query, query_shards
 from .progress import PassProgress
 from .reference import load_reference
 
@@ -58,7 +57,7 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _map(args: argparse.Namespace) -> int:
-    shards = _shards(args.query)
+    shards = query_shards(args.query)
     out = Path(args.out)
     one_file = len(shards) == 1 and out.suffix in (".h5ad", ".zarr")
     targets = [out] if one_file else [out / f"{_stem(shard)}.symphony{args.format}" for shard in shards]
@@ -84,13 +83,6 @@ def _map(args: argparse.Namespace) -> int:
                          overwrite=args.overwrite)
         print(f"written to {target}")
     return 0
-
-
-def _shards(query: str) -> list[str]:
-    paths = sorted(glob.glob(query)) if any(ch in query for ch in "*?[") else [query]
-    if not paths:
-        raise FileNotFoundError(f"no query file matches {query!r}")
-    return paths
 
 
 def _stem(path: str) -> str:

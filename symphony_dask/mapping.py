@@ -106,7 +106,7 @@ def map_query(
         ``obsm['X_symphony']`` (corrected embedding), ``obsm['X_symphony_pca']`` (projection before
         correction), ``obsm['X_symphony_R']`` (soft cluster assignments) and ``uns['symphony']``.
     """
-    shards = _shards(query)
+    shards = query_shards(query)
     keys = as_key_list(batch_keys)
     exprs = [_read(shard, chunk_size, layer) for shard in shards]
     matched = [_match(reference, expr, keys, gene_key, where=_name(shard, i, len(shards)))
@@ -216,9 +216,7 @@ def _map_chunked(reference, exprs, matched, design, terms, sigma32, normalize):
     counts = [map_reduce(count_bad_values, e.X, combine=ValueCounts.__add__) for e in exprs]
     rq = map_rows(_assign, zq, n_out=reference.n_clusters, centroids=reference.centroids, sigma=sigma32)
     zq, rq, *counts = dask.persist(zq, rq, *counts)
-    total = ValueCounts()
-    for c in dask.compute(*counts):
-        total = total + c
+    total = sum(dask.compute(*counts), ValueCounts())
     raise_on_bad_values(total, where="the query expression", normalize=normalize)
     codes = as_row_chunked(design.codes, zq)
     s, t = map_reduce(_ridge, zq, rq, codes, combine=_add_pairs, n_patterns=len(design.patterns)).compute()
@@ -255,7 +253,7 @@ def _correct(zq: np.ndarray, rq: np.ndarray, codes: np.ndarray, *, per_pattern: 
     return apply_batch_terms(zq, rq, codes, per_pattern)
 
 
-def _shards(query: QueryLike) -> list[AnnDataLike]:
+def query_shards(query: QueryLike) -> list[AnnDataLike]:
     """The query as a list of shards; a string with glob characters is expanded."""
     if isinstance(query, (str, os.PathLike)) and any(ch in str(query) for ch in "*?["):
         paths = sorted(glob.glob(str(query)))

@@ -110,12 +110,6 @@ def solve_batch_terms(a: np.ndarray, b: np.ndarray, penalty: np.ndarray) -> np.n
     return w
 
 
-def remove_batch_terms(z: np.ndarray, r: np.ndarray, codes: np.ndarray, patterns: np.ndarray,
-                       w: np.ndarray) -> np.ndarray:
-    """Kernel: ``z_i - sum_k R_ik W_k^T x_i`` for each cell (the mixture-of-experts correction)."""
-    return apply_batch_terms(z, r, codes, np.einsum("pa,kad->pkd", patterns, w))
-
-
 def apply_batch_terms(z: np.ndarray, r: np.ndarray, codes: np.ndarray, per_pattern: np.ndarray) -> np.ndarray:
     """Kernel: ``z_i - R_i M[pattern_i]`` with ``M[p] = x_p^T W`` (p x k x d) given per pattern."""
     out = np.array(z, dtype=np.float64, copy=True)

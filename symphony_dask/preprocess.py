@@ -33,16 +33,19 @@ def log_normalize(block: Block, scale_factor: float = SCALE_FACTOR) -> Block:
 
     Cells whose total is zero are left at zero (callers exclude or reject them).
     """
-    if sp.issparse(block):
-        totals = cell_totals(block)
-        block = sp.csr_matrix(block, dtype=np.float64, copy=True)
-        per_value = np.repeat(_safe_inverse(totals) * scale_factor, np.diff(block.indptr))
-        block.data *= per_value
-        np.log1p(block.data, out=block.data)
-        return block
-    block = np.asarray(block, dtype=np.float64)
-    totals = cell_totals(block)
-    return np.log1p(block * (_safe_inverse(totals) * scale_factor)[:, None])
+    values = sp.csr_matrix(block, dtype=np.float64, copy=True) if sp.issparse(block) else block
+    return _log_scaled(values, cell_totals(block), scale_factor)
+
+
+def _log_scaled(values: Block, totals: np.ndarray, scale_factor: float) -> Block:
+    """``log1p(values / total * scale_factor)`` row by row; a sparse ``values`` must be a matrix of
+    the caller's own (float64 CSR), whose stored values are changed in place."""
+    factor = _safe_inverse(totals) * scale_factor
+    if sp.issparse(values):
+        values.data *= np.repeat(factor, np.diff(values.indptr))
+        np.log1p(values.data, out=values.data)
+        return values
+    return np.log1p(np.asarray(values, dtype=np.float64) * factor[:, None])
 
 
 def _safe_inverse(totals: np.ndarray) -> np.ndarray:
@@ -170,14 +173,10 @@ def normalized_genes(block: Block, genes: np.ndarray, *, normalize: bool) -> Blo
     *all* genes when ``normalize`` (only the chosen genes' values are transformed)."""
     if not normalize:
         return block[:, genes]
-    totals = cell_totals(block)
-    sub = block[:, genes]
-    if not sp.issparse(sub):
-        return np.log1p(np.asarray(sub, dtype=np.float64) * (_safe_inverse(totals) * SCALE_FACTOR)[:, None])
-    sub = sp.csr_matrix(sub, dtype=np.float64)  # a new matrix already: changed in place below
-    sub.data *= np.repeat(_safe_inverse(totals) * SCALE_FACTOR, np.diff(sub.indptr))
-    np.log1p(sub.data, out=sub.data)
-    return sub
+    sub = block[:, genes]  # a new matrix already
+    if sp.issparse(sub):
+        sub = sp.csr_matrix(sub, dtype=np.float64)
+    return _log_scaled(sub, cell_totals(block), SCALE_FACTOR)
 
 
 def scale(block: Block, genes: np.ndarray, mean: np.ndarray, std: np.ndarray, *, normalize: bool) -> np.ndarray:

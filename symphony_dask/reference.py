@@ -44,6 +44,10 @@ from .neighbors import Method, NeighborIndex
 
 logger = logging.getLogger("symphony_dask")
 
+#: Error of annotation transfer from a reference saved without its cells.
+NO_PER_CELL_DATA = ("this reference was saved without its per-cell embedding and obs, which label transfer needs; "
+                    "rebuild it with keep_embedding=True")
+
 STORE_FORMAT = "symphony_dask.reference"
 STORE_VERSION = 1
 _REQUIRED = ("genes", "mean", "std", "loadings", "centroids", "cluster_sizes", "compression")
@@ -172,10 +176,7 @@ class Reference:
         if seed is None:
             seed = int(self.params.get("seed", 0))
         if self.embedding is None:
-            raise ValueError(
-                "this reference was saved without its per-cell embedding and obs, which label transfer needs; "
-                "rebuild it with keep_embedding=True"
-            )
+            raise ValueError(NO_PER_CELL_DATA)
         wanted = {"auto": None, "exact": "exact", "hnsw": "hnsw"}[method]
         if self.neighbors is None or (wanted and self.neighbors.method != wanted):
             self.neighbors = NeighborIndex.build(np.asarray(self.embedding), method=method, seed=seed)

@@ -15,7 +15,7 @@ from symphony_dask.chunked import map_reduce, map_rows, tree_reduce
 from symphony_dask.harmony import cosine_normalize, harmonize, soft_assign
 from symphony_dask.kmeans import kmeans
 from symphony_dask.mapping import query_design
-from symphony_dask.mixture import make_design, remove_batch_terms, ridge_statistics, ridge_system, solve_batch_terms
+from symphony_dask.mixture import apply_batch_terms, make_design, ridge_statistics, ridge_system, solve_batch_terms
 from symphony_dask.pca import orient, project, svd_from_gram
 from symphony_dask.preprocess import Moments, cell_totals, group_moments, log_normalize, rows_by_group, scale
 from symphony_dask.variable_genes import clipped_squares
@@ -157,7 +157,7 @@ def test_ridge_correction_equals_paper_formula(rng):
     penalty = np.array([0.0, 1, 1, 1, 2, 2])
     s, t = ridge_statistics(z, r, design.codes, len(design.patterns))
     w = solve_batch_terms(*ridge_system(s, t, design.patterns), penalty)
-    got = remove_batch_terms(z, r, design.codes, design.patterns, w)
+    got = apply_batch_terms(z, r, design.codes, np.einsum("pa,kad->pkd", design.patterns, w))
     full = design.patterns[design.codes]
     np.testing.assert_allclose(got, naive_correction(z, r, full, penalty), rtol=1e-11, atol=1e-12)
 
