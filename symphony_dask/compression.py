@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .harmony import cosine_normalize
+from .harmony_kernels import cosine_normalize
 from .reference import ClusterMoments
 
 

@@ -35,7 +35,7 @@ import pandas as pd
 
 from .checks import ValueCounts, as_key_list, check_obs_keys, check_unique_genes, count_bad_values, raise_on_bad_values
 from .chunked import as_row_chunked, map_reduce, map_rows, one_blas_thread_per_task
-from .harmony import cosine_normalize, soft_assign
+from .harmony_kernels import cosine_normalize, soft_assign
 from .io import AnnDataLike, Expression, read_expression
 from .mixture import Design, apply_batch_terms, make_design, ridge_statistics, ridge_system, solve_batch_terms
 from .pca import project

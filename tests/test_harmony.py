@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import gc
+import logging
+import os
+import signal
+
 import dask
 import dask.array as da
 import numpy as np
@@ -11,8 +16,9 @@ from conftest import DATA
 from distributed import Client, LocalCluster
 
 import symphony_dask as sd
+from symphony_dask import harmony_groups
 from symphony_dask.compression import compression_sums
-from symphony_dask.harmony_chunk import HarmonyChunk
+from symphony_dask.harmony_chunk import ChunkGroup, CorrectionStep, Piece, RunSpec
 from symphony_dask.metrics import lisi
 
 TOL = 1e-10
@@ -52,17 +58,107 @@ def test_chunking_does_not_change_results(pbmc3500, n_chunks):
         assert res.n_iter == one.n_iter
 
 
-def test_threads_and_process_cluster_agree(pbmc3500):
+@pytest.fixture()
+def small_groups(monkeypatch):
+    """Let a few thousand cells fill several chunk groups (one per worker)."""
+    monkeypatch.setattr(harmony_groups, "MIN_GROUP_CELLS", 1000)
+
+
+@pytest.fixture(scope="module")
+def two_workers():
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        yield cluster
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_threads_and_process_cluster_agree(pbmc3500, two_workers, monkeypatch, groups):
+    """One group (the whole iteration on one worker) or two (a leader and a peer): as on threads."""
+    if groups == 2:
+        monkeypatch.setattr(harmony_groups, "MIN_GROUP_CELLS", 1000)
     z, meta, _ = pbmc3500
     kw = dict(max_iter_harmony=2, max_iter_cluster=6, seed=5)
     lazy = da.from_array(z, chunks=(1000, -1))
     threaded = sd.harmonize(lazy, meta, "donor", **kw)
     expected = (threaded.Z_corr.compute(), threaded.R.compute())
+    made = []
+    monkeypatch.setattr(harmony_groups, "ClusterGroups", _recording(made))
+    with Client(two_workers):
+        res = sd.harmonize(lazy, meta, "donor", **kw)
+        assert len(made[0]) == groups
+        assert np.abs(res.Z_corr.compute() - expected[0]).max() <= TOL
+        assert np.abs(res.R.compute() - expected[1]).max() <= TOL
+        numpy_in = sd.harmonize(z, meta, "donor", **kw)  # NumPy in, NumPy out
+        assert isinstance(numpy_in.Z_corr, np.ndarray)
+        assert np.abs(numpy_in.Z_corr - expected[0]).max() <= TOL
+
+
+def _recording(made: list):
+    class Recording(harmony_groups.ClusterGroups):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    return Recording
+
+
+@pytest.mark.parametrize("victim", ["leader", "peer"])
+def test_a_lost_worker_gives_the_identical_result(pbmc3500, small_groups, monkeypatch, caplog, victim):
+    """SIGKILL the worker of the leading group or of a peer between Harmony iterations: the group is
+    rebuilt on the restarted worker from the PCs and the corrections so far, bit for bit."""
+    z, meta, _ = pbmc3500
+    lazy = da.from_array(z, chunks=(700, -1))
+    kw = dict(max_iter_harmony=4, max_iter_cluster=5, seed=7)
+    made = []
+    monkeypatch.setattr(harmony_groups, "ClusterGroups", _recording(made))
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
-        with Client(cluster):
-            res = sd.harmonize(lazy, meta, "donor", **kw)
-            assert np.abs(res.Z_corr.compute() - expected[0]).max() <= TOL
-            assert np.abs(res.R.compute() - expected[1]).max() <= TOL
+        with Client(cluster) as client:
+            expected = sd.harmonize(lazy, meta, "donor", **kw)
+            expected = (expected.Z_corr.compute(), expected.R.compute())
+
+            def kill() -> None:
+                address = made[-1].workers[0 if victim == "leader" else 1]
+                pid = client.run(os.getpid, workers=[address])[address]
+                os.kill(pid, signal.SIGKILL)
+
+            handler = _OnMessage("Harmony iteration 2:", kill)
+            logging.getLogger("symphony_dask").addHandler(handler)
+            try:
+                with caplog.at_level(logging.INFO, logger="symphony_dask"):
+                    res = sd.harmonize(lazy, meta, "donor", **kw)
+                    z_corr, r = res.Z_corr.compute(), res.R.compute()
+            finally:
+                logging.getLogger("symphony_dask").removeHandler(handler)
+    assert handler.fired
+    assert "lost with its worker; rebuilt" in caplog.text
+    np.testing.assert_array_equal(z_corr, expected[0])
+    np.testing.assert_array_equal(r, expected[1])
+
+
+class _OnMessage(logging.Handler):
+    """Calls ``action`` once, when a log message starting with ``prefix`` is emitted."""
+
+    def __init__(self, prefix: str, action) -> None:
+        super().__init__(logging.INFO)
+        self.prefix, self.action, self.fired = prefix, action, False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.fired and record.getMessage().startswith(self.prefix):
+            self.fired = True
+            self.action()
+
+
+def test_outputs_are_recomputed_from_the_log_when_the_groups_are_gone(pbmc3500, caplog):
+    """An output chunk is a function of the chunk's PCs and the correction log: what dask recomputes
+    after losing it equals what the group gave."""
+    z, meta, _ = pbmc3500
+    res = sd.harmonize(da.from_array(z, chunks=(1200, -1)), meta, "donor", max_iter_harmony=3, seed=2)
+    r = res.R.compute()
+    res._groups = None
+    gc.collect()
+    with caplog.at_level(logging.INFO, logger="symphony_dask"):
+        again = res.R.compute()
+    assert "replaying 3 correction(s)" in caplog.text
+    np.testing.assert_array_equal(again, r)
 
 
 def test_workers_with_less_memory_than_r_integrate_by_chunks():
@@ -118,17 +214,25 @@ def test_lisi_counts_mixed_categories():
     assert mixed.mean() > 1.8 and separated.max() < 1.0001
 
 
-def test_steps_leave_the_state_unchanged(pbmc3500):
+def test_a_correction_is_applied_once(pbmc3500):
+    """A piece's correction is a pure function; a group applies correction v once, and a repeated
+    request (a step redone after another group was lost) returns the same result."""
     z, _, _ = pbmc3500
-    state = HarmonyChunk.create(z[:500], np.zeros(500, dtype=int), 0, 1, 4, key=1)
+    spec = RunSpec(n_patterns=1, n_blocks=4, key=1, sigma=0.1)
     y = np.linalg.qr(np.random.default_rng(0).normal(size=(30, 30)))[0][:, :5]
-    before = state.z_corr.copy()
-    penalties = np.ones((4, 1, 5))
-    first = state.correct(np.full((1, 5, 30), 0.1), y, 0.1, penalties, final=True)
-    again = state.correct(np.full((1, 5, 30), 0.1), y, 0.1, penalties, final=True)
-    np.testing.assert_array_equal(state.z_corr, before)
-    np.testing.assert_array_equal(first.state.z_corr, again.state.z_corr)
-    np.testing.assert_array_equal(first.result, again.result)
+    step = CorrectionStep(y, np.ones((4, 1, 5)), np.full((1, 5, 30), 0.1), final=True)
+    piece = Piece.create(z[:500], np.zeros(500, dtype=int), 0, spec)
+    before = piece.z_corr.copy()
+    first, again = piece.corrected_state(step, 0.1), piece.corrected_state(step, 0.1)
+    np.testing.assert_array_equal(piece.z_corr, before)
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a, b)
+    group = ChunkGroup(None, [(0, 0, z[:500], np.zeros(500, dtype=int))], spec, n_threads=2)
+    sums = group.correct(1, step)
+    np.testing.assert_array_equal(group.correct(1, step), sums)
+    np.testing.assert_array_equal(group.output(0, "corrected")[piece.perm], first[0])
+    with pytest.raises(RuntimeError, match="correction 3 cannot follow correction 1"):
+        group.correct(3, step)
 
 
 def test_single_level_batch_falls_back_to_soft_kmeans(pbmc3500):

@@ -12,7 +12,8 @@ import scipy.sparse as sp
 from symphony_dask.annotate import majority_vote
 from symphony_dask.checks import count_bad_values
 from symphony_dask.chunked import map_reduce, map_rows, tree_reduce
-from symphony_dask.harmony import cosine_normalize, harmonize, soft_assign
+from symphony_dask.harmony import harmonize
+from symphony_dask.harmony_kernels import cosine_normalize, soft_assign
 from symphony_dask.kmeans import kmeans
 from symphony_dask.mapping import query_design
 from symphony_dask.mixture import apply_batch_terms, make_design, ridge_statistics, ridge_system, solve_batch_terms

@@ -1,0 +1,337 @@
+"""The Harmony driver: harmony 0.1's loop over chunk groups that hold the cells.
+
+Start: seeded k-means on ``Z_cos`` (:mod:`symphony_dask.kmeans`), then ``R = softmax(-dist / sigma)``.
+One Harmony iteration is maximum-diversity soft k-means until its objective settles (window of 3,
+``epsilon_cluster``), then the mixture-of-experts ridge correction of ``Z``. Each clustering
+iteration recomputes ``Y`` from ``Z_cos`` and ``R`` and updates ``R`` block by block (5% of cells per
+block) in a seeded order, with O and E refreshed between blocks and the diversity penalty
+``((E + 1) / (O + 1)) ** theta`` of harmony 0.1. Harmony stops when its objective improves by
+less than ``epsilon_harmony`` (relative).
+
+The driver holds only what does not grow with the cells: ``Y``, the pattern sums ``S`` per block
+(from which O and E follow), the ridge systems, the objective history and the log of correction
+steps. The cells stay with the chunk groups (:mod:`symphony_dask.harmony_groups`): in this
+process, or on the workers of a distributed cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+
+from . import harmony_groups
+from .chunked import fold
+from .harmony_chunk import CorrectionStep, IterationSums, RunSpec, chunk_output
+from .harmony_groups import GroupsLost, LocalGroups, local_threads
+from .harmony_kernels import PenaltyTerms, cosine_normalize, cross_entropy
+from .kmeans import SEED_SAMPLE_PER_CLUSTER, kmeans
+from .mixture import Design, ridge_system, solve_batch_terms
+from .timing import timed
+
+logger = logging.getLogger("symphony_dask")
+
+#: Objective window of the clustering convergence test (harmony 0.1).
+WINDOW = 3
+#: Times a run rebuilds lost groups before it gives up.
+MAX_RECOVERIES = 10
+
+
+class HarmonyResult:
+    """Output of :func:`~symphony_dask.harmonize`.
+
+    Attributes
+    ----------
+    Z_corr
+        Corrected embedding (cells x d); a dask array with the row chunks of a dask input.
+    R
+        Soft cluster assignments (cells x k) after the last clustering iteration, rows sum to one;
+        chunked like ``Z_corr``. Harmony never stores them for all cells: they are recomputed from
+        the embedding, the centroids and the block penalties when first asked for.
+    centroids
+        Harmony's final L2-normalized centroids ``Y`` (d x k).
+    n_iter
+        Harmony iterations run.
+    objective
+        Objective after the initialization and after each iteration's clustering.
+    converged
+        Whether the Harmony objective met ``epsilon_harmony`` before ``max_iter_harmony``.
+    timings_s
+        Wall time of the k-means start, the clustering and the correction.
+    """
+
+    def __init__(self, Z_corr, R, centroids, n_iter, objective, converged, timings_s, groups=None) -> None:
+        self.Z_corr = Z_corr
+        self._R = R
+        self.centroids = centroids
+        self.n_iter = n_iter
+        self.objective = objective
+        self.converged = converged
+        self.timings_s = timings_s
+        self._groups = groups  # keeps the chunk groups (and so a cheap R) alive with the result
+
+    @property
+    def R(self) -> np.ndarray | da.Array:
+        if callable(self._R):
+            self._R = self._R()
+        return self._R
+
+    def __repr__(self) -> str:
+        return (f"HarmonyResult({self.Z_corr.shape[0]} cells, k={self.centroids.shape[1]}, n_iter={self.n_iter}, "
+                f"converged={self.converged})")
+
+
+@dataclass
+class _Iteration:
+    """What the driver keeps of a clustering iteration: its sums and the centroids ``y`` it used."""
+
+    sums: IterationSums
+    y: np.ndarray
+
+
+class HarmonyRun:
+    """One Harmony (or soft k-means) run over the chunks of ``Z``.
+
+    Parameters
+    ----------
+    Z
+        Cells x d, NumPy or dask.
+    design
+        The cells' batch design (patterns and each cell's pattern code).
+    pr_b, theta_b
+        Batch proportions and per-batch diversity penalty (empty without batch variables).
+    n_clusters, sigma, seed, n_blocks
+        Harmony's settings.
+    chunk_size
+        Cells per chunk (``None``: the chunks of a dask ``Z``; one chunk for NumPy on threads).
+    """
+
+    def __init__(self, Z: np.ndarray | da.Array, design: Design, pr_b: np.ndarray, theta_b: np.ndarray, *,
+                 n_clusters: int, sigma: float, seed: int, n_blocks: int, chunk_size: int | None) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.n, self.d = int(Z.shape[0]), int(Z.shape[1])
+        self.k = n_clusters
+        self.sigma = float(sigma)
+        self.n_blocks = n_blocks
+        self.design = design
+        self.terms = PenaltyTerms(design.patterns, pr_b, theta_b)
+        self.spec = RunSpec(len(design.patterns), n_blocks, int(self.rng.integers(2**62)), self.sigma)
+        self.lazy = isinstance(Z, da.Array)
+        self.log: list[CorrectionStep] = []
+        self.timings: dict[str, float] = {}
+        self._iterations = 0
+        codes = design.codes.astype(np.min_scalar_type(max(len(design.patterns) - 1, 0)))
+        client = _distributed_client()
+        if client is None:
+            self._set_local(Z, codes, chunk_size)
+        else:
+            self._set_cluster(client, Z, codes, chunk_size)
+        n_bad = sum(self._attempt(self.groups.call, "n_nonfinite"))
+        if n_bad:
+            raise ValueError(f"Z holds {n_bad} NaN or infinite value(s); Harmony needs finite PCs")
+
+    # -- where the chunks live -----------------------------------------------------------------------
+
+    def _set_local(self, Z, codes: np.ndarray, chunk_size: int | None) -> None:
+        if self.lazy:
+            Z = Z.rechunk({0: chunk_size, 1: -1}) if chunk_size else Z.rechunk({1: -1})
+            sizes = Z.chunks[0]
+            blocks = dask.compute(*Z.to_delayed().ravel())
+        else:
+            Z = np.asarray(Z, dtype=np.float64)
+            step = chunk_size or max(len(Z), 1)
+            sizes = tuple(min(step, len(Z) - a) for a in range(0, len(Z), step))
+            offsets = np.cumsum((0,) + sizes[:-1])
+            blocks = [Z[a : a + s] for a, s in zip(offsets, sizes)]
+        self.sizes, self.offsets = tuple(int(s) for s in sizes), np.cumsum((0,) + tuple(sizes[:-1]))
+        self.codes = [codes[a : a + s] for a, s in zip(self.offsets, self.sizes)]
+        self.z_chunks: list[Any] = list(blocks)
+        chunks = [(i, int(a), z, c) for i, (a, z, c) in enumerate(zip(self.offsets, self.z_chunks, self.codes))]
+        self.groups: LocalGroups | harmony_groups.ClusterGroups = LocalGroups(chunks, self.spec, local_threads())
+
+    def _set_cluster(self, client, Z, codes: np.ndarray, chunk_size: int | None) -> None:
+        from distributed import futures_of
+
+        if not self.lazy:
+            Z = da.from_array(np.asarray(Z, dtype=np.float64), chunks=(chunk_size or max(self.n, 1), -1))
+        elif chunk_size:
+            Z = Z.rechunk({0: chunk_size, 1: -1})
+        else:
+            Z = Z.rechunk({1: -1})
+        workers = len(client.scheduler_info(n_workers=-1)["workers"]) or 1
+        wanted = min(workers, max(1, self.n // harmony_groups.MIN_GROUP_CELLS))
+        if chunk_size is None and Z.numblocks[0] < wanted:  # one chunk per group at least
+            Z = Z.rechunk({0: -(-self.n // wanted)})
+        Z = Z.astype(np.float64).persist()
+        by_key = {f.key: f for f in futures_of(Z)}
+        self.sizes = tuple(int(s) for s in Z.chunks[0])
+        self.offsets = np.cumsum((0,) + self.sizes[:-1])
+        self.codes = [codes[a : a + s] for a, s in zip(self.offsets, self.sizes)]
+        self.z_chunks = [by_key[key] for key in (k[0] if isinstance(k, list) else k for k in Z.__dask_keys__())]
+        chunks = [(i, int(a), f, c) for i, (a, f, c) in enumerate(zip(self.offsets, self.z_chunks, self.codes))]
+        self.groups = harmony_groups.ClusterGroups(client, chunks, self.sizes, self.spec)
+        self.client = client
+
+    def _attempt(self, step, *args: Any) -> Any:
+        """Run a step; if groups were lost with their workers, rebuild them and run it again."""
+        for attempt in range(MAX_RECOVERIES + 1):
+            try:
+                return step(*args)
+            except GroupsLost as lost:
+                if attempt == MAX_RECOVERIES:
+                    raise RuntimeError(f"Harmony lost workers {MAX_RECOVERIES + 1} times in one step; giving up") from lost
+                self.groups.recover(lost.slots, self.log)
+        raise AssertionError("unreachable")
+
+    # -- start ---------------------------------------------------------------------------------------
+
+    def _kmeans_start(self, n_init: int, max_iter: int = 25) -> np.ndarray:
+        """Seeded k-means on Z_cos: best of ``n_init`` starts (k-means++ then Lloyd) on a seeded sample
+        of at most 256 cells per cluster, drawn by global cell index; all cells when there are fewer.
+
+        The sample bounds the start's cost; the full data enter at once through Harmony's first
+        clustering iteration, which recomputes the centroids from all cells.
+        """
+        m = min(self.n, SEED_SAMPLE_PER_CLUSTER * self.k)
+        index = np.sort(self.rng.choice(self.n, m, replace=False)) if m < self.n else np.arange(self.n)
+        sample = np.concatenate(self._attempt(self.groups.call, "take", index))
+        return kmeans(sample, self.k, n_init=n_init, max_iter=max_iter, seed=int(self.rng.integers(2**31)))
+
+    def _start(self, n_init: int) -> tuple[np.ndarray, _Iteration]:
+        with timed(self.timings, "start"):
+            y0 = cosine_normalize(self._kmeans_start(n_init).T, axis=0)
+            parts = self._attempt(self.groups.call, "initial_sums", y0)
+        block_s = fold(_add, *(p[0] for p in parts))
+        logz = fold(_add, *(p[1] for p in parts))
+        centroid_sums = fold(_add, *(p[2] for p in parts))
+        it = _Iteration(IterationSums(block_s, np.ones_like(block_s), 0.0, logz, centroid_sums), y0)
+        return cosine_normalize(centroid_sums, axis=0), it
+
+    # -- iterations ----------------------------------------------------------------------------------
+
+    def _objective(self, it: _Iteration) -> float:
+        """k-means error + sigma-weighted entropy + diversity cross-entropy (harmony 0.1)."""
+        s = it.sums
+        kmeans_error = 2.0 * self.n - 2.0 * float((it.y * s.centroid_sums).sum())
+        entropy = self.sigma * (s.logw - s.logz) - kmeans_error
+        cross = cross_entropy(s.block_s.sum(axis=0), self.terms.patterns, self.terms.pr_b, self.terms.theta, self.sigma)
+        return kmeans_error + entropy + cross
+
+    def _cluster_iteration(self, y: np.ndarray, block_s: np.ndarray) -> _Iteration:
+        """One clustering iteration: blocks in a seeded order, each updated in every group."""
+        order = self.rng.permutation(self.n_blocks).tolist()
+        self._iterations += 1
+        sums = self._attempt(self.groups.cluster_iteration, self._iterations, order, y, block_s, self.terms)
+        return _Iteration(sums, y)
+
+    def _correct(self, ridge_penalty: np.ndarray, it: _Iteration, final: bool) -> np.ndarray:
+        """Ridge correction of every chunk; returns the new centroids ``Y``."""
+        parts = self._attempt(self.groups.call, "ridge_sums", it.y, it.sums.penalties)
+        s, t = fold(_add, *(p[0] for p in parts)), fold(_add, *(p[1] for p in parts))
+        w = solve_batch_terms(*ridge_system(s, t, self.design.patterns), ridge_penalty)
+        step = CorrectionStep(it.y, it.sums.penalties, np.einsum("pa,kad->pkd", self.design.patterns, w), final)
+        self.log.append(step)
+        centroid_sums = fold(_add, *self._attempt(self.groups.call, "correct", len(self.log), step))
+        return cosine_normalize(centroid_sums, axis=0)
+
+    def harmony(self, ridge_penalty: np.ndarray, **settings: Any) -> HarmonyResult:
+        try:
+            return self._harmony(ridge_penalty, **settings)
+        finally:
+            self.groups.finish()
+
+    def soft_kmeans(self, n_init: int, max_iter: int) -> HarmonyResult:
+        try:
+            return self._soft_kmeans(n_init, max_iter)
+        finally:
+            self.groups.finish()
+
+    def _harmony(self, ridge_penalty: np.ndarray, *, n_init: int, max_iter_harmony: int, max_iter_cluster: int,
+                 epsilon_cluster: float, epsilon_harmony: float) -> HarmonyResult:
+        y, it = self._start(n_init)
+        obj_kmeans = [self._objective(it)]
+        obj_harmony = [obj_kmeans[-1]]
+        converged, n_iter = False, 0
+        for n_iter in range(1, max_iter_harmony + 1):
+            with timed(self.timings, "clustering"):
+                for i in range(max_iter_cluster):
+                    it = self._cluster_iteration(y, it.sums.block_s)
+                    y = cosine_normalize(it.sums.centroid_sums, axis=0)
+                    obj_kmeans.append(self._objective(it))
+                    if i > WINDOW and _window_converged(obj_kmeans, epsilon_cluster):
+                        break
+            obj_harmony.append(obj_kmeans[-1])
+            old, new = obj_harmony[-2], obj_harmony[-1]
+            converged = (old - new) / abs(old) < epsilon_harmony
+            logger.info("Harmony iteration %d: objective %.6g", n_iter, new)
+            with timed(self.timings, "correction"):
+                y = self._correct(ridge_penalty, it, final=converged or n_iter == max_iter_harmony)
+            if converged:
+                break
+        return self._result(it, n_iter, obj_harmony, converged)
+
+    def _soft_kmeans(self, n_init: int, max_iter: int) -> HarmonyResult:
+        y, it = self._start(n_init)
+        with timed(self.timings, "clustering"):
+            for _ in range(max_iter - 1):
+                it = self._cluster_iteration(y, it.sums.block_s)
+                y = cosine_normalize(it.sums.centroid_sums, axis=0)
+        result = self._result(it, 0, [self._objective(it)], True)
+        result.centroids = y  # R Symphony's soft_kmeans returns the centroids of the final R
+        return result
+
+    # -- outputs -------------------------------------------------------------------------------------
+
+    def _outputs(self, what: str, width: int, *args: Any) -> da.Array:
+        """A per-cell output as a dask array over the chunks: each chunk taken from its group, or
+        recomputed from its PCs and the log if the group is gone (see
+        :func:`~symphony_dask.harmony_chunk.chunk_output`)."""
+        log = dask.delayed(list(self.log), traverse=False)
+        parts = []
+        for i, (a, s) in enumerate(zip(self.offsets, self.sizes)):
+            group_id, worker = self.groups.location(i)
+            z = dask.delayed(self.z_chunks[i]) if self.lazy or worker else self.z_chunks[i]
+            with dask.annotate(**({"workers": [worker], "allow_other_workers": True} if worker else {})):
+                part = dask.delayed(chunk_output, pure=False)(z, self.codes[i], int(a), i, self.spec, log, group_id,
+                                                             what, *args)
+            parts.append(da.from_delayed(part, shape=(s, width), dtype=np.float64))
+        return da.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+
+    def _result(self, it: _Iteration, n_iter: int, objective: list[float], converged: bool) -> HarmonyResult:
+        assignments = self._outputs("assignments", self.k, it.y, it.sums.penalties)
+        if isinstance(self.groups, LocalGroups):
+            group = self.groups.group
+            z_corr = np.concatenate([group.output(i, "corrected") for i in range(len(self.sizes))])
+            if self.lazy:
+                z_corr = da.from_array(z_corr, chunks=(self.sizes, self.d))
+        else:
+            z_corr = self._outputs("corrected", self.d)
+            z_corr = z_corr.persist(optimize_graph=False) if self.lazy else z_corr.compute(optimize_graph=False)
+        r = assignments if self.lazy else (lambda: assignments.compute(optimize_graph=False))
+        return HarmonyResult(z_corr, r, it.y, n_iter, objective, converged, dict(self.timings), self.groups)
+
+
+def _add(a: Any, b: Any) -> Any:
+    return a + b
+
+
+def _window_converged(obj: list[float], epsilon: float) -> bool:
+    old = sum(obj[-2 - i] for i in range(WINDOW))
+    new = sum(obj[-1 - i] for i in range(WINDOW))
+    return (old - new) / abs(old) < epsilon
+
+
+def _distributed_client():
+    """The active distributed client, or ``None`` (dask's local schedulers)."""
+    try:
+        from distributed import default_client
+    except ImportError:
+        return None
+    try:
+        return default_client()
+    except ValueError:
+        return None

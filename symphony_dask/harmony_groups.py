@@ -1,0 +1,401 @@
+"""How the Harmony driver reaches its chunk groups: one group in this process, or one group per
+worker of a distributed cluster, kept there as a dask actor and called directly.
+
+Harmony's clustering visits 20 blocks per iteration, each a reduction across all cells followed by
+a new penalty. Through the scheduler, each block was a barrier of the task graph (a scheduler
+round trip per block, thousands per run). Here the chunks stay with the groups for the whole run
+and the driver talks to the groups without the scheduler: with one group (the threaded scheduler,
+or a cluster whose data fit one worker) a clustering iteration is one call; with several, a
+block is one direct call to each group's worker, while the groups compute the heavy half of the
+next block in the background (see :class:`~symphony_dask.harmony_chunk.ChunkGroup`).
+
+A worker lost during the run takes its group with it: the driver raises :class:`GroupsLost`, and
+:meth:`ClusterGroups.recover` creates the group again on a live worker (dask recomputes the
+chunks' PCs from their lineage if they were lost too) and replays the corrections so far, after
+which the step is repeated. Every sum is folded in chunk order, so the result is the same bit for
+bit as without the loss.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import dask
+import numpy as np
+
+from .chunked import fold
+from .harmony_channel import TOKEN_BYTES, Channel, serve
+from .harmony_chunk import BlockResult, ChunkGroup, CorrectionStep, IterationSums, RunSpec, block_steps
+from .harmony_kernels import PenaltyTerms
+
+logger = logging.getLogger("symphony_dask")
+
+#: Fewest cells per group on a cluster: below it, one more worker costs more in block round trips
+#: than it saves in work (measured on a 2-process LocalCluster).
+MIN_GROUP_CELLS = 50_000
+#: Seconds to wait for a live worker when groups must be rebuilt.
+RECOVERY_TIMEOUT = 120.0
+#: Seconds to wait for a lost worker's replacement (a nanny restarts it) before using the others.
+REPLACEMENT_WAIT = 10.0
+
+
+class GroupsLost(Exception):
+    """Groups (by slot) whose worker was lost during a step."""
+
+    def __init__(self, slots: list[int], causes: list[BaseException]) -> None:
+        super().__init__(f"lost the chunk groups in slots {slots}: {causes[0]!r}")
+        self.slots = slots
+        self.causes = causes
+
+
+def _add(a: Any, b: Any) -> Any:
+    return a + b
+
+
+class LocalGroups:
+    """All chunks in one group in this process, worked on by ``n_threads`` threads."""
+
+    def __init__(self, chunks: Sequence[tuple[int, int, np.ndarray, np.ndarray]], spec: RunSpec, n_threads: int) -> None:
+        self.group = ChunkGroup(f"harmony-{uuid.uuid4().hex}", chunks, spec, n_threads)
+
+    def __len__(self) -> int:
+        return 1
+
+    def call(self, method: str, *args: Any) -> list[Any]:
+        return [getattr(self.group, method)(*args)]
+
+    def cluster_iteration(self, number: int, order: list[int], y: np.ndarray, block_s: np.ndarray,
+                          terms: PenaltyTerms) -> IterationSums:
+        return self.group.cluster_iteration(number, order, y, block_s, terms)
+
+    def location(self, chunk: int) -> tuple[str, str | None]:
+        return self.group.group_id, None
+
+    def finish(self) -> None:  # nothing between groups to close
+        pass
+
+    def recover(self, slots: list[int], log: Sequence[CorrectionStep]) -> None:  # nothing to lose here
+        raise RuntimeError("a group in this process cannot be lost")
+
+
+class ActorChunkGroup(ChunkGroup):
+    """A :class:`ChunkGroup` living on a worker as a dask actor.
+
+    The group in the first slot leads each clustering iteration (:meth:`lead_iteration`): it runs the
+    block loop on its worker's event loop and sends each block to its peers over a
+    :class:`~symphony_dask.harmony_channel.Channel` (or dask's RPC where the cluster's comms are not
+    plain TCP), so a block costs one message to each peer and back, and the client one call per
+    iteration.
+    """
+
+    _server: asyncio.AbstractServer | None = None
+    _channels: dict[int, Channel] | None = None
+
+    async def update_block_async(self, number: int, position: int, penalty: np.ndarray,
+                                 start: tuple[np.ndarray, Sequence[int]] | None = None) -> BlockResult:
+        """:meth:`~ChunkGroup.update_block`, waiting on the event loop instead of in a thread."""
+        await _all(self.block_prepared(number, position, start))
+        s = fold(_add, *await _all(self.weigh_block(penalty)))
+        if not self.after_block():
+            return BlockResult(s, None)
+        await _all([tail for tail in self._tails if tail is not None])
+        return BlockResult(s, self._end())
+
+    async def _channel_block(self, number: int, position: int, penalty: np.ndarray, start) -> tuple:
+        result = await self.update_block_async(number, position, penalty, start)
+        return result.s, result.end
+
+    async def open_channel(self, token: bytes) -> tuple[str, int] | None:
+        """Listen for the leader's channel (see :mod:`symphony_dask.harmony_channel`); the endpoint,
+        or ``None`` where the worker's comms are not plain TCP."""
+        from distributed import get_worker
+
+        scheme, _, location = get_worker().address.partition("://")
+        if scheme != "tcp":
+            return None
+        await self.close_channel()
+        host = location.rsplit(":", 1)[0].strip("[]")
+        self._server = await serve(host, token, self._channel_block)
+        return host, int(self._server.sockets[0].getsockname()[1])
+
+    async def close_channel(self) -> None:
+        """Stop listening, and close this group's connections to its peers."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for channel in (self._channels or {}).values():
+            channel.close()
+        self._channels = None
+
+    async def lead_iteration(self, number: int, order: list[int], y: np.ndarray, block_s: np.ndarray,
+                             terms: PenaltyTerms, peers: list[Any], endpoints: list[tuple[str, int] | None],
+                             token: bytes) -> IterationSums | _Lost:
+        """A whole clustering iteration over this group (slot 0) and its ``peers`` (slots 1, 2, ...),
+        reached at ``endpoints`` (``None``: through dask's RPC); a :class:`_Lost` naming the slots of
+        peers that could not be reached."""
+        if self._channels is None:
+            self._channels = {}
+        steps = block_steps(order, y, block_s, terms)
+        request = next(steps)
+        while True:
+            position, penalty, start = request
+            wire = None if start is None else (start[0], np.asarray(start[1], dtype=np.int64))
+            calls = [self.update_block_async(number, position, penalty, start)]
+            calls += [self._peer_block(slot, peer, endpoint, token, number, position, penalty, wire)
+                      for slot, (peer, endpoint) in enumerate(zip(peers, endpoints), start=1)]
+            parts = await asyncio.gather(*calls)
+            lost = [slot for slot, r in enumerate(parts) if isinstance(r, _Lost)]
+            if lost:
+                for slot in lost:
+                    channel = self._channels.pop(slot, None)
+                    if channel is not None:
+                        channel.close()
+                return _Lost(parts[lost[0]].cause, lost)
+            try:
+                request = steps.send(parts)
+            except StopIteration as done:
+                return done.value
+
+    async def _peer_block(self, slot: int, peer: Any, endpoint: tuple[str, int] | None, token: bytes,
+                          *request: Any) -> BlockResult | _Lost:
+        if endpoint is None:
+            return await _peer_call(peer, "update_block_async", *request)
+        try:
+            channel = self._channels.get(slot)
+            if channel is None or channel.endpoint != tuple(endpoint):
+                channel = self._channels[slot] = await Channel.open(tuple(endpoint), token)
+            s, end = await channel.call(*request)
+        except (OSError, asyncio.IncompleteReadError) as err:  # ConnectionError is an OSError
+            return _Lost(err)
+        return BlockResult(s, end)
+
+
+async def _all(futures: list) -> list:
+    return await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+
+
+async def _peer_call(peer: Any, method: str, *args: Any) -> Any:
+    from distributed import get_worker
+    from distributed.protocol import to_serialize
+    try:
+        worker = get_worker()
+        response = await worker.rpc(peer._address).actor_execute(
+            function=method, actor=peer.key, args=[to_serialize(a) for a in args], kwargs={})
+        if response["status"] != "OK":
+            raise response["exception"]
+        return response["result"]
+    except Exception as err:
+        if _is_lost(err):
+            return _Lost(err)
+        raise
+
+
+class ClusterGroups:
+    """One group per worker (at most one per :data:`MIN_GROUP_CELLS` cells), each holding a
+    contiguous run of chunks, as dask actors called from the client's event loop.
+
+    Parameters
+    ----------
+    client
+        The distributed client.
+    chunks
+        Per chunk: (index, global offset, future of its PCs, pattern codes).
+    sizes
+        Cells per chunk.
+    spec
+        What the run's pieces share.
+    """
+
+    def __init__(self, client, chunks: Sequence[tuple[int, int, Any, np.ndarray]], sizes: Sequence[int],
+                 spec: RunSpec) -> None:
+        self.client = client
+        self.chunks = list(chunks)
+        self.spec = spec
+        workers = client.scheduler_info(n_workers=-1)["workers"]
+        if not workers:
+            client.wait_for_workers(1, timeout=RECOVERY_TIMEOUT)
+            workers = client.scheduler_info(n_workers=-1)["workers"]
+        n_groups = max(1, min(len(workers), sum(sizes) // MIN_GROUP_CELLS, len(sizes)))
+        self.n_workers = len(workers)
+        self.slots = _contiguous_runs(sizes, n_groups)
+        self.workers = _place(self.slots, [c[2] for c in self.chunks], sizes, workers, client)
+        self.ids: list[str] = [""] * n_groups
+        self.futures: list[Any] = [None] * n_groups
+        self.actors: list[Any] = [None] * n_groups
+        for slot in range(n_groups):
+            self._create(slot, workers)
+        for slot, future in enumerate(self.futures):
+            self.actors[slot] = future.result()
+        self.token = secrets.token_bytes(TOKEN_BYTES)
+        self.endpoints: list[tuple[str, int] | None] = [None] * n_groups
+        self._open_channels(range(1, n_groups))
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def _create(self, slot: int, workers: dict[str, dict]) -> None:
+        address = self.workers[slot]
+        self.ids[slot] = f"harmony-{uuid.uuid4().hex}"
+        self.futures[slot] = self.client.submit(
+            ActorChunkGroup, self.ids[slot], [self.chunks[i] for i in self.slots[slot]], self.spec,
+            workers[address]["nthreads"], actor=True, workers=[address], allow_other_workers=False,
+            pure=False, key=self.ids[slot],
+        )
+
+    # -- calls -------------------------------------------------------------------------------------
+
+    async def _call(self, slot: int, method: str, *args: Any) -> Any:
+        try:
+            return await getattr(self.actors[slot], method)(*args)
+        except Exception as err:
+            if _is_lost(err):
+                return _Lost(err)
+            raise
+
+    async def call_all(self, method: str, *args: Any) -> list[Any]:
+        """``method(*args)`` on every group; results in slot order."""
+        results = await asyncio.gather(*(self._call(s, method, *args) for s in range(len(self))))
+        lost = [s for s, r in enumerate(results) if isinstance(r, _Lost)]
+        if lost:
+            raise GroupsLost(lost, [results[s].cause for s in lost])
+        return results
+
+    def call(self, method: str, *args: Any) -> list[Any]:
+        return self.client.sync(self.call_all, method, *args)
+
+    def cluster_iteration(self, number: int, order: list[int], y: np.ndarray, block_s: np.ndarray,
+                          terms: PenaltyTerms) -> IterationSums:
+        """One clustering iteration: one call to the group of slot 0, which leads the others."""
+        if len(self) == 1:
+            return self.call("cluster_iteration", number, order, y, block_s, terms)[0]
+        result = self.client.sync(self._call, 0, "lead_iteration", number, order, y, block_s, terms, self.actors[1:],
+                                  self.endpoints[1:], self.token)
+        if isinstance(result, _Lost):
+            raise GroupsLost(result.slots, [result.cause])
+        return result
+
+    def _open_channels(self, slots) -> None:
+        slots = [s for s in slots if s > 0]
+        if slots:
+            self.endpoints = list(self.endpoints)
+            for slot, endpoint in zip(slots, self.client.sync(self._open, slots)):
+                self.endpoints[slot] = None if isinstance(endpoint, _Lost) else endpoint
+
+    async def _open(self, slots: list[int]) -> list[Any]:
+        return await asyncio.gather(*(self._call(s, "open_channel", self.token) for s in slots))
+
+    def finish(self) -> None:
+        """Close the channels between the groups (the groups themselves stay for the outputs)."""
+        self.client.sync(self.call_all_quietly, "close_channel")
+
+    async def call_all_quietly(self, method: str) -> None:
+        await asyncio.gather(*(self._call(s, method) for s in range(len(self))), return_exceptions=True)
+
+    # -- placement and recovery ----------------------------------------------------------------------
+
+    def location(self, chunk: int) -> tuple[str, str]:
+        """The id and worker of the group holding ``chunk``."""
+        slot = next(s for s, members in enumerate(self.slots) if chunk in members)
+        return self.ids[slot], self.workers[slot]
+
+    def recover(self, slots: list[int], log: Sequence[CorrectionStep]) -> None:
+        """Create the groups of ``slots`` again on live workers and replay ``log`` on them."""
+        try:  # a nanny restarts a killed worker within seconds: wait a little for it
+            self.client.wait_for_workers(self.n_workers, timeout=REPLACEMENT_WAIT)
+        except (TimeoutError, asyncio.TimeoutError):
+            pass
+        try:
+            self.client.wait_for_workers(1, timeout=RECOVERY_TIMEOUT)
+        except (TimeoutError, asyncio.TimeoutError) as err:
+            raise RuntimeError(
+                f"Harmony lost {len(slots)} worker(s) and no worker came back within {RECOVERY_TIMEOUT:.0f} s; "
+                "check the cluster (its workers may have run out of memory: try a smaller chunk_size)"
+            ) from err
+        workers = self.client.scheduler_info(n_workers=-1)["workers"]
+        for slot in slots:
+            self.futures[slot].release()
+            taken = {self.workers[s] for s in range(len(self)) if s not in slots}
+            free = sorted(set(workers) - taken) or sorted(workers)
+            self.workers[slot] = free[0]
+            self._create(slot, workers)
+            logger.warning("Harmony: chunk group %d lost with its worker; rebuilt on %s from the PCs and "
+                           "%d correction(s)", slot, self.workers[slot], len(log))
+        for slot in slots:
+            self.actors[slot] = self.futures[slot].result()
+        results = self.client.sync(self._replay, slots, list(log))
+        lost = [s for s, r in zip(slots, results) if isinstance(r, _Lost)]
+        if lost:
+            raise GroupsLost(lost, [r.cause for r in results if isinstance(r, _Lost)])
+        self._open_channels(slots)
+
+    async def _replay(self, slots: list[int], log: list[CorrectionStep]) -> list[Any]:
+        return await asyncio.gather(*(self._call(s, "replay", log) for s in slots))
+
+
+class _Lost:
+    """A call that could not reach its group's worker (``slots``: the groups lost, where known)."""
+
+    def __init__(self, cause: BaseException, slots: list[int] | None = None) -> None:
+        self.cause = cause
+        self.slots = slots or [0]
+
+
+def _is_lost(err: BaseException) -> bool:
+    """Whether a failed actor call means that the actor's worker is gone."""
+    if isinstance(err, OSError):  # includes distributed's CommClosedError
+        return True
+    if isinstance(err, RuntimeError) and "Actor was lost" in str(err):
+        return True
+    return isinstance(err, KeyError) and str(err).strip("'\"").startswith("harmony-")
+
+
+def _contiguous_runs(sizes: Sequence[int], n_groups: int) -> list[list[int]]:
+    """Split chunk indices into ``n_groups`` contiguous runs of nearly equal cell counts."""
+    ends = np.cumsum(sizes)
+    total = int(ends[-1])
+    runs: list[list[int]] = []
+    start = 0
+    for g in range(n_groups):
+        if g == n_groups - 1:
+            stop = len(sizes)
+        else:
+            target = total * (g + 1) / n_groups
+            stop = int(np.argmin(np.abs(ends - target))) + 1
+            stop = min(max(stop, start + 1), len(sizes) - (n_groups - g - 1))
+        runs.append(list(range(start, stop)))
+        start = stop
+    return runs
+
+
+def _place(slots: list[list[int]], futures: list[Any], sizes: Sequence[int], workers: dict[str, dict],
+           client) -> list[str]:
+    """A distinct worker per slot, preferring the worker that already holds most of its cells."""
+    who_has = client.who_has(futures)
+    free = sorted(workers)
+    chosen = []
+    for slot in slots:
+        held = dict.fromkeys(free, 0)
+        for i in slot:
+            for address in who_has.get(futures[i].key, ()):
+                if address in held:
+                    held[address] += sizes[i]
+        best = max(free, key=lambda a: (held[a], workers[a]["nthreads"], -free.index(a)))
+        chosen.append(best)
+        free.remove(best)
+    return chosen
+
+
+def local_threads() -> int:
+    """Threads for a group in this process: dask's ``num_workers``, one for its synchronous
+    scheduler, else the number of CPUs."""
+    import os
+
+    scheduler = dask.config.get("scheduler", None)
+    if scheduler in ("sync", "synchronous", "single-threaded"):
+        return 1
+    return int(dask.config.get("num_workers", None) or os.cpu_count() or 1)
