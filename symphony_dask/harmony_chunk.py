@@ -59,12 +59,13 @@ PIECE_CELLS = 32_768
 @dataclass(frozen=True)
 class RunSpec:
     """What every piece of a run shares: the number of design patterns and blocks, the block hash
-    key, and sigma."""
+    key, sigma, and what the diversity penalty depends on besides ``S``."""
 
     n_patterns: int
     n_blocks: int
     key: int
     sigma: float
+    terms: PenaltyTerms
 
 
 @dataclass(frozen=True)
@@ -247,6 +248,8 @@ class WorkPool:
 
     A block's weighing is urgent (the driver waits for its ``S``); the next block's preparation and
     the centroid sums are background work that fills the time of the reduction across groups.
+    With ``n_threads=0`` every job runs at once in the caller's thread (one piece: nothing to
+    share, and no hand-offs between threads).
     """
 
     def __init__(self, n_threads: int) -> None:
@@ -254,11 +257,20 @@ class WorkPool:
         self._background: deque = deque()
         self._ready = threading.Condition()
         self._closed = False
-        for i in range(max(1, int(n_threads))):
+        self.inline = n_threads == 0
+        for i in range(int(n_threads)):
             threading.Thread(target=self._work, name=f"symphony-harmony-{i}", daemon=True).start()
 
     def submit(self, fn: Callable[[], Any], urgent: bool = False) -> Future:
+        """Run ``fn`` in a thread of the pool (at once in this thread if the pool has none)."""
         future: Future = Future()
+        if self.inline:
+            future.set_running_or_notify_cancel()
+            try:
+                future.set_result(fn())
+            except BaseException as err:
+                future.set_exception(err)
+            return future
         with self._ready:
             (self._urgent if urgent else self._background).append((future, fn))
             self._ready.notify()
@@ -323,7 +335,7 @@ class ChunkGroup:
             self.pieces += [Piece.create(z[a:b], codes[a:b], int(offset) + a, spec) for a, b in piece_bounds(len(z))]
         self.version = 0
         self._last_centroid_sums: np.ndarray | None = None
-        self._pool = WorkPool(n_threads)
+        self._pool = WorkPool(0 if len(self.pieces) == 1 else max(1, int(n_threads)))
         weakref.finalize(self, self._pool.shutdown)
         self._tails: list[Future | None] = [None] * len(self.pieces)
         self._iteration: _Iteration | None = None
@@ -449,10 +461,10 @@ class ChunkGroup:
         self._iteration = None
         return fold(_add, *it.logz), fold(_add, *it.centroid_sums)
 
-    def cluster_iteration(self, number: int, order: Sequence[int], y: np.ndarray, block_s: np.ndarray,
-                          terms: PenaltyTerms) -> IterationSums:
+    def cluster_iteration(self, number: int, order: Sequence[int], y: np.ndarray, block_s: np.ndarray) -> IterationSums:
         """A whole clustering iteration when this group holds every cell (no reduction across groups)."""
-        return drive_blocks(list(order), y, block_s, terms, lambda *request: [self.update_block(number, *request)])
+        return drive_blocks(list(order), y, block_s, self.spec.terms,
+                            lambda *request: [self.update_block(number, *request)])
 
     # -- correction --------------------------------------------------------------------------------
 

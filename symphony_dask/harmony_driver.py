@@ -119,7 +119,7 @@ class HarmonyRun:
         self.n_blocks = n_blocks
         self.design = design
         self.terms = PenaltyTerms(design.patterns, pr_b, theta_b)
-        self.spec = RunSpec(len(design.patterns), n_blocks, int(self.rng.integers(2**62)), self.sigma)
+        self.spec = RunSpec(len(design.patterns), n_blocks, int(self.rng.integers(2**62)), self.sigma, self.terms)
         self.lazy = isinstance(Z, da.Array)
         self.log: list[CorrectionStep] = []
         self.timings: dict[str, float] = {}
@@ -225,7 +225,7 @@ class HarmonyRun:
         """One clustering iteration: blocks in a seeded order, each updated in every group."""
         order = self.rng.permutation(self.n_blocks).tolist()
         self._iterations += 1
-        sums = self._attempt(self.groups.cluster_iteration, self._iterations, order, y, block_s, self.terms)
+        sums = self._attempt(self.groups.cluster_iteration, self._iterations, order, y, block_s)
         return _Iteration(sums, y)
 
     def _correct(self, ridge_penalty: np.ndarray, it: _Iteration, final: bool) -> np.ndarray:

@@ -19,6 +19,7 @@ import symphony_dask as sd
 from symphony_dask import harmony_groups
 from symphony_dask.compression import compression_sums
 from symphony_dask.harmony_chunk import ChunkGroup, CorrectionStep, Piece, RunSpec
+from symphony_dask.harmony_kernels import PenaltyTerms
 from symphony_dask.metrics import lisi
 
 TOL = 1e-10
@@ -218,7 +219,7 @@ def test_a_correction_is_applied_once(pbmc3500):
     """A piece's correction is a pure function; a group applies correction v once, and a repeated
     request (a step redone after another group was lost) returns the same result."""
     z, _, _ = pbmc3500
-    spec = RunSpec(n_patterns=1, n_blocks=4, key=1, sigma=0.1)
+    spec = RunSpec(n_patterns=1, n_blocks=4, key=1, sigma=0.1, terms=PenaltyTerms(np.ones((1, 1)), np.array([]), np.array([])))
     y = np.linalg.qr(np.random.default_rng(0).normal(size=(30, 30)))[0][:, :5]
     step = CorrectionStep(y, np.ones((4, 1, 5)), np.full((1, 5, 30), 0.1), final=True)
     piece = Piece.create(z[:500], np.zeros(500, dtype=int), 0, spec)
