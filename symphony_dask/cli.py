@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
         with ExitStack() as stack:
             client = connect(cluster_file=args.cluster, scheduler=args.scheduler)
             if client is not None:
+                if args.cluster is not None:  # started here: its workers (SLURM jobs, pods) end with the command
+                    stack.callback(client.cluster.close)
                 stack.enter_context(client)
                 print(f"Dask dashboard: {client.dashboard_link}")
             elif not args.quiet:
