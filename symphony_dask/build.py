@@ -22,7 +22,7 @@ import numpy as np
 
 from . import __version__
 from .checks import as_key_list, check_obs_keys, check_unique_genes, raise_on_bad_values
-from .chunked import as_row_chunked, map_reduce, map_rows, one_blas_thread_per_task
+from .chunked import as_row_chunked, map_reduce, map_rows, one_blas_thread_per_task, persist_now
 from .compression import CompressionSums, compression_sums
 from .harmony import default_n_clusters, harmonize, soft_kmeans
 from .io import AnnDataLike, Expression, keep_cells, read_expression
@@ -35,8 +35,9 @@ from .variable_genes import ClippedSquares, clipped_squares, expected_variance, 
 
 logger = logging.getLogger("symphony_dask")
 
-#: Harmony runs on chunks of at least this many cells (its per-cell state is small: d + k values).
-HARMONY_CHUNK_SIZE = 100_000
+#: Harmony runs on chunks of at least this many cells (its per-cell state is small: d + k values),
+#: as many as make one chunk group per worker of a cluster (harmony_groups.MIN_GROUP_CELLS).
+HARMONY_CHUNK_SIZE = 50_000
 
 
 def build_reference(
@@ -157,7 +158,7 @@ def build_reference(
     with timed(timings, "pca"):
         loadings, singular_values, solver = fit_pca(expr.X, scaling, n_pcs, solver=pca_solver, seed=seed)
         with one_blas_thread_per_task():
-            z = map_rows(project, expr.X, n_out=n_pcs, loadings=loadings, **scaling).persist()
+            z = persist_now(map_rows(project, expr.X, n_out=n_pcs, loadings=loadings, **scaling))
 
     # data held in memory: the embedding is small and in memory too (NumPy Harmony, one chunk per
     # thread); data read from disk: it stays chunked, on the workers of a cluster
@@ -199,6 +200,7 @@ def build_reference(
         seed=seed, block_size=block_size, max_iter_cluster=max_iter_cluster, epsilon_cluster=epsilon_cluster,
         epsilon_harmony=epsilon_harmony, n_init=n_init, n_cells=n, n_variable_genes=len(chosen),
         singular_values=singular_values, pca_solver=solver, harmony_iterations=res.n_iter, harmony_converged=res.converged,
+        harmony_cluster_iterations=res.cluster_iterations,
         timings_s=timings, symphony_dask_version=__version__,
     )
     logger.info("built reference: %d cells, %d genes, stage times %s", n, len(chosen), timings)

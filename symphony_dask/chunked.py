@@ -131,6 +131,29 @@ def _call_kernel(block: Any, *rest: Any, kernel: Callable[..., np.ndarray], **kw
     return kernel(block, *rest, **kwargs)
 
 
+def distributed_client():
+    """The active ``distributed`` client, or ``None`` (dask's local schedulers)."""
+    try:
+        from distributed import default_client
+    except ImportError:
+        return None
+    try:
+        return default_client()
+    except ValueError:
+        return None
+
+
+def persist_now(x: da.Array) -> da.Array:
+    """``x.persist()``, waiting until it is done also on a distributed cluster (which persists in
+    the background), so that the work is timed in the stage that asked for it."""
+    x = x.persist()
+    if distributed_client() is not None:
+        from distributed import wait
+
+        wait(x)
+    return x
+
+
 def as_row_chunked(values: np.ndarray, like: da.Array) -> da.Array:
     """A small per-cell NumPy array (batch codes, weights) chunked like the rows of ``like``."""
     chunks = (like.chunks[0],) + tuple((s,) for s in values.shape[1:])

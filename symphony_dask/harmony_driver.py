@@ -25,7 +25,7 @@ import dask.array as da
 import numpy as np
 
 from . import harmony_groups
-from .chunked import fold
+from .chunked import distributed_client, fold
 from .harmony_chunk import CorrectionStep, IterationSums, RunSpec, chunk_output
 from .harmony_groups import GroupsLost, LocalGroups, local_threads
 from .harmony_kernels import PenaltyTerms, cosine_normalize, cross_entropy
@@ -60,12 +60,16 @@ class HarmonyResult:
         Objective after the initialization and after each iteration's clustering.
     converged
         Whether the Harmony objective met ``epsilon_harmony`` before ``max_iter_harmony``.
+    cluster_iterations
+        Clustering iterations run, over all Harmony iterations.
     timings_s
         Wall time of the k-means start, the clustering and the correction.
     """
 
-    def __init__(self, Z_corr, R, centroids, n_iter, objective, converged, timings_s, groups=None) -> None:
+    def __init__(self, Z_corr, R, centroids, n_iter, objective, converged, timings_s, groups=None,
+                 cluster_iterations: int = 0) -> None:
         self.Z_corr = Z_corr
+        self.cluster_iterations = cluster_iterations
         self._R = R
         self.centroids = centroids
         self.n_iter = n_iter
@@ -125,7 +129,7 @@ class HarmonyRun:
         self.timings: dict[str, float] = {}
         self._iterations = 0
         codes = design.codes.astype(np.min_scalar_type(max(len(design.patterns) - 1, 0)))
-        client = _distributed_client()
+        client = distributed_client()
         if client is None:
             self._set_local(Z, codes, chunk_size)
         else:
@@ -312,7 +316,8 @@ class HarmonyRun:
             z_corr = self._outputs("corrected", self.d)
             z_corr = z_corr.persist(optimize_graph=False) if self.lazy else z_corr.compute(optimize_graph=False)
         r = assignments if self.lazy else (lambda: assignments.compute(optimize_graph=False))
-        return HarmonyResult(z_corr, r, it.y, n_iter, objective, converged, dict(self.timings), self.groups)
+        return HarmonyResult(z_corr, r, it.y, n_iter, objective, converged, dict(self.timings), self.groups,
+                             self._iterations)
 
 
 def _add(a: Any, b: Any) -> Any:
@@ -323,15 +328,3 @@ def _window_converged(obj: list[float], epsilon: float) -> bool:
     old = sum(obj[-2 - i] for i in range(WINDOW))
     new = sum(obj[-1 - i] for i in range(WINDOW))
     return (old - new) / abs(old) < epsilon
-
-
-def _distributed_client():
-    """The active distributed client, or ``None`` (dask's local schedulers)."""
-    try:
-        from distributed import default_client
-    except ImportError:
-        return None
-    try:
-        return default_client()
-    except ValueError:
-        return None

@@ -110,13 +110,7 @@ class ActorChunkGroup(ChunkGroup):
         """:meth:`~ChunkGroup.cluster_iteration` on the event loop (no thread hop per call)."""
         if self._pool.inline:  # one piece: a few milliseconds of work, no waiting on threads
             return self.cluster_iteration(number, order, y, block_s)
-        steps = block_steps(order, y, block_s, self.spec.terms)
-        request = next(steps)
-        while True:
-            try:
-                request = steps.send([await self.update_block_async(number, *request)])
-            except StopIteration as done:
-                return done.value
+        return await asyncio.to_thread(self.cluster_iteration, number, order, y, block_s)
 
     async def _channel_block(self, number: int, position: int, penalty: np.ndarray, start) -> tuple:
         result = await self.update_block_async(number, position, penalty, start)
