@@ -76,7 +76,7 @@ def _client(mode: str):
         cluster = client.cluster
         workers = 2
     client.wait_for_workers(workers, timeout=300)
-    client.run(importlib.import_module, "symphony_dask.harmony_groups")  # warm: imports are not the workload
+    client.run(importlib.import_module, "symphony_dask")  # warm: imports are not the workload
     counter = type("Counter", (GraphCounter, SchedulerPlugin), {})()
     client.register_plugin(counter)
 

@@ -103,10 +103,13 @@ def piece_bounds(n: int) -> list[tuple[int, int]]:
 class Piece:
     """The state of some consecutive cells (see the module docstring).
 
-    All arrays are in the sorted order; ``perm`` maps it to the original order (sorted row ``j`` is
-    original row ``perm[j]``). ``bounds[b]:bounds[b+1]`` is block ``b`` and ``runs[b]`` its
-    (pattern, start, stop) runs, relative to the block. ``z_clustered`` keeps the embedding the last
-    clustering saw once a final correction has moved ``z_corr`` (the output ``R`` comes from it).
+    ``z`` is the cells' PCs as given (in the original order, not copied); ``perm`` maps the sorted
+    order to it (sorted row ``j`` is row ``perm[j]``), in which ``codes``, ``z_corr`` and
+    ``z_clustered`` are kept. ``bounds[b]:bounds[b+1]`` is block ``b`` and ``runs[b]`` its (pattern,
+    start, stop) runs, relative to the block. ``z_clustered`` keeps the embedding the last clustering
+    saw once a final correction has moved ``z_corr`` (the output ``R`` comes from it). ``buffers``
+    are two sets of scratch buffers: a clustering iteration prepares one block in one while it sums
+    the other; passes over all blocks use the first.
     """
 
     offset: int
@@ -117,7 +120,6 @@ class Piece:
     runs: list[list[tuple[int, int, int]]]
     z_corr: np.ndarray
     z_clustered: np.ndarray | None = None
-    scratch: Scratch = field(default_factory=Scratch, repr=False, compare=False)
     buffers: tuple[Scratch, Scratch] = field(default_factory=lambda: (Scratch(), Scratch()), repr=False, compare=False)
 
     @staticmethod
@@ -132,8 +134,7 @@ class Piece:
             starts = np.flatnonzero(np.r_[True, c[1:] != c[:-1]]) if len(c) else np.array([], dtype=np.int64)
             stops = np.r_[starts[1:], len(c)]
             runs.append([(int(c[s]), int(s), int(e)) for s, e in zip(starts, stops)])
-        z = np.ascontiguousarray(z[perm], dtype=np.float64)
-        return Piece(offset, z, perm, codes, bounds, runs, z)
+        return Piece(offset, z, perm, codes, bounds, runs, z[perm])
 
     def block(self, b: int) -> slice:
         return slice(int(self.bounds[b]), int(self.bounds[b + 1]))
@@ -149,9 +150,7 @@ class Piece:
     def take(self, global_index: np.ndarray) -> np.ndarray:
         """Cosine-normalized rows at the given global indices that fall in this piece (in that order)."""
         inside = (global_index >= self.offset) & (global_index < self.offset + len(self.z))
-        sorted_position = np.empty_like(self.perm)
-        sorted_position[self.perm] = np.arange(len(self.perm))
-        return normalize_rows(self.z[sorted_position[global_index[inside] - self.offset]])
+        return normalize_rows(self.z[global_index[inside] - self.offset])
 
     # -- assignments -------------------------------------------------------------------------------
 
@@ -163,7 +162,12 @@ class Piece:
     def _assign(self, b: int, z_corr: np.ndarray, y: np.ndarray, sigma: float, weights: np.ndarray,
                 pattern_sums: np.ndarray) -> tuple[BlockKernel, float]:
         sl = self.block(b)
-        return assign(z_corr[sl], y, sigma, weights, self.codes[sl], pattern_sums, self.scratch)
+        return assign(z_corr[sl], y, sigma, weights, self.codes[sl], pattern_sums, self.buffers[0])
+
+    def _block_pcs(self, b: int) -> np.ndarray:
+        """Block ``b``'s rows of ``z`` in the sorted order (in a scratch buffer)."""
+        rows = self.perm[self.block(b)]
+        return np.take(self.z, rows, axis=0, out=self.buffers[0].get("z", len(rows), self.z.shape[1]))
 
     def initial_sums(self, y: np.ndarray, sigma: float, n_patterns: int) -> tuple[np.ndarray, float, np.ndarray]:
         """``S`` per block (n_blocks x p x k), entropy part and centroid sums of ``R = softmax(-dist / sigma)``."""
@@ -185,7 +189,7 @@ class Piece:
         s = np.zeros((n_patterns, k))
         t = np.zeros((n_patterns, k, d))
         for b in range(self.n_blocks()):
-            z = self.z[self.block(b)]
+            z = self._block_pcs(b)
             kernel, _ = self._assign(b, self.z_corr, y, sigma, penalties[b], s)
             for p, start, stop in self.runs[b]:
                 t[p] += kernel.e[start:stop].T @ z[start:stop]
@@ -196,7 +200,7 @@ class Piece:
         for the output ``R`` (after a final correction), and the new centroid sums ``Z_cos^T R``.
         Leaves this piece unchanged."""
         old = self.z_corr
-        new = self.z.copy()
+        new = self.z[self.perm]
         centroid_sums = np.zeros_like(step.y)
         pattern_sums = np.zeros((step.penalties.shape[1], step.y.shape[1]))
         for b in range(self.n_blocks()):
@@ -205,26 +209,24 @@ class Piece:
             kernel, _ = self._assign(b, old, step.y, sigma, step.penalties[b], pattern_sums)
             for p, start, stop in self.runs[b]:
                 corrected[start:stop] -= kernel.e[start:stop] @ step.per_pattern[p]
-            z_cos = normalize_rows_into(corrected, self.scratch.get("z_cos", len(corrected), corrected.shape[1]))
+            z_cos = normalize_rows_into(corrected, self.buffers[0].get("z_cos", len(corrected), corrected.shape[1]))
             centroid_sums += z_cos.T @ kernel.e
         return new, (old if step.final else None), centroid_sums
 
     # -- outputs in the original cell order ----------------------------------------------------------
 
-    def corrected(self) -> np.ndarray:
-        out = np.empty_like(self.z_corr)
+    def corrected(self, out: np.ndarray) -> None:
+        """Write the corrected PCs into ``out`` (this piece's rows) in the original cell order."""
         out[self.perm] = self.z_corr
-        return out
 
-    def assignments(self, y: np.ndarray, sigma: float, penalties: np.ndarray) -> np.ndarray:
-        """``R`` (cells x k) in the original cell order, as the last clustering iteration left it."""
+    def assignments(self, y: np.ndarray, sigma: float, penalties: np.ndarray, out: np.ndarray) -> None:
+        """Write ``R`` (cells x k) into ``out`` (this piece's rows) in the original cell order, as
+        the last clustering iteration left it."""
         z_corr = self.z_corr if self.z_clustered is None else self.z_clustered
-        out = np.empty((len(self.z), y.shape[1]))
         pattern_sums = np.zeros((penalties.shape[1], y.shape[1]))
         for b in range(self.n_blocks()):
             kernel, _ = self._assign(b, z_corr, y, sigma, penalties[b], pattern_sums)
             out[self.perm[self.block(b)]] = kernel.e
-        return out
 
 
 @dataclass
@@ -330,7 +332,7 @@ class ChunkGroup:
         self.pieces: list[Piece] = []
         self.chunk_pieces: dict[int, list[int]] = {}
         for index, offset, z, codes in chunks:
-            z, codes = np.asarray(z), np.asarray(codes)
+            z, codes = np.asarray(z, dtype=np.float64), np.asarray(codes)
             self.chunk_pieces[int(index)] = list(range(len(self.pieces), len(self.pieces) + len(piece_bounds(len(z)))))
             self.pieces += [Piece.create(z[a:b], codes[a:b], int(offset) + a, spec) for a, b in piece_bounds(len(z))]
         self.version = 0
@@ -496,13 +498,25 @@ class ChunkGroup:
 
     # -- outputs -----------------------------------------------------------------------------------
 
-    def output(self, chunk: int, what: str, y: np.ndarray | None = None, penalties: np.ndarray | None = None) -> np.ndarray:
+    def output(self, chunk: int, what: str, y: np.ndarray | None = None, penalties: np.ndarray | None = None,
+               out: np.ndarray | None = None) -> np.ndarray:
         """Chunk ``chunk``'s corrected PCs (``what='corrected'``) or assignments (``'assignments'``),
-        in the original cell order."""
+        in the original cell order (written into ``out`` if given)."""
         pieces = self.chunk_pieces[chunk]
-        if what == "corrected":
-            return np.concatenate(self._each(Piece.corrected, pieces))
-        return np.concatenate(self._each(lambda p: p.assignments(y, self.spec.sigma, penalties), pieces))
+        first = self.pieces[pieces[0]].offset
+        n = sum(len(self.pieces[i].z) for i in pieces)
+        if out is None:
+            out = np.empty((n, self.pieces[pieces[0]].z.shape[1] if what == "corrected" else y.shape[1]))
+
+        def write(piece: Piece) -> None:
+            rows = out[piece.offset - first : piece.offset - first + len(piece.z)]
+            if what == "corrected":
+                piece.corrected(rows)
+            else:
+                piece.assignments(y, self.spec.sigma, penalties, rows)
+
+        self._each(write, pieces)
+        return out
 
 
 def chunk_output(z: np.ndarray, codes: np.ndarray, offset: int, chunk: int, spec: RunSpec,

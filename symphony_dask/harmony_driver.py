@@ -309,7 +309,9 @@ class HarmonyRun:
         assignments = self._outputs("assignments", self.k, it.y, it.sums.penalties)
         if isinstance(self.groups, LocalGroups):
             group = self.groups.group
-            z_corr = np.concatenate([group.output(i, "corrected") for i in range(len(self.sizes))])
+            z_corr = np.empty((self.n, self.d))
+            for i, (a, s) in enumerate(zip(self.offsets, self.sizes)):
+                group.output(i, "corrected", out=z_corr[a : a + s])
             if self.lazy:
                 z_corr = da.from_array(z_corr, chunks=(self.sizes, self.d))
         else:
