@@ -332,7 +332,9 @@ class ChunkGroup:
         self.pieces: list[Piece] = []
         self.chunk_pieces: dict[int, list[int]] = {}
         for index, offset, z, codes in chunks:
-            z, codes = np.asarray(z, dtype=np.float64), np.asarray(codes)
+            # arrays received from another process may be read-only views of unaligned buffers,
+            # on which NumPy falls back to slow loops: copy those (once)
+            z, codes = np.require(z, dtype=np.float64, requirements=["C", "A"]), np.asarray(codes)
             self.chunk_pieces[int(index)] = list(range(len(self.pieces), len(self.pieces) + len(piece_bounds(len(z)))))
             self.pieces += [Piece.create(z[a:b], codes[a:b], int(offset) + a, spec) for a, b in piece_bounds(len(z))]
         self.version = 0
