@@ -15,10 +15,10 @@ from .annotate import transfer_labels, transfer_values
 from .build import build_reference
 from .cluster import connect
 from .demo import format_report, run_demo
-from .io import write_atomically
 from .mapping import map_query, query_shards
 from .progress import PassProgress
 from .reference import load_reference
+from .store import write_atomically
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import uuid
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -208,35 +205,3 @@ def _stored_shape(elem: h5py.Group | h5py.Dataset | zarr.Group | zarr.Array) -> 
     if "shape" not in attrs:
         raise ValueError("the expression matrix is stored without a shape attribute; is it an AnnData store?")
     return tuple(int(s) for s in attrs["shape"])
-
-
-def write_atomically(path: Path, write: Callable[[Path], None], *, overwrite: bool = False) -> Path:
-    """Run ``write(tmp)`` on a temporary path beside ``path``, then move the result into place.
-
-    An existing ``path`` is an error unless ``overwrite``; then it is replaced only once the new
-    output is complete. A failed write leaves no partial output behind and the old one untouched.
-    """
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        write(tmp)
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(path, old)
-            os.replace(tmp, path)
-            _remove(old)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            _remove(tmp)
-    return path
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    else:
-        path.unlink()

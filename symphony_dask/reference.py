@@ -22,13 +22,16 @@ the pre-Harmony PCs per cluster), needed for the per-cell mapping metric.
 A reference is stored as a zarr (v3) group; every element is written with anndata's element
 encoding, so the store can be read by any AnnData-aware tool. Saving is atomic: the store is written
 beside the target and renamed into place, and an existing store is replaced only with
-``overwrite=True``.
+``overwrite=True``. The store records a checksum of every element's files, which loading verifies
+(see :mod:`symphony_dask.store`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,8 +42,8 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from .io import write_atomically
 from .neighbors import Method, NeighborIndex
+from .store import element_checksums, verify_checksums, write_atomically
 
 logger = logging.getLogger("symphony_dask")
 
@@ -49,7 +52,8 @@ NO_PER_CELL_DATA = ("this reference was saved without its per-cell embedding and
                     "rebuild it with keep_embedding=True")
 
 STORE_FORMAT = "symphony_dask.reference"
-STORE_VERSION = 1
+#: 2: element checksums in the marker; 1 (symphony_dask 0.1): none (read with a warning).
+STORE_VERSION = 2
 _REQUIRED = ("genes", "mean", "std", "loadings", "centroids", "cluster_sizes", "compression")
 
 
@@ -190,6 +194,12 @@ class Reference:
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write the reference to a zarr store at ``path``, atomically.
 
+        The store is written beside ``path`` and moved into place in one rename (an exchange with
+        the old store for ``overwrite=True`` on Linux): ``path`` holds the old store or the new
+        one, complete, whenever the process stops. Leftovers of saves that were killed are removed
+        by the next save to ``path``. The store records a checksum of every element, which
+        :func:`load_reference` verifies.
+
         Parameters
         ----------
         path
@@ -230,6 +240,9 @@ def _write_store(ref: Reference, path: Path) -> None:
                                        chunks=(64 * 2**20,))
             index.attrs.update({"method": "hnsw", "n_cells": ref.neighbors.n_cells, "dim": ref.neighbors.dim,
                                 "seed": ref.neighbors.seed})
+        elements = sorted(p.name for p in path.iterdir() if p.name != "zarr.json")
+        group.attrs["symphony_dask"] = {"format": STORE_FORMAT, "version": STORE_VERSION,
+                                        "checksums": element_checksums(path, elements)}
 
 
 def _write_embedding(group: zarr.Group, embedding: np.ndarray | da.Array) -> None:
@@ -274,20 +287,28 @@ def load_reference(path: str | os.PathLike, *, lazy_embedding: bool = False) -> 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no reference store at {path}")
-    try:
-        group = zarr.open_group(str(path), mode="r")
-    except Exception as err:  # zarr raises several types for something that is not a store
-        raise ValueError(f"{path} is not a symphony_dask reference store (not a zarr group: {err})") from err
-    marker = group.attrs.get("symphony_dask")
-    if not isinstance(marker, dict) or marker.get("format") != STORE_FORMAT:
+    marker = _read_marker(path)
+    version = marker.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ValueError(f"{path}: the store's version attribute is {version!r}, not a version number; "
+                         "the store is damaged (symphony_dask/version in its zarr.json)")
+    if version > STORE_VERSION:
         raise ValueError(
-            f"{path} is a zarr store but not a symphony_dask reference (no '{STORE_FORMAT}' marker); "
-            "save references with Reference.save"
+            f"{path} was written by a newer symphony_dask (store version {version}); upgrade to read it"
         )
-    if marker.get("version", 0) > STORE_VERSION:
-        raise ValueError(
-            f"{path} was written by a newer symphony_dask (store version {marker['version']}); upgrade to read it"
-        )
+    checksums = marker.get("checksums")
+    if checksums is None:
+        warnings.warn(f"{path} was saved without checksums (store version {version}), so damage to it cannot "
+                      "be detected; save it again to add them", UserWarning, stacklevel=2)
+    else:
+        damaged = verify_checksums(path, checksums)
+        if damaged:
+            raise ValueError(
+                f"reference store {path} is damaged: {'; '.join(damaged)} do not match the checksums recorded "
+                "when it was saved (a chunk file was deleted, truncated or changed); restore the store from a copy "
+                "or build the reference again"
+            )
+    group = zarr.open_group(str(path), mode="r")
     missing = [name for name in _REQUIRED if name not in group]
     if missing:
         raise ValueError(f"{path} is an incomplete reference store: missing {', '.join(missing)}")
@@ -325,6 +346,30 @@ def load_reference(path: str | os.PathLike, *, lazy_embedding: bool = False) -> 
         params=dict(group.attrs.get("params", {})),
         neighbors=neighbors,
     )
+
+
+def _read_marker(path: Path) -> dict:
+    """The ``symphony_dask`` marker of a store's root metadata, with clear errors for what is not
+    a readable reference store."""
+    meta = path / "zarr.json"
+    if path.is_dir() and meta.is_file():
+        try:
+            attrs = json.loads(meta.read_text()).get("attributes", {})
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+            raise ValueError(f"{path} is a damaged store: its root metadata {meta} is not valid JSON ({err}); "
+                             "restore the store from a copy or build the reference again") from err
+    else:
+        try:
+            attrs = dict(zarr.open_group(str(path), mode="r").attrs)
+        except Exception as err:  # zarr raises several types for something that is not a store
+            raise ValueError(f"{path} is not a symphony_dask reference store (not a zarr group: {err})") from err
+    marker = attrs.get("symphony_dask") if isinstance(attrs, dict) else None
+    if not isinstance(marker, dict) or marker.get("format") != STORE_FORMAT:
+        raise ValueError(
+            f"{path} is a zarr store but not a symphony_dask reference (no '{STORE_FORMAT}' marker); "
+            "save references with Reference.save"
+        )
+    return marker
 
 
 def _check_elements(ref: Reference) -> None:

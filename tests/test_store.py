@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import anndata as ad
 import numpy as np
@@ -78,6 +82,45 @@ def test_failed_write_leaves_old_store_and_no_partial_output(built_reference, tm
     np.testing.assert_array_equal(sd.load_reference(path).loadings, built_reference.loadings)
 
 
+def test_killed_save_leaves_the_old_store_and_the_next_save_cleans_up(built_reference, r_reference, tmp_path):
+    """A save killed mid-write (os._exit in a child process) leaves the old store readable and a
+    temporary folder beside it, which the next save of the same target removes."""
+    path = tmp_path / "ref.zarr"
+    built_reference.save(path)
+    script = (
+        "import os, sys, zarr\n"
+        "from pathlib import Path\n"
+        "from symphony_dask.store import write_atomically\n"
+        "def write(tmp):\n"
+        "    zarr.open_group(str(tmp), mode='w', zarr_format=3).attrs['partial'] = True\n"
+        "    os._exit(9)\n"
+        "write_atomically(Path(sys.argv[1]), write, overwrite=True)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(path)])
+    assert done.returncode == 9
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "ref.zarr"]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".ref.zarr.tmp-")
+    np.testing.assert_array_equal(sd.load_reference(path).loadings, built_reference.loadings)
+    live = tmp_path / f".ref.zarr.tmp-{socket.gethostname().replace('-', '_')}-{os.getpid()}-0000abcd"
+    live.mkdir()  # a save in progress in a live process: left alone
+    r_reference.save(path, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "ref.zarr"])
+    assert sd.load_reference(path).params == {}
+
+
+def test_overwrite_exchanges_the_stores_in_one_rename(tmp_path):
+    """On Linux the old and new store swap places in one renameat2(RENAME_EXCHANGE)."""
+    from symphony_dask.store import _exchange
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x").write_text("old")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "x").write_text("new")
+    if not _exchange(tmp_path / "b", tmp_path / "a"):
+        pytest.skip("this system cannot exchange two paths in one rename")
+    assert (tmp_path / "a" / "x").read_text() == "new" and (tmp_path / "b" / "x").read_text() == "old"
+
+
 def test_path_that_is_not_a_store(tmp_path):
     with pytest.raises(FileNotFoundError, match="no reference store"):
         sd.load_reference(tmp_path / "missing.zarr")
@@ -89,19 +132,82 @@ def test_path_that_is_not_a_store(tmp_path):
         sd.load_reference(tmp_path / "other.zarr")
 
 
-def test_incomplete_or_inconsistent_store(built_reference, tmp_path):
+def _chunk_files(path, element):
+    return sorted(f for f in (path / element).rglob("*") if f.is_file() and f.name != "zarr.json")
+
+
+def _delete_chunk(path):
+    _chunk_files(path, "embedding")[0].unlink()
+
+
+def _truncate_chunk(path):
+    f = _chunk_files(path, "loadings")[0]
+    f.write_bytes(f.read_bytes()[:-7])
+
+
+def _flip_byte(path):
+    f = _chunk_files(path, "genes")[0]
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    f.write_bytes(bytes(data))
+
+
+def _delete_element(path):
     import shutil
 
-    path = built_reference.save(tmp_path / "ref.zarr")
     shutil.rmtree(path / "compression")
-    with pytest.raises(ValueError, match="incomplete reference store: missing compression"):
-        sd.load_reference(path)
 
-    path = built_reference.save(tmp_path / "ref2.zarr")
+
+def _rewrite_element(path):
+    import shutil
+
     shutil.rmtree(path / "std")
     with ad.settings.override(zarr_write_format=3, auto_shard_zarr_v3=False):
         ad.io.write_elem(zarr.open_group(str(path), mode="a"), "std", np.ones(5))
-    with pytest.raises(ValueError, match=r"std must have shape \(1360,\)"):
+
+
+@pytest.mark.parametrize(("damage", "element"), [
+    (_delete_chunk, "embedding"), (_truncate_chunk, "loadings"), (_flip_byte, "genes"),
+    (_delete_element, "compression"), (_rewrite_element, "std"),
+])
+def test_damaged_store_is_refused_naming_the_element(built_reference, tmp_path, damage, element):
+    """Any missing, truncated or altered file is refused before anything is read (zarr would read a
+    missing chunk as zeros: 14-92% of labels then changed silently)."""
+    path = built_reference.save(tmp_path / "ref.zarr")
+    damage(path)
+    with pytest.raises(ValueError, match=rf"reference store .*ref.zarr is damaged: {element} \("):
+        sd.load_reference(path)
+
+
+def test_unreadable_marker_names_the_store(built_reference, tmp_path):
+    path = built_reference.save(tmp_path / "ref.zarr")
+    meta = path / "zarr.json"
+    text = meta.read_text()
+    meta.write_text(text[: len(text) // 2])
+    with pytest.raises(ValueError, match=r"ref.zarr is a damaged store: its root metadata .*zarr.json is not valid JSON"):
+        sd.load_reference(path)
+    marker = json.loads(text)
+    marker["attributes"]["symphony_dask"]["version"] = "1"
+    meta.write_text(json.dumps(marker))
+    with pytest.raises(ValueError, match="version attribute is '1', not a version number"):
+        sd.load_reference(path)
+
+
+def test_store_without_checksums_is_read_with_a_warning_and_checked(built_reference, tmp_path):
+    """Stores of symphony_dask 0.1 (version 1) carry no checksums: read with a warning, and their
+    elements are still checked for consistency."""
+    path = built_reference.save(tmp_path / "ref.zarr")
+    meta = json.loads((path / "zarr.json").read_text())
+    meta["attributes"]["symphony_dask"] = {"format": "symphony_dask.reference", "version": 1}
+    (path / "zarr.json").write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match="saved without checksums"):
+        loaded = sd.load_reference(path)
+    np.testing.assert_array_equal(loaded.loadings, built_reference.loadings)
+    _rewrite_element(path)
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"std must have shape \(1360,\)"):
+        sd.load_reference(path)
+    _delete_element(path)
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="incomplete reference store: missing compression"):
         sd.load_reference(path)
 
 
