@@ -15,8 +15,10 @@ The in-memory path is the one-chunk case: a kernel applied to the whole matrix.
 
 from __future__ import annotations
 
+import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import dask
@@ -160,14 +162,36 @@ def as_row_chunked(values: np.ndarray, like: da.Array) -> da.Array:
     return da.from_array(values, chunks=chunks)
 
 
-def one_blas_thread_per_task() -> threadpool_limits:
-    """Limit BLAS to one thread while dask runs tasks in parallel threads of this process.
+_blas_lock = threading.Lock()
+_blas_users = 0
+_blas_limits: threadpool_limits | None = None
+
+
+@contextmanager
+def one_blas_thread_per_task() -> Iterator[None]:
+    """Limit BLAS to one thread while dask (or Harmony) runs tasks in parallel threads of this process.
 
     Each task's matrix products would otherwise start their own BLAS threads on top of dask's,
     oversubscribing the cores (2.6x slower Harmony iterations measured on 2 cores). Worker processes
     of a distributed cluster already run with one BLAS thread.
+
+    BLAS's thread count is a setting of the whole process: concurrent and nested uses (calls from
+    several threads) share one limit, set by the first to enter and restored exactly as it was by
+    the last to leave.
     """
-    return threadpool_limits(limits=1, user_api="blas")
+    global _blas_users, _blas_limits
+    with _blas_lock:
+        if _blas_users == 0:
+            _blas_limits = threadpool_limits(limits=1, user_api="blas")
+        _blas_users += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas_users -= 1
+            if _blas_users == 0:
+                _blas_limits.restore_original_limits()
+                _blas_limits = None
 
 
 class TaskGraph:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -37,6 +38,8 @@ class NeighborIndex:
     dim: int
     seed: int = 0
     _index: Any = field(default=None, repr=False)
+    #: HNSW's query breadth is a setting of the index: one query at a time sets and uses it.
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @classmethod
     def build(cls, embedding: np.ndarray, *, method: Method = "auto", seed: int = 0) -> NeighborIndex:
@@ -68,8 +71,9 @@ class NeighborIndex:
         if self.method == "exact":
             _, idx = self._index.query(np.asarray(x, dtype=np.float64), k=k, workers=-1)
             return np.asarray(idx).reshape(len(x), k)
-        self._index.set_ef(max(HNSW_EF, 4 * k))
-        idx, _ = self._index.knn_query(np.asarray(x, dtype=np.float32), k=k, num_threads=-1)
+        with self._lock:
+            self._index.set_ef(max(HNSW_EF, 4 * k))
+            idx, _ = self._index.knn_query(np.asarray(x, dtype=np.float32), k=k, num_threads=-1)
         return idx.astype(np.int64)
 
     def to_bytes(self) -> bytes:
