@@ -72,11 +72,101 @@ def read_expression(data: AnnDataLike, *, chunk_size: int | None = None, layer: 
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     if isinstance(data, ad.AnnData):
         if data.isbacked:
-            return _read_store(Path(data.filename), chunk_size, layer)
-        return _from_memory(data, chunk_size, layer)
-    if isinstance(data, (str, os.PathLike)):
-        return _read_store(Path(data), chunk_size, layer)
-    raise TypeError(f"expected an AnnData or a path to .h5ad/.zarr, got {type(data).__name__}")
+            expr = _backed(data, chunk_size, layer)
+        else:
+            expr = _from_memory(data, chunk_size, layer)
+    elif isinstance(data, (str, os.PathLike)):
+        expr = _read_store(Path(data), chunk_size, layer)
+    else:
+        raise TypeError(f"expected an AnnData or a path to .h5ad/.zarr, got {type(data).__name__}")
+    expr.X = _supported_chunks(expr.X)
+    return expr
+
+
+def _backed(adata: ad.AnnData, chunk_size: int | None, layer: str | None) -> Expression:
+    """A backed AnnData (or a view of one): the matrix read lazily from its file, only the cells and
+    genes of the view; ``obs``, ``var`` and ``obsm`` as the AnnData holds them in memory."""
+    path = Path(adata.filename)
+    expr = _read_store(path, chunk_size, layer)
+    if not adata.is_view and adata.shape == expr.X.shape:
+        return Expression(expr.X, adata.obs, adata.var, expr.source, dict(adata.obsm))
+    rows = _positions(expr.obs.index, adata.obs_names, "cells", "obs_names", path)
+    cols = _positions(expr.var.index, adata.var_names, "genes", "var_names", path)
+    x = expr.X
+    if len(cols) != x.shape[1] or np.any(cols != np.arange(x.shape[1])):
+        x = x.map_blocks(_take_columns, cols, chunks=(x.chunks[0], (len(cols),)), dtype=x.dtype,
+                         meta=x._meta[:, :0] if x._meta.ndim == 2 else x._meta)
+    keep = np.zeros(x.shape[0], dtype=bool)
+    keep[rows] = True
+    subset = keep_cells(Expression(x, expr.obs, expr.var, expr.source), keep)
+    return Expression(subset.X, adata.obs, adata.var, expr.source, dict(adata.obsm))
+
+
+def _positions(stored: pd.Index, wanted: pd.Index, what: str, names: str, path: Path) -> np.ndarray:
+    """Positions in the file of a view's cells or genes, which must keep the file's order."""
+    how = "load the view with .to_memory(), or write it to its own file and pass that path"
+    if not stored.is_unique:
+        raise ValueError(f"a view of the backed AnnData {path} cannot be matched to its file: the file's {names} "
+                         f"are not unique; {how}")
+    positions = stored.get_indexer(wanted)
+    if np.any(positions < 0):
+        raise ValueError(f"a view of the backed AnnData {path} has {what} that are not in its file "
+                         f"(renamed {names}?); {how}")
+    if np.any(np.diff(positions) <= 0):
+        raise ValueError(f"a view of the backed AnnData {path} takes its {what} in another order than the file "
+                         f"(or twice); {how}")
+    return positions
+
+
+def _take_columns(block, cols: np.ndarray):
+    return block[:, cols]
+
+
+#: Chunk types the kernels take as they are; others are converted chunk by chunk.
+_FLOAT_KINDS = {np.dtype(np.float32), np.dtype(np.float64)}
+
+
+def _supported_chunks(x: da.Array) -> da.Array:
+    """Chunks the kernels can use: NumPy arrays or scipy CSR matrices of integers, float32 or
+    float64. Other sparse formats (COO, CSC, pydata ``sparse``) become CSR and other floats
+    (float16, long double) float32/float64, chunk by chunk; anything else is refused here, with
+    what was found, rather than deep inside a kernel."""
+    meta = x._meta
+    dtype = np.dtype(x.dtype)
+    if dtype.kind == "f" and dtype not in _FLOAT_KINDS:
+        target = np.float32 if dtype.itemsize < 4 else np.float64
+        x = x.map_blocks(_as_dtype, target, dtype=target, meta=_as_dtype(meta, target))
+        meta = x._meta
+    elif dtype.kind not in "iufb":
+        raise TypeError(f"the expression matrix holds {dtype} values; expected numbers (counts or log values)")
+    if isinstance(meta, np.ndarray) or (sp.issparse(meta) and meta.format == "csr"):
+        return x
+    if sp.issparse(meta) or hasattr(meta, "tocsr"):
+        return x.map_blocks(_to_csr, dtype=x.dtype, meta=sp.csr_matrix((0, 0), dtype=x.dtype))
+    raise TypeError(
+        f"the expression matrix's chunks are {type(meta).__module__}.{type(meta).__name__}; expected NumPy arrays "
+        "or scipy sparse matrices (convert them first, e.g. x.map_blocks(lambda b: b.tocsr()))"
+    )
+
+
+def _as_dtype(block, dtype):
+    return block.astype(dtype)
+
+
+def _to_csr(block) -> sp.csr_matrix:
+    return sp.csr_matrix(block.tocsr() if not sp.issparse(block) else block)
+
+
+def _checked_chunk(block):
+    """A chunk of a user's dask array as the kernels take it (see :func:`_supported_chunks`)."""
+    if isinstance(block, np.ndarray) or (sp.issparse(block) and block.format == "csr"):
+        return block
+    if sp.issparse(block) or hasattr(block, "tocsr"):
+        return _to_csr(block)
+    if hasattr(block, "__array__"):
+        return np.asarray(block)
+    raise TypeError(f"a chunk of the expression matrix is a {type(block).__module__}.{type(block).__name__}; "
+                    "expected NumPy arrays or scipy sparse matrices")
 
 
 def _from_memory(adata: ad.AnnData, chunk_size: int | None, layer: str | None) -> Expression:
@@ -86,6 +176,9 @@ def _from_memory(adata: ad.AnnData, chunk_size: int | None, layer: str | None) -
     if isinstance(x, da.Array):
         arr = x if chunk_size is None else x.rechunk({0: chunk_size})
         arr = _single_column_chunk(arr)
+        # a dask array's meta may not say what its chunks are: look at each chunk
+        meta = sp.csr_matrix((0, 0), dtype=arr.dtype) if sp.issparse(arr._meta) else arr._meta
+        arr = arr.map_blocks(_checked_chunk, dtype=arr.dtype, meta=meta)
         return Expression(arr, adata.obs, adata.var, "AnnData (dask)", dict(adata.obsm))
     n = adata.n_obs
     rows = n if chunk_size is None else chunk_size

@@ -100,3 +100,71 @@ def test_in_memory_chunks_are_views_and_the_query_is_left_unchanged(split, in_me
     assert np.abs(chunked.obsm["X_symphony"] - whole.obsm["X_symphony"]).max() <= 1e-10
     after = query.X.toarray() if sparse else query.X
     np.testing.assert_array_equal(after, before.toarray() if sparse else before)
+
+
+def test_backed_views_give_their_cells_and_genes_only(pbmcs, oracle, in_memory_reference, tmp_path):
+    """A view of a backed AnnData is read as the view, not the whole file (it used to give all
+    1,200 cells, or all genes)."""
+    pbmcs.write_h5ad(tmp_path / "all.h5ad")
+    backed = ad.read_h5ad(tmp_path / "all.h5ad", backed="r")
+    ref_view = backed[backed.obs_names.isin(oracle.ref_cells)]
+    expr = read_expression(ref_view, chunk_size=256)
+    assert expr.X.shape == (910, 1767) and len(expr.obs) == 910
+    np.testing.assert_array_equal(expr.obs.index, ref_view.obs_names)
+    order = [pbmcs.obs_names.get_loc(c) for c in oracle.ref_cells]
+    expected = sp.csr_matrix(pbmcs.X)[np.sort(order)].toarray()
+    np.testing.assert_array_equal(expr.X.compute().toarray(), expected)
+    ref = sd.build_reference(ref_view, "donor", **R_BUILD)
+    in_order = sd.build_reference(pbmcs[np.sort(order)].copy(), "donor", **R_BUILD)
+    for name in ELEMENTS:
+        assert np.abs(getattr(ref, name) - getattr(in_order, name)).max() < 1e-10
+
+    query_view = backed[backed.obs.donor == "3pv1"]
+    mapped = sd.map_query(in_memory_reference, query_view, "donor", normalize=False)
+    direct = sd.map_query(in_memory_reference, pbmcs[pbmcs.obs.donor == "3pv1"].copy(), "donor", normalize=False)
+    assert mapped.n_obs == 290
+    np.testing.assert_allclose(mapped.obsm["X_symphony"], direct.obsm["X_symphony"], atol=1e-10)
+
+    genes = backed[:, 10:400]
+    expr = read_expression(genes)
+    assert expr.X.shape == (1200, 390) and list(expr.var.index) == list(pbmcs.var_names[10:400])
+    np.testing.assert_array_equal(expr.X[:50].compute().toarray(), sp.csr_matrix(pbmcs.X)[:50, 10:400].toarray())
+
+
+def test_backed_view_in_another_order_is_refused(pbmcs, tmp_path):
+    pbmcs.write_h5ad(tmp_path / "all.h5ad")
+    backed = ad.read_h5ad(tmp_path / "all.h5ad", backed="r")
+    with pytest.raises(ValueError, match=r"takes its cells in another order than the file .*\.to_memory\(\)"):
+        read_expression(backed[[5, 3, 9]])
+
+
+def test_float16_and_coo_chunks(split):
+    """float16 values (no scipy sparse type holds them) and a dask array of COO chunks are read as
+    float32 and CSR."""
+    ref_cells, _ = split
+    dense16 = ref_cells.copy()
+    dense16.X = ref_cells.X.toarray().astype(np.float16)
+    same = ref_cells.copy()
+    same.X = dense16.X.astype(np.float32)
+    kw = dict(normalize=False, n_hvg=500, n_clusters=20)
+    a, b = sd.build_reference(dense16, "donor", **kw), sd.build_reference(same, "donor", **kw)
+    np.testing.assert_array_equal(a.loadings, b.loadings)
+    coo = ref_cells.copy()
+    coo.X = da.from_array(sp.csr_matrix(ref_cells.X), chunks=(300, -1), asarray=False).map_blocks(
+        lambda block: block.tocoo(), dtype=ref_cells.X.dtype)
+    c = sd.build_reference(coo, "donor", chunk_size=300, **kw)
+    d = sd.build_reference(ref_cells, "donor", chunk_size=300, **kw)
+    np.testing.assert_array_equal(c.loadings, d.loadings)
+
+
+def test_unsupported_values_and_chunks_are_refused(split):
+    ref_cells, _ = split
+    words = ref_cells.copy()
+    words.X = np.full(ref_cells.shape, "1", dtype=object)
+    with pytest.raises(TypeError, match="holds object values; expected numbers"):
+        read_expression(words)
+    odd = ref_cells.copy()
+    odd.X = da.from_array(ref_cells.X.toarray(), chunks=(300, -1)).map_blocks(lambda b: {"not": "an array"},
+                                                                                dtype=np.float64, meta=np.empty((0, 0)))
+    with pytest.raises(TypeError, match="a chunk of the expression matrix is a builtins.dict"):
+        sd.build_reference(odd, "donor", normalize=False, n_hvg=500, n_clusters=20)
