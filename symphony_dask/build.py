@@ -16,16 +16,24 @@ import logging
 import warnings
 from collections.abc import Sequence
 
-import dask
 import dask.array as da
 import numpy as np
 
 from . import __version__
 from .checks import as_key_list, check_obs_keys, check_unique_genes, raise_on_bad_values
-from .chunked import as_row_chunked, map_reduce, map_rows, one_blas_thread_per_task, persist_now
+from .chunked import (
+    advise,
+    as_row_chunked,
+    compute,
+    failure_advice,
+    map_reduce,
+    map_rows,
+    one_blas_thread_per_task,
+    persist_now,
+)
 from .compression import CompressionSums, compression_sums
 from .harmony import default_n_clusters, harmonize, soft_kmeans
-from .io import AnnDataLike, Expression, keep_cells, read_expression
+from .io import AnnDataLike, Expression, keep_cells, memory_per_task, read_expression
 from .neighbors import EXACT_MAX_CELLS, NeighborIndex
 from .pca import PCASolver, fit_pca, project
 from .preprocess import FirstPass, first_pass, has_counts
@@ -106,6 +114,9 @@ def build_reference(
         10-20 passes, cost ~ genes per cell) or ``'auto'``: the cheaper (Gram up to ~5,000 genes).
     keep_embedding
         Keep the corrected per-cell embedding, ``obs`` and ``obsm`` (needed to transfer annotations).
+        The embedding (cells x ``n_pcs`` floats: 160 MB per million cells with 20 PCs) is brought
+        from the workers of a cluster when the build ends, so the reference stays usable after the
+        cluster closes.
     neighbor_index
         Above 20,000 cells, gather the embedding once to build the HNSW index that label transfer
         uses, kept (and saved) with the reference. It is built on one thread, so that a rebuilt
@@ -117,8 +128,16 @@ def build_reference(
     -------
     Reference
     """
+    with failure_advice():
+        return _build_reference(**locals())
+
+
+def _build_reference(data, batch_keys, *, normalize, n_hvg, hvg_batch_key, n_pcs, n_clusters, theta, tau, sigma, lamb,
+                     max_iter_harmony, seed, chunk_size, layer, block_size, max_iter_cluster, epsilon_cluster,
+                     epsilon_harmony, n_init, pca_solver, keep_embedding, neighbor_index) -> Reference:
     timings: dict[str, float] = {}
     expr = read_expression(data, chunk_size=chunk_size, layer=layer)
+    advise(_memory_advice(expr))
     keys = as_key_list(batch_keys)
     check_obs_keys(expr.obs, keys)
     hvg_keys = as_key_list(hvg_batch_key)
@@ -136,7 +155,7 @@ def build_reference(
     codes_da = as_row_chunked(codes, expr.X)
 
     with timed(timings, "moments"):
-        first: FirstPass = dask.compute(
+        first: FirstPass = compute(
             map_reduce(first_pass, expr.X, codes_da, combine=FirstPass.merge, normalize=normalize)
         )[0]
     raise_on_bad_values(first.counts, where="the reference expression", normalize=normalize, warn_empty=False)
@@ -183,14 +202,14 @@ def build_reference(
             sums = compression_sums(z, res.Z_corr, res.R)
         else:
             z = z.rechunk({0: res.Z_corr.chunks[0]})
-            sums = dask.compute(map_reduce(compression_sums, z, res.Z_corr, res.R, combine=CompressionSums.merge))[0]
+            sums = compute(map_reduce(compression_sums, z, res.Z_corr, res.R, combine=CompressionSums.merge))[0]
     embedding = None
-    if keep_embedding:
-        embedding = res.Z_corr if expr.in_memory else res.Z_corr.persist()
+    if keep_embedding:  # brought here once (d floats per cell), so the reference outlives a cluster
+        embedding = np.asarray(res.Z_corr)
 
     if neighbor_index and keep_embedding and n > EXACT_MAX_CELLS:  # built once here, saved with the reference
         with timed(timings, "neighbor_index"):
-            neighbors = NeighborIndex.build(np.asarray(embedding), seed=seed)
+            neighbors = NeighborIndex.build(embedding, seed=seed)
     else:
         neighbors = None
 
@@ -213,6 +232,13 @@ def build_reference(
     )
 
 
+def _memory_advice(expr: Expression) -> str:
+    rows = int(max(expr.X.chunks[0]))
+    return (f"The matrix is read in chunks of {rows:,} cells x {expr.X.shape[1]:,} genes, with "
+            f"{memory_per_task() / 2**30:.1f} GiB of memory per task: pass a smaller chunk_size "
+            f"(e.g. chunk_size={max(rows // 4, 100)}, --chunk-size on the command line) or give the workers more memory.")
+
+
 def _drop_empty_cells(expr: Expression, n_empty: int, hvg_keys: list[str], normalize: bool,
                       timings: dict[str, float]) -> tuple[Expression, FirstPass]:
     """Leave out cells with zero total counts (they cannot be normalized) and redo the first pass."""
@@ -226,7 +252,7 @@ def _drop_empty_cells(expr: Expression, n_empty: int, hvg_keys: list[str], norma
     expr = keep_cells(expr, keep)
     _, codes = _groups(expr, hvg_keys)
     with timed(timings, "moments"):
-        first = dask.compute(map_reduce(first_pass, expr.X, as_row_chunked(codes, expr.X), combine=FirstPass.merge,
+        first = compute(map_reduce(first_pass, expr.X, as_row_chunked(codes, expr.X), combine=FirstPass.merge,
                                         normalize=normalize))[0]
     return expr, first
 
@@ -258,7 +284,7 @@ def _variable_genes(expr, first, codes_da, group_names, n_hvg, normalize):
         except ValueError as err:
             raise ValueError(f"variable genes of group {name!r}: {err}") from err
         mean[code], sd[code] = m.mean, np.sqrt(expected[code])
-    squares: ClippedSquares = dask.compute(
+    squares: ClippedSquares = compute(
         map_reduce(
             clipped_squares, expr.X, codes_da, combine=ClippedSquares.merge,
             mean=mean, sd=sd, clip=float(np.sqrt(expr.n_cells)), normalize=normalize,

@@ -15,7 +15,9 @@ The in-memory path is the one-chunk case: a kernel applied to the whole matrix.
 
 from __future__ import annotations
 
+import contextvars
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -145,15 +147,87 @@ def distributed_client():
         return None
 
 
+#: Seconds a cluster may have no worker at all while a computation waits, before it fails.
+NO_WORKERS_TIMEOUT_S = 120.0
+
+_advice: contextvars.ContextVar[str] = contextvars.ContextVar("symphony_dask_advice", default="")
+
+
+class WorkerFailure(RuntimeError):
+    """Workers died running a computation (most often: out of memory), or none were left."""
+
+
+@contextmanager
+def failure_advice(text: str = "") -> Iterator[None]:
+    """What to tell the user if a worker dies inside this block (how to make the work fit); the
+    text can be given later in the block with :func:`advise`."""
+    token = _advice.set(text)
+    try:
+        yield
+    finally:
+        _advice.reset(token)
+
+
+def advise(text: str) -> None:
+    """Set the advice of the enclosing :func:`failure_advice` block."""
+    _advice.set(text)
+
+
+def compute(*collections: Any) -> tuple:
+    """``dask.compute`` on the active scheduler. On a distributed cluster, a task that killed its
+    workers becomes a :class:`WorkerFailure` saying what ran and how to fix it (see
+    :func:`failure_advice`), and a cluster left without any worker fails after
+    :data:`NO_WORKERS_TIMEOUT_S` instead of waiting for ever."""
+    client = distributed_client()
+    if client is None:
+        return dask.compute(*collections)
+    futures = client.compute(list(collections))
+    _wait(client, futures)
+    return tuple(client.gather(futures))
+
+
 def persist_now(x: da.Array) -> da.Array:
     """``x.persist()``, waiting until it is done also on a distributed cluster (which persists in
-    the background), so that the work is timed in the stage that asked for it."""
+    the background), so that the work is timed in the stage that asked for it; failures as in
+    :func:`compute`."""
     x = x.persist()
-    if distributed_client() is not None:
-        from distributed import wait
+    client = distributed_client()
+    if client is not None:
+        from distributed import futures_of
 
-        wait(x)
+        _wait(client, futures_of(x))
     return x
+
+
+def _wait(client, futures: list) -> None:
+    from distributed import wait
+    from distributed.scheduler import KilledWorker
+
+    alone_since = None
+    try:
+        while True:
+            try:
+                wait(futures, timeout=2)
+            except TimeoutError:
+                if client.scheduler_info(n_workers=-1)["workers"]:
+                    alone_since = None
+                else:
+                    alone_since = alone_since or time.monotonic()
+                    if time.monotonic() - alone_since > NO_WORKERS_TIMEOUT_S:
+                        client.cancel(futures)
+                        raise WorkerFailure(
+                            f"the cluster has had no worker for {NO_WORKERS_TIMEOUT_S:.0f} s; its workers died "
+                            f"(out of memory?) and none came back. {_advice.get()}".strip()) from None
+                continue
+            break
+        for future in futures:
+            if future.status == "error":
+                future.result()  # raises the task's error
+    except KilledWorker as err:
+        raise WorkerFailure(
+            f"workers died running {err.task!r} ({err.allowed_failures + 1} attempt(s), the last on "
+            f"{getattr(err.last_worker, 'address', err.last_worker)}), "
+            f"most likely out of memory. {_advice.get()}".strip()) from err
 
 
 def as_row_chunked(values: np.ndarray, like: da.Array) -> da.Array:

@@ -25,8 +25,17 @@ import zarr
 
 logger = logging.getLogger("symphony_dask")
 
-#: Default number of cells per chunk. A dense scaled chunk of 10,000 cells x 2,000 genes is 160 MB.
+#: Most cells per chunk by default (a dense scaled chunk of 10,000 cells x 2,000 genes is 160 MB);
+#: fewer where the memory of a task would not hold them (:func:`default_chunk_size`).
 DEFAULT_CHUNK_SIZE = 10_000
+#: Fewest cells per chunk chosen by default.
+MIN_DEFAULT_CHUNK_SIZE = 1_000
+#: Peak memory of a pass per cell of a chunk, measured on a 20,000-gene store (first pass): about
+#: 8 bytes per gene, or 72 bytes per stored value, whichever is more; a quarter more for safety.
+BYTES_PER_GENE, BYTES_PER_VALUE, MEMORY_MARGIN = 8, 72, 1.25
+#: Memory of a worker beside its chunk: the process with the library loaded (~0.5 GB) and the PCA's
+#: tree reduction of Gram matrices (~0.45 GB at 2,000 genes), measured on one worker of 1 GiB.
+WORKER_BASE_BYTES = 950 * 2**20
 
 AnnDataLike = ad.AnnData | str | os.PathLike
 
@@ -63,8 +72,9 @@ def read_expression(data: AnnDataLike, *, chunk_size: int | None = None, layer: 
     data
         AnnData (in memory or backed) or a path to ``.h5ad`` / ``.zarr``.
     chunk_size
-        Cells per chunk; ``None`` keeps an in-memory matrix as one chunk and uses
-        :data:`DEFAULT_CHUNK_SIZE` for data on disk.
+        Cells per chunk; ``None`` keeps an in-memory matrix as one chunk and, for data on disk, takes
+        as many cells (at most :data:`DEFAULT_CHUNK_SIZE`) as the memory of a task holds
+        (:func:`default_chunk_size`).
     layer
         Read this layer instead of ``X``.
     """
@@ -231,10 +241,43 @@ def _single_column_chunk(arr: da.Array) -> da.Array:
     return arr
 
 
+def default_chunk_size(n_genes: int, values_per_cell: float) -> int:
+    """Cells per chunk that one task can hold: 90% of the memory per task (a distributed worker's
+    memory limit over its threads; on threads, the machine's memory over the threads), less
+    :data:`WORKER_BASE_BYTES`, over the bytes per cell of a pass, between
+    :data:`MIN_DEFAULT_CHUNK_SIZE` and :data:`DEFAULT_CHUNK_SIZE`."""
+    per_cell = max(BYTES_PER_GENE * n_genes, BYTES_PER_VALUE * values_per_cell) * MEMORY_MARGIN
+    budget = 0.9 * memory_per_task() - WORKER_BASE_BYTES
+    return int(np.clip(budget / max(per_cell, 1.0), MIN_DEFAULT_CHUNK_SIZE, DEFAULT_CHUNK_SIZE))
+
+
+def memory_per_task() -> float:
+    """Bytes of memory a task may use: the smallest worker memory limit over its threads on a
+    distributed cluster (the machine's memory for workers without a limit), else the machine's
+    memory over dask's threads."""
+    import psutil
+
+    from .chunked import distributed_client
+
+    total = float(psutil.virtual_memory().total)
+    client = distributed_client()
+    if client is None:
+        return total / (dask.config.get("num_workers", None) or os.cpu_count() or 1)
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    limits = [(w.get("memory_limit") or total) / max(w.get("nthreads", 1), 1) for w in workers]
+    return min(limits, default=total)
+
+
+def _values_per_cell(elem, shape: tuple[int, int]) -> float:
+    """Stored values per cell of a matrix element: its nonzeros if sparse, else all genes."""
+    if hasattr(elem, "shape") or "indptr" not in elem:
+        return float(shape[1])
+    return float(elem["indptr"][-1]) / max(shape[0], 1)
+
+
 def _read_store(path: Path, chunk_size: int | None, layer: str | None) -> Expression:
     if not path.exists():
         raise FileNotFoundError(f"no such file or store: {path}")
-    rows = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
     group = open_anndata_group(path)
     key = "X" if layer is None else f"layers/{layer}"
     if key not in group:
@@ -253,6 +296,7 @@ def _read_store(path: Path, chunk_size: int | None, layer: str | None) -> Expres
             f"{path}: {key} has shape {shape} but obs has {len(obs)} rows and var {len(var)} rows; "
             "the store is corrupt or was written inconsistently"
         )
+    rows = chunk_size or default_chunk_size(shape[1], _values_per_cell(elem, shape))
     arr = ad.experimental.read_elem_lazy(elem, chunks=(min(rows, max(shape[0], 1)), -1))
     arr = _single_column_chunk(arr)
     obsm = dict(ad.io.read_elem(group["obsm"])) if "obsm" in group else {}

@@ -26,13 +26,12 @@ import logging
 import operator
 from typing import Literal
 
-import dask
 import dask.array as da
 import numpy as np
 import scipy.linalg
 import scipy.sparse as sp
 
-from .chunked import map_reduce, one_blas_thread_per_task
+from .chunked import compute, map_reduce, one_blas_thread_per_task
 from .csr_kernels import as_csr, project_rows
 from .preprocess import SCALE_CLIP, SCALE_FACTOR, Block, scale
 
@@ -132,7 +131,7 @@ def fit_pca(x: da.Array, scaling: dict, n_components: int, *, solver: PCASolver 
     logger.info("PCA of %d genes by the %s solver", n_genes, solver)
     with one_blas_thread_per_task():
         if solver == "gram":
-            gram_matrix = dask.compute(map_reduce(gram, x, combine=operator.add, **scaling))[0]
+            gram_matrix = compute(map_reduce(gram, x, combine=operator.add, **scaling))[0]
             return (*svd_from_gram(gram_matrix, n_components), solver)
         return (*_block_krylov(x, scaling, n_genes, n_components, seed), solver)
 
@@ -149,7 +148,7 @@ def _block_krylov(x: da.Array, scaling: dict, n_genes: int, n_components: int, s
     w = np.linalg.qr(np.random.default_rng(seed).normal(size=(n_genes, block)))[0]
     basis, images, previous = [w], [], None
     for _ in range(KRYLOV_MAX_ITERATIONS):
-        images.append(dask.compute(map_reduce(apply_gram, x, combine=operator.add, w=w, **scaling))[0])
+        images.append(compute(map_reduce(apply_gram, x, combine=operator.add, w=w, **scaling))[0])
         v, t = np.hstack(basis), np.hstack(images)
         h = v.T @ t
         evals, evecs = top_eigenpairs((h + h.T) / 2.0, n_components)

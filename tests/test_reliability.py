@@ -1,0 +1,62 @@
+"""What a user can rely on when a cluster misbehaves: workers that run out of memory, a cluster
+left without workers, a cluster that closes after the build."""
+
+from __future__ import annotations
+
+import time
+
+import dask
+import numpy as np
+import pytest
+from conftest import R_BUILD
+from distributed import Client, LocalCluster
+
+import symphony_dask as sd
+from symphony_dask import chunked
+from symphony_dask.chunked import WorkerFailure
+
+NO_SPILL = {
+    "distributed.worker.memory.target": False,
+    "distributed.worker.memory.spill": False,
+    "distributed.worker.memory.pause": False,
+    "distributed.worker.memory.terminate": 0.95,
+}
+
+
+def test_worker_killed_for_memory_names_the_chunk_size(synthetic_atlas):
+    """A chunk too big for the worker: the worker is killed, and the error says which chunk size
+    and how much memory, and what to do (it used to be dask's KilledWorker text, or a hang)."""
+    path, _ = synthetic_atlas
+    with dask.config.set({**NO_SPILL, "distributed.scheduler.allowed-failures": 0}):
+        with LocalCluster(n_workers=1, threads_per_worker=1, memory_limit="600MiB", dashboard_address=":0") as cluster:
+            with Client(cluster):
+                with pytest.raises(WorkerFailure, match=(r"workers died running .* most likely out of memory\. The matrix "
+                                                         r"is read in chunks of 50,000 cells x 10,000 genes, with 0\.6 GiB "
+                                                         r"of memory per task: pass a smaller chunk_size \(e\.g\. "
+                                                         r"chunk_size=12500")):
+                    sd.build_reference(path, "donor", chunk_size=50_000)
+
+
+def test_cluster_without_workers_fails_in_bounded_time(split, monkeypatch):
+    monkeypatch.setattr(chunked, "NO_WORKERS_TIMEOUT_S", 3.0)
+    ref_cells, _ = split
+    with LocalCluster(n_workers=0, dashboard_address=":0") as cluster, Client(cluster):
+        start = time.perf_counter()
+        with pytest.raises(WorkerFailure, match="the cluster has had no worker for 3 s"):
+            sd.build_reference(ref_cells, "donor", **R_BUILD)
+        assert time.perf_counter() - start < 30
+
+
+def test_reference_built_on_a_cluster_outlives_it(split, built_reference, tmp_path):
+    """The corrected embedding comes to the client when the build ends: label transfer and saving
+    work after the cluster is gone (they raised "Missing dependency" before)."""
+    ref_cells, query = split
+    ref_cells.write_h5ad(tmp_path / "ref.h5ad")
+    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster, Client(cluster):
+        ref = sd.build_reference(tmp_path / "ref.h5ad", "donor", **R_BUILD)
+    assert isinstance(ref.embedding, np.ndarray)
+    np.testing.assert_allclose(ref.embedding, built_reference.embedding, atol=1e-10)
+    mapped = sd.map_query(ref, query, "donor", normalize=False)
+    sd.transfer_labels(ref, mapped, "cell_type")
+    assert (mapped.obs["cell_type_pred"] == mapped.obs["cell_type"]).mean() > 0.9
+    ref.save(tmp_path / "ref.zarr")
