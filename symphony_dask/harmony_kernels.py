@@ -130,11 +130,22 @@ class Scratch:
         return buf[:rows]
 
 
+@numba.njit(cache=True, nogil=True)
 def normalize_rows_into(z: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """:func:`normalize_rows` written into ``out`` (same shape as ``z``)."""
-    norm = np.sqrt(np.einsum("ij,ij->i", z, z))[:, None]
-    out[...] = 0.0
-    return np.divide(z, norm, out=out, where=norm > 0)
+    """:func:`normalize_rows` written into ``out`` (same shape as ``z``), in one pass."""
+    n, d = z.shape
+    for i in range(n):
+        total = 0.0
+        for j in range(d):
+            total += z[i, j] * z[i, j]
+        if total > 0.0:
+            inv = 1.0 / math.sqrt(total)
+            for j in range(d):
+                out[i, j] = z[i, j] * inv
+        else:
+            for j in range(d):
+                out[i, j] = 0.0
+    return out
 
 
 @dataclass

@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from .checks import ValueCounts, as_key_list, check_obs_keys, check_unique_genes, count_bad_values, raise_on_bad_values
-from .chunked import as_row_chunked, map_reduce, map_rows, one_blas_thread_per_task
+from .chunked import as_row_chunked, compute, map_reduce, map_rows, one_blas_thread_per_task
 from .harmony_kernels import cosine_normalize, soft_assign
 from .io import AnnDataLike, Expression, read_expression
 from .mixture import Design, apply_batch_terms, make_design, ridge_statistics, ridge_system, solve_batch_terms
@@ -216,13 +216,13 @@ def _map_chunked(reference, exprs, matched, design, terms, sigma32, normalize):
     counts = [map_reduce(count_bad_values, e.X, combine=ValueCounts.__add__) for e in exprs]
     rq = map_rows(_assign, zq, n_out=reference.n_clusters, centroids=reference.centroids, sigma=sigma32)
     zq, rq, *counts = dask.persist(zq, rq, *counts)
-    total = sum(dask.compute(*counts), ValueCounts())
+    total = sum(compute(*counts), ValueCounts())
     raise_on_bad_values(total, where="the query expression", normalize=normalize)
     codes = as_row_chunked(design.codes, zq)
-    s, t = map_reduce(_ridge, zq, rq, codes, combine=_add_pairs, n_patterns=len(design.patterns)).compute()
+    s, t = compute(map_reduce(_ridge, zq, rq, codes, combine=_add_pairs, n_patterns=len(design.patterns)))[0]
     per_pattern = terms.per_pattern(s, t)
     zq_corr = map_rows(_correct, zq, rq, codes, n_out=reference.n_pcs, per_pattern=per_pattern)
-    return dask.compute(zq_corr, zq, rq)
+    return compute(zq_corr, zq, rq)
 
 
 def _project_checked_later(block, **kwargs) -> np.ndarray:
