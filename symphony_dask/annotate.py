@@ -19,7 +19,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from .reference import NO_PER_CELL_DATA, Reference
+from .reference import Reference, no_per_cell_data
 
 logger = logging.getLogger("symphony_dask")
 
@@ -164,7 +164,7 @@ def _neighbours(reference: Reference, query: ad.AnnData, k: int, embedding_key: 
 
 def _reference_column(reference: Reference, key: str) -> pd.Series:
     if reference.embedding is None or reference.obs is None:
-        raise ValueError(NO_PER_CELL_DATA)
+        raise ValueError(no_per_cell_data())
     if key not in reference.obs.columns:
         cols = ", ".join(map(repr, reference.obs.columns)) or "(none)"
         raise ValueError(f"{key!r} is not a column of the reference obs; the columns are: {cols}")
@@ -180,9 +180,13 @@ def _reference_values(reference: Reference, key: str) -> tuple[str, np.ndarray |
         values = values.to_numpy(dtype=np.float64)
     elif key in reference.obsm:
         target, values = "obsm", reference.obsm[key]
+    elif reference.embedding is None or reference.obs is None:
+        raise ValueError(no_per_cell_data())
     else:
-        _reference_column(reference, key)  # raises the error naming the columns
-        raise AssertionError("unreachable")
+        cols = ", ".join(map(repr, reference.obs.columns)) or "(none)"
+        keys = ", ".join(map(repr, reference.obsm)) or "(none)"
+        raise ValueError(f"{key!r} is neither a column of the reference obs nor a reference obsm key; the obs columns "
+                         f"are: {cols}; the obsm keys: {keys}")
     if np.isnan(np.asarray(values, dtype=np.float64)).any():
         raise ValueError(f"reference {target} {key!r} has missing values; fill or drop them before transfer")
     if len(values) != reference.n_cells:

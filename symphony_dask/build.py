@@ -20,7 +20,7 @@ import dask.array as da
 import numpy as np
 
 from . import __version__
-from .checks import as_key_list, check_obs_keys, check_unique_genes, raise_on_bad_values
+from .checks import as_key_list, check_obs_keys, check_unique_genes, option, raise_on_bad_values
 from .chunked import (
     advise,
     as_row_chunked,
@@ -33,7 +33,7 @@ from .chunked import (
 )
 from .compression import CompressionSums, compression_sums
 from .harmony import default_n_clusters, harmonize, soft_kmeans
-from .io import AnnDataLike, Expression, keep_cells, memory_per_task, read_expression
+from .io import AnnDataLike, Expression, cells_where, keep_cells, memory_per_task, read_expression
 from .neighbors import EXACT_MAX_CELLS, NeighborIndex
 from .pca import PCASolver, fit_pca, project
 from .preprocess import FirstPass, first_pass, has_counts
@@ -65,6 +65,7 @@ def build_reference(
     seed: int = 111,
     chunk_size: int | None = None,
     layer: str | None = None,
+    obs_filter: str | None = None,
     block_size: float = 0.05,
     max_iter_cluster: int = 200,
     epsilon_cluster: float = 1e-5,
@@ -107,6 +108,10 @@ def build_reference(
         cells for data on disk. The result does not depend on it beyond round-off.
     layer
         Use this AnnData layer instead of ``X``.
+    obs_filter
+        Build from the cells for which this expression over ``obs`` columns is true (pandas
+        :meth:`~pandas.DataFrame.query` syntax, e.g. ``"donor != 'd7' and n_genes > 500"``); the
+        other cells are skipped chunk by chunk, never read into one array.
     block_size, max_iter_cluster, epsilon_cluster, epsilon_harmony, n_init
         Further Harmony settings (see :func:`symphony_dask.harmonize`).
     pca_solver
@@ -133,23 +138,26 @@ def build_reference(
 
 
 def _build_reference(data, batch_keys, *, normalize, n_hvg, hvg_batch_key, n_pcs, n_clusters, theta, tau, sigma, lamb,
-                     max_iter_harmony, seed, chunk_size, layer, block_size, max_iter_cluster, epsilon_cluster,
+                     max_iter_harmony, seed, chunk_size, layer, obs_filter, block_size, max_iter_cluster, epsilon_cluster,
                      epsilon_harmony, n_init, pca_solver, keep_embedding, neighbor_index) -> Reference:
     timings: dict[str, float] = {}
     expr = read_expression(data, chunk_size=chunk_size, layer=layer)
+    if obs_filter is not None:
+        expr = keep_cells(expr, cells_where(expr.obs, obs_filter))
     advise(_memory_advice(expr))
     keys = as_key_list(batch_keys)
     check_obs_keys(expr.obs, keys)
     hvg_keys = as_key_list(hvg_batch_key)
     if len(hvg_keys) > 1:
-        raise ValueError(f"hvg_batch_key must name one obs column, got {hvg_keys}")
-    check_obs_keys(expr.obs, hvg_keys, what="hvg_batch_key")
+        raise ValueError(f"{option('hvg_batch_key')} must name one obs column, got {hvg_keys}")
+    check_obs_keys(expr.obs, hvg_keys, what=option("hvg_batch_key"))
     check_unique_genes(expr.genes, where="the reference")
     n = expr.n_cells
     _check_sizes(n, expr.X.shape[1], n_hvg, n_pcs)
     k = default_n_clusters(n) if n_clusters is None else int(n_clusters)
     if not 1 <= k <= n:
-        raise ValueError(f"n_clusters={k} is impossible with {n} cells; try n_clusters={default_n_clusters(n)}")
+        raise ValueError(f"{option('n_clusters', k)} is impossible with {n} cells; try "
+                         f"{option('n_clusters', default_n_clusters(n))}")
 
     group_names, codes = _groups(expr, hvg_keys)
     codes_da = as_row_chunked(codes, expr.X)
@@ -158,7 +166,8 @@ def _build_reference(data, batch_keys, *, normalize, n_hvg, hvg_batch_key, n_pcs
         first: FirstPass = compute(
             map_reduce(first_pass, expr.X, codes_da, combine=FirstPass.merge, normalize=normalize)
         )[0]
-    raise_on_bad_values(first.counts, where="the reference expression", normalize=normalize, warn_empty=False)
+    raise_on_bad_values(first.counts, where="the reference expression", normalize=normalize, warn_empty=False,
+                        layers=expr.layers if layer is None else ())
     if normalize and first.counts.n_empty_cells:
         expr, first = _drop_empty_cells(expr, first.counts.n_empty_cells, hvg_keys, normalize, timings)
         n = expr.n_cells
@@ -215,14 +224,13 @@ def _build_reference(data, batch_keys, *, normalize, n_hvg, hvg_batch_key, n_pcs
 
     params = dict(
         batch_keys=keys, normalize=normalize, n_hvg=n_hvg, hvg_batch_key=hvg_batch_key, n_pcs=n_pcs,
-        n_clusters=k, theta=theta, tau=tau, sigma=sigma, lamb=lamb, max_iter_harmony=max_iter_harmony,
+        obs_filter=obs_filter, n_clusters=k, theta=theta, tau=tau, sigma=sigma, lamb=lamb, max_iter_harmony=max_iter_harmony,
         seed=seed, block_size=block_size, max_iter_cluster=max_iter_cluster, epsilon_cluster=epsilon_cluster,
         epsilon_harmony=epsilon_harmony, n_init=n_init, n_cells=n, n_variable_genes=len(chosen),
         singular_values=singular_values, pca_solver=solver, harmony_iterations=res.n_iter, harmony_converged=res.converged,
         harmony_cluster_iterations=res.cluster_iterations,
         timings_s=timings, symphony_dask_version=__version__,
     )
-    logger.info("built reference: %d cells, %d genes, stage times %s", n, len(chosen), timings)
     return Reference(
         genes=chosen, mean=mean, std=std, loadings=loadings, centroids=sums.centroids,
         cluster_sizes=sums.cluster_sizes, compression=sums.compression,
@@ -235,8 +243,8 @@ def _build_reference(data, batch_keys, *, normalize, n_hvg, hvg_batch_key, n_pcs
 def _memory_advice(expr: Expression) -> str:
     rows = int(max(expr.X.chunks[0]))
     return (f"The matrix is read in chunks of {rows:,} cells x {expr.X.shape[1]:,} genes, with "
-            f"{memory_per_task() / 2**30:.1f} GiB of memory per task: pass a smaller chunk_size "
-            f"(e.g. chunk_size={max(rows // 4, 100)}, --chunk-size on the command line) or give the workers more memory.")
+            f"{memory_per_task() / 2**30:.1f} GiB of memory per task: pass a smaller chunk size "
+            f"(e.g. {option('chunk_size', max(rows // 4, 100))}) or give the workers more memory.")
 
 
 def _drop_empty_cells(expr: Expression, n_empty: int, hvg_keys: list[str], normalize: bool,

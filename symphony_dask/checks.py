@@ -7,8 +7,10 @@ same pass over the matrix as the first statistics, so validation adds no pass of
 
 from __future__ import annotations
 
+import contextvars
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import astuple, dataclass
 
 import numpy as np
@@ -16,6 +18,44 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .csr_kernels import as_csr, value_counts
+
+_command_line: contextvars.ContextVar[bool] = contextvars.ContextVar("symphony_dask_command_line", default=False)
+
+#: Boolean keyword arguments whose command-line flag sets the value given here.
+_FLAG_OF = {"normalize": ("--no-normalize", False), "keep_embedding": ("--minimal", False),
+            "overwrite": ("--overwrite", True), "neighbor_index": ("--no-neighbor-index", False)}
+#: Keyword arguments that the command line spells other than ``--name-with-dashes``.
+_RENAMED = {"batch_keys": "--batch-key", "n_hvg": "--n-hvg"}
+
+
+@contextmanager
+def command_line_spelling() -> Iterator[None]:
+    """Inside this block, messages name options as ``symphony-dask`` takes them (``--no-normalize``)
+    instead of as Python keyword arguments (``normalize=False``)."""
+    token = _command_line.set(True)
+    try:
+        yield
+    finally:
+        _command_line.reset(token)
+
+
+def option(name: str, value: object = ...) -> str:
+    """The keyword argument ``name`` (set to ``value``, if given) as the user passes it: ``name=value``
+    in Python, ``--name value`` on the command line (see :func:`command_line_spelling`)."""
+    if not _command_line.get():
+        return name if value is ... else f"{name}={value!r}"
+    if name in _FLAG_OF and isinstance(value, bool):
+        flag, sets = _FLAG_OF[name]
+        return flag if value == sets else f"no {flag}"
+    flag = _RENAMED.get(name, "--" + name.replace("_", "-"))
+    return flag if value is ... else f"{flag} {value}"
+
+
+def pass_option(name: str, value: object) -> str:
+    """"pass ``name=value``" in Python; "pass --flag", "leave out --flag" or "pass --name value"
+    on the command line."""
+    spelled = option(name, value)
+    return f"leave out {spelled[3:]}" if spelled.startswith("no --") else f"pass {spelled}"
 
 
 def as_key_list(keys: str | Sequence[str] | None) -> list[str]:
@@ -85,8 +125,13 @@ def count_bad_values(block: np.ndarray | sp.spmatrix) -> ValueCounts:
     return ValueCounts(n_nan, n_inf, n_negative, n_fraction, int(values.size), n_empty)
 
 
-def raise_on_bad_values(counts: ValueCounts, *, where: str, normalize: bool, warn_empty: bool = True) -> None:
-    """Error for NaN, inf or negative values; warn when the values do not look like the chosen input."""
+def raise_on_bad_values(counts: ValueCounts, *, where: str, normalize: bool, warn_empty: bool = True,
+                        layers: Sequence[str] = ()) -> None:
+    """Error for NaN, inf or negative values; warn when the values do not look like the chosen input.
+
+    ``layers`` are the other matrices of the AnnData read (``layers``), named in the warning when
+    normalized values are read as raw counts (scanpy keeps log values in ``X``, counts in a layer).
+    """
     problems = []
     if counts.n_nan:
         problems.append(f"{counts.n_nan} NaN")
@@ -97,8 +142,8 @@ def raise_on_bad_values(counts: ValueCounts, *, where: str, normalize: bool, war
     if problems:
         raise ValueError(
             f"{where} holds {', '.join(problems)} value(s) out of {counts.n_values} stored values; "
-            "expression must be finite and non-negative (raw counts with normalize=True, or "
-            "log(CP10K+1) values with normalize=False)"
+            f"expression must be finite and non-negative (raw counts, or log(CP10K+1) values with "
+            f"{option('normalize', False)})"
         )
     if counts.n_empty_cells and normalize and warn_empty:
         warnings.warn(
@@ -109,15 +154,23 @@ def raise_on_bad_values(counts: ValueCounts, *, where: str, normalize: bool, war
         )
     if not normalize and counts.n_values and counts.n_non_integer == 0:
         warnings.warn(
-            f"{where} holds only integer values, which look like raw counts, but normalize=False; "
-            "pass normalize=True to log(CP10K+1)-normalize them",
+            f"{where} holds only integer values, which look like raw counts, but {option('normalize', False)} "
+            f"was given; {pass_option('normalize', True)} to log(CP10K+1)-normalize them",
             UserWarning,
             stacklevel=3,
         )
     if normalize and counts.n_non_integer:
+        expects = ("symphony-dask expects raw counts unless --no-normalize is given" if _command_line.get()
+                   else "normalize=True expects raw counts")
+        hint = f"if they are log(CP10K+1) values, {pass_option('normalize', False)}"
+        counts_layers = [name for name in layers if "count" in name.lower()] or list(layers)
+        if counts_layers:
+            shown = ", ".join(repr(name) for name in layers)
+            hint = (f"if the raw counts are in a layer (this AnnData has layers {shown}), "
+                    f"{pass_option('layer', counts_layers[0])}; {hint}")
         warnings.warn(
-            f"{where} holds {counts.n_non_integer} non-integer value(s) but normalize=True expects raw counts; "
-            "if the data are already log-normalized pass normalize=False",
+            f"{where} holds {counts.n_non_integer} non-integer value(s) but {expects}: they would be "
+            f"normalized twice. {hint[0].upper()}{hint[1:]}",
             UserWarning,
             stacklevel=3,
         )

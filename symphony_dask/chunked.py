@@ -199,11 +199,26 @@ def persist_now(x: da.Array) -> da.Array:
     return x
 
 
+#: Schedulers on which a computation has seen workers.
+_had_workers: set[str] = set()
+
+
+def _queued(client) -> bool:
+    """Whether the client's cluster asked for workers and none has joined yet since this process
+    first used it (batch jobs waiting in a queue: no reason to give up)."""
+    if client.scheduler.address in _had_workers:
+        return False
+    requested = getattr(getattr(client, "cluster", None), "requested", None)
+    return bool(requested)
+
+
 def _wait(client, futures: list) -> None:
     from distributed import wait
     from distributed.scheduler import KilledWorker
 
     alone_since = None
+    if client.scheduler_info(n_workers=-1)["workers"]:
+        _had_workers.add(client.scheduler.address)
     try:
         while True:
             try:
@@ -211,6 +226,9 @@ def _wait(client, futures: list) -> None:
             except TimeoutError:
                 if client.scheduler_info(n_workers=-1)["workers"]:
                     alone_since = None
+                    _had_workers.add(client.scheduler.address)
+                elif _queued(client):
+                    alone_since = None  # queued jobs: the wait is the queue's, not a failure
                 else:
                     alone_since = alone_since or time.monotonic()
                     if time.monotonic() - alone_since > NO_WORKERS_TIMEOUT_S:

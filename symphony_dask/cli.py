@@ -1,74 +1,194 @@
-"""Command line: ``symphony-dask build``, ``symphony-dask map`` and ``symphony-dask demo``."""
+"""Command line: symphony-dask build, symphony-dask map and symphony-dask demo.
+
+Heavy modules (dask, anndata, the engine) are imported when a command runs, so that --help
+answers at once.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+import warnings
 from contextlib import ExitStack
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import anndata as ad
+if TYPE_CHECKING:
+    import anndata as ad
 
-from . import __version__
-from .annotate import transfer_labels, transfer_values
-from .build import build_reference
-from .cluster import connect
-from .demo import format_report, run_demo
-from .mapping import map_query, query_shards
-from .progress import PassProgress
-from .reference import load_reference
-from .store import write_atomically
+DESCRIPTION = """\
+Build a Symphony reference from single-cell expression (Harmony-integrated PCA, compressed), map
+query cells onto it and transfer annotations from their nearest reference cells. Inputs are
+AnnData .h5ad files or .zarr stores, read in chunks of cells; --cluster or --scheduler runs the
+work on a Dask cluster (see cluster_configs/README.md)."""
+
+EPILOG = """\
+examples:
+  symphony-dask build ref.h5ad --out ref.zarr --batch-key donor --layer counts
+  symphony-dask build atlas.zarr --out ref.zarr --batch-key donor --obs-filter "donor != 'd7'" \\
+      --cluster cluster_configs/slurm.yaml
+  symphony-dask map --reference ref.zarr --query query.h5ad --layer counts --batch-key donor \\
+      --transfer cell_type --out mapped.h5ad"""
+
+#: Output suffixes of a mapped query (one query file).
+MAPPED_SUFFIXES = (".h5ad", ".zarr")
+
+
+class UsageError(ValueError):
+    """A command line that cannot be run as given (found before any work starts)."""
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``symphony-dask`` command."""
+    """Entry point of the ``symphony-dask`` command; returns the exit status (0 done, 2 refused
+    input, 1 failed run)."""
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
-    if not args.quiet:  # one line per finished pass or Harmony iteration
+    if not args.quiet:  # one line per finished stage or Harmony iteration
         logging.getLogger("symphony_dask").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    from .checks import command_line_spelling
+    from .chunked import WorkerFailure
+
     try:
         with ExitStack() as stack:
-            client = connect(cluster_file=args.cluster, scheduler=args.scheduler)
-            if client is not None:
-                if args.cluster is not None:  # started here: its workers (SLURM jobs, pods) end with the command
-                    stack.callback(client.cluster.close)
-                stack.enter_context(client)
-                print(f"Dask dashboard: {client.dashboard_link}")
-            elif not args.quiet:
-                stack.enter_context(PassProgress(minimum=1.0))
+            stack.enter_context(command_line_spelling())
+            stack.enter_context(warnings.catch_warnings())
+            warnings.showwarning = _show_warning
+            args.check(args)
+            _run_with_scheduler(args, stack)
             return args.run(args)
-    except (ValueError, KeyError, FileExistsError, FileNotFoundError) as err:
+    except (UsageError, ValueError, KeyError, TypeError, FileExistsError, FileNotFoundError) as err:
         print(f"symphony-dask: error: {err}", file=sys.stderr)
         return 2
+    except WorkerFailure as err:
+        print(f"symphony-dask: error: {err}", file=sys.stderr)
+        return 1
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"symphony-dask: warning: {message}", file=sys.stderr)
+
+
+def _run_with_scheduler(args: argparse.Namespace, stack: ExitStack) -> None:
+    """Connect to the cluster asked for (and close one started here at the end), or draw progress
+    bars on the threaded scheduler."""
+    from .cluster import connect, wait_for_workers
+
+    client = connect(cluster_file=args.cluster, scheduler=args.scheduler)
+    if client is not None:
+        if args.cluster is not None:  # started here: its workers (SLURM jobs, pods) end with the command
+            stack.callback(client.cluster.close)
+        stack.enter_context(client)
+        print(f"Dask dashboard: {client.dashboard_link}", flush=True)
+        wait_for_workers(client)
+    elif not args.quiet:
+        from .progress import PassProgress
+
+        stack.enter_context(PassProgress(minimum=1.0))
+
+
+# -- build -------------------------------------------------------------------------------------------
+
+
+def _check_build(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    if out.suffix != ".zarr":
+        raise UsageError(f"--out {args.out}: a reference is a zarr store; name it with .zarr (e.g. --out ref.zarr)")
+    _refuse_existing(out, args.overwrite)
+    _check_positive(args, "n_hvg", "n_pcs", "n_clusters", "max_iter_harmony", "chunk_size")
 
 
 def _build(args: argparse.Namespace) -> int:
-    _refuse_existing(Path(args.out), args.overwrite)
+    from .build import build_reference
+
     reference = build_reference(
         args.input, args.batch_key or None, normalize=not args.no_normalize, n_hvg=args.n_hvg,
         hvg_batch_key=args.hvg_batch_key, n_pcs=args.n_pcs, n_clusters=args.n_clusters, theta=args.theta,
-        max_iter_harmony=args.max_iter_harmony, seed=args.seed, chunk_size=args.chunk_size, keep_embedding=not args.minimal,
-        neighbor_index=not args.no_neighbor_index,
+        max_iter_harmony=args.max_iter_harmony, seed=args.seed, chunk_size=args.chunk_size, layer=args.layer,
+        obs_filter=args.obs_filter, keep_embedding=not args.minimal, neighbor_index=not args.no_neighbor_index,
     )
     reference.save(args.out, overwrite=args.overwrite)
     print(f"{reference} saved to {args.out}")
-    print("stage times (s): " + ", ".join(f"{k} {v:.2f}" for k, v in reference.params["timings_s"].items()))
+    print(format_stage_times(reference.params["timings_s"]))
     return 0
 
 
-def _map(args: argparse.Namespace) -> int:
-    shards = query_shards(args.query)
+def format_stage_times(timings: dict[str, float]) -> str:
+    """One line of stage times in seconds; Harmony's parts in parentheses after its total."""
+    parts = {name.removeprefix("harmony "): s for name, s in timings.items() if name.startswith("harmony ")}
+    shown = []
+    for name, seconds in timings.items():
+        if name.startswith("harmony "):
+            continue
+        text = f"{name} {seconds:.2f}"
+        if name == "harmony" and parts:
+            text += " (" + ", ".join(f"{part} {s:.2f}" for part, s in parts.items()) + ")"
+        shown.append(text)
+    return "stage times (s): " + ", ".join(shown)
+
+
+# -- map ---------------------------------------------------------------------------------------------
+
+
+def _check_map(args: argparse.Namespace) -> None:
+    from .mapping import query_shards
+
+    _check_positive(args, "k", "chunk_size")
+    if args.min_confidence is not None and not 0 <= args.min_confidence <= 1:
+        raise UsageError(f"--min-confidence {args.min_confidence}: a fraction of the k votes, between 0 and 1")
+    if not args.transfer and args.min_confidence is not None:
+        raise UsageError("--min-confidence applies to --transfer; name the labels to transfer")
+    args.shards = query_shards(args.query)
     out = Path(args.out)
-    one_file = len(shards) == 1 and out.suffix in (".h5ad", ".zarr")
-    targets = [out] if one_file else [out / f"{_stem(shard)}.symphony{args.format}" for shard in shards]
-    for target in targets:
+    if len(args.shards) == 1 and out.suffix in MAPPED_SUFFIXES:
+        args.targets = [out]
+    elif out.suffix:
+        if len(args.shards) == 1:
+            raise UsageError(f"--out {args.out}: a mapped query is written as AnnData; end the name with .h5ad or "
+                             ".zarr (or give a folder without a suffix)")
+        raise UsageError(f"--out {args.out}: {len(args.shards)} query files are mapped, each to its own file in the "
+                         "folder --out names; give a folder name without a suffix (e.g. --out mapped)")
+    else:
+        args.targets = [out / f"{_stem(shard)}.symphony{args.format}" for shard in args.shards]
+    for target in args.targets:
         _refuse_existing(target, args.overwrite)
+
+
+def _check_reference(args: argparse.Namespace, reference) -> None:
+    """What the transfers need from the reference, checked before the mapping runs."""
+    if not (args.transfer or args.transfer_values):
+        return
+    from .reference import no_per_cell_data
+
+    if reference.embedding is None or reference.obs is None:
+        raise UsageError(f"{args.reference}: {no_per_cell_data()}; or map without --transfer/--transfer-values")
+    if args.k > reference.n_cells:
+        raise UsageError(f"--k {args.k} is more neighbours than the reference has cells ({reference.n_cells})")
+    columns = ", ".join(map(repr, reference.obs.columns)) or "(none)"
+    for key in args.transfer:
+        if key not in reference.obs.columns:
+            raise UsageError(f"--transfer {key}: not a column of the reference obs; the columns are: {columns}")
+    for key in args.transfer_values:
+        if key not in reference.obs.columns and key not in reference.obsm:
+            keys = ", ".join(map(repr, reference.obsm)) or "(none)"
+            raise UsageError(f"--transfer-values {key}: neither a column of the reference obs nor an obsm key; "
+                             f"the columns are: {columns}; the obsm keys: {keys}")
+
+
+def _map(args: argparse.Namespace) -> int:
+    from .annotate import transfer_labels, transfer_values
+    from .mapping import map_query
+    from .reference import load_reference
+    from .store import write_atomically
+
     reference = load_reference(args.reference)
+    _check_reference(args, reference)
+    shards = args.shards
     mapped = map_query(
         reference, shards if len(shards) > 1 else shards[0], args.batch_key or None,
         normalize=not args.no_normalize, gene_key=args.gene_key, per_batch=args.per_batch, chunk_size=args.chunk_size,
+        layer=args.layer,
     )
     for key in args.transfer:
         transfer_labels(reference, mapped, key, k=args.k, min_confidence=args.min_confidence)
@@ -79,20 +199,36 @@ def _map(args: argparse.Namespace) -> int:
     for key in args.transfer:
         counts = mapped.obs[f"{key}_pred"].value_counts()
         print(f"{key}_pred: " + ", ".join(f"{label} {n}" for label, n in counts.items()))
-    for i, target in enumerate(targets):
+    for i, target in enumerate(args.targets):
         part = mapped if len(shards) == 1 else mapped[mapped.obs["symphony_shard"].to_numpy() == i].copy()
-        write_atomically(target, lambda tmp, part=part, suffix=target.suffix: _write_anndata(part, tmp, suffix),
+        write_atomically(target, lambda tmp, part=part, suffix=target.suffix: write_anndata(part, tmp, suffix),
                          overwrite=args.overwrite)
         print(f"written to {target}")
     return 0
 
 
+def write_anndata(adata: ad.AnnData, path: Path, suffix: str) -> None:
+    """Write ``adata`` as ``.h5ad`` or as a zarr v3 store (one chunk file per array, no sharding)."""
+    import anndata as ad
+
+    if suffix != ".zarr":
+        adata.write_h5ad(path)
+        return
+    with ad.settings.override(zarr_write_format=3, auto_shard_zarr_v3=False), warnings.catch_warnings():
+        # anndata consolidates the metadata, as every AnnData zarr store has (read_zarr expects it)
+        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+        adata.write_zarr(path)
+
+
 def _stem(path: str) -> str:
     name = Path(path).name
-    for suffix in (".h5ad", ".zarr"):
+    for suffix in MAPPED_SUFFIXES:
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return name
+
+
+# -- shared ------------------------------------------------------------------------------------------
 
 
 def _refuse_existing(out: Path, overwrite: bool) -> None:
@@ -101,69 +237,131 @@ def _refuse_existing(out: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
 
 
-def _write_anndata(adata: ad.AnnData, path: Path, suffix: str) -> None:
-    if suffix == ".zarr":
-        adata.write_zarr(path)
-    else:
-        adata.write_h5ad(path)
+def _check_positive(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} {value}: must be at least 1")
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from .demo import format_report, run_demo
+
     print(format_report(run_demo(chunk_size=args.chunk_size)))
     return 0
 
 
+def _nothing_to_check(args: argparse.Namespace) -> None:
+    _check_positive(args, "chunk_size")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Help that shows each option's default (unless it is off, empty, or said in the help)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("%(default)" in text or "default" in text or not action.option_strings
+                or action.default in (None, False, [], argparse.SUPPRESS)):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="symphony-dask", description=__doc__)
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="symphony-dask", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=_HelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--cluster", metavar="FILE", help="start the Dask cluster described in FILE (cluster_configs/)")
-    common.add_argument("--scheduler", metavar="ADDRESS", help="use the running Dask scheduler at ADDRESS")
-    common.add_argument("--chunk-size", type=int, default=None, help="cells per chunk")
-    common.add_argument("-v", "--verbose", action="store_true", help="log everything, dask's messages included")
-    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars or stage lines")
-    sub = parser.add_subparsers(dest="command", required=True)
+    run = common.add_argument_group("where and how it runs")
+    run.add_argument("--cluster", metavar="FILE",
+                     help="start the Dask cluster FILE describes (cluster_configs/*.yaml) and stop it at the end; "
+                          "default: threads of this process")
+    run.add_argument("--scheduler", metavar="ADDRESS", help="use the running Dask scheduler at ADDRESS "
+                     "(e.g. tcp://10.0.0.5:8786)")
+    run.add_argument("--chunk-size", type=int, default=None, metavar="CELLS",
+                     help="cells per chunk of the expression matrix; default: one chunk for small in-memory data, "
+                          "else as many cells (at most 10,000) as the memory of a task holds")
+    run.add_argument("-v", "--verbose", action="store_true", help="log everything, dask's messages included")
+    run.add_argument("-q", "--quiet", action="store_true", help="no progress bars or stage lines")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    b = sub.add_parser("build", parents=[common], help="build a reference from an .h5ad or .zarr AnnData")
-    b.add_argument("input", help="reference expression (.h5ad or .zarr), cells x genes")
-    b.add_argument("--out", required=True, help="reference store to write (.zarr)")
-    b.add_argument("--batch-key", action="append", default=[], help="obs column to integrate over (repeatable)")
-    b.add_argument("--no-normalize", action="store_true", help="the input is already log(CP10K+1)-normalized")
-    b.add_argument("--n-hvg", type=int, default=2000, help="variable genes per --hvg-batch-key group")
-    b.add_argument("--hvg-batch-key", default=None, help="obs column: select variable genes per group")
-    b.add_argument("--n-pcs", type=int, default=20)
-    b.add_argument("--n-clusters", type=int, default=None)
-    b.add_argument("--theta", type=float, default=2.0)
-    b.add_argument("--max-iter-harmony", type=int, default=20, help="maximum Harmony iterations")
-    b.add_argument("--seed", type=int, default=111)
-    b.add_argument("--minimal", action="store_true", help="save only the minimal elements (no per-cell embedding)")
+    def subcommand(name: str, help: str, description: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], help=help, description=description,
+                              formatter_class=_HelpFormatter)
+
+    b = subcommand("build", "build a reference from an .h5ad or .zarr AnnData",
+                   "Build a Symphony reference: variable genes, scaling, PCA, Harmony over --batch-key, compression.")
+    b.add_argument("input", help="reference expression: an .h5ad file or AnnData .zarr store, cells x genes")
+    b.add_argument("--out", required=True, metavar="REF.zarr", help="reference store to write (a .zarr folder)")
+    _add_input_options(b, "reference")
+    b.add_argument("--obs-filter", metavar="EXPR",
+                   help="build from the cells where EXPR over obs columns holds (pandas query syntax), "
+                        "e.g. \"donor != 'd7' and n_genes > 500\"")
+    b.add_argument("--batch-key", action="append", default=[], metavar="COLUMN",
+                   help="obs column to integrate over with Harmony; repeat for several; none: soft k-means "
+                        "without correction")
+    b.add_argument("--n-hvg", type=int, default=2000, metavar="GENES", help="variable genes per --hvg-batch-key group")
+    b.add_argument("--hvg-batch-key", default=None, metavar="COLUMN",
+                   help="obs column whose groups each contribute their top --n-hvg genes; default: all cells "
+                        "as one group")
+    b.add_argument("--n-pcs", type=int, default=20, metavar="N", help="principal components of the embedding")
+    b.add_argument("--n-clusters", type=int, default=None, metavar="K",
+                   help="Harmony's soft clusters; default: min(100, cells / 30)")
+    b.add_argument("--theta", type=float, default=2.0,
+                   help="Harmony's diversity penalty (0: no push to mix the batches)")
+    b.add_argument("--max-iter-harmony", type=int, default=20, metavar="N", help="most Harmony iterations")
+    b.add_argument("--seed", type=int, default=111, metavar="N", help="seed of the k-means start and Harmony's block order")
+    b.add_argument("--minimal", action="store_true",
+                   help="save only the compressed reference, without the per-cell embedding and obs "
+                        "(mapping works; label transfer does not)")
     b.add_argument("--no-neighbor-index", action="store_true",
                    help="do not build the HNSW index for label transfer now (built at the first transfer instead)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing reference store")
-    b.set_defaults(run=_build)
+    b.set_defaults(run=_build, check=_check_build)
 
-    m = sub.add_parser("map", parents=[common], help="map a query onto a reference")
-    m.add_argument("--reference", required=True, help="reference store written by 'build'")
-    m.add_argument("--query", required=True,
-                   help="query expression (.h5ad or .zarr), or a quoted glob of shards ('shards/*.h5ad') mapped together")
-    m.add_argument("--out", required=True,
-                   help="output AnnData (.h5ad/.zarr) for one query file, else a folder: one <shard>.symphony.h5ad each")
-    m.add_argument("--format", choices=[".h5ad", ".zarr"], default=".h5ad", help="format of per-shard outputs")
-    m.add_argument("--batch-key", action="append", default=[], help="query obs column to correct (repeatable)")
+    m = subcommand("map", "map a query onto a reference",
+                   "Map query cells into a reference's corrected embedding; transfer labels or values.")
+    m.add_argument("--reference", required=True, metavar="REF.zarr", help="reference store written by 'build'")
+    m.add_argument("--query", required=True, metavar="PATH",
+                   help="query expression (.h5ad or .zarr), or a quoted glob of shards ('shards/*.h5ad') mapped "
+                        "together")
+    m.add_argument("--out", required=True, metavar="PATH",
+                   help="one query file: the mapped AnnData, .h5ad or .zarr (zarr v3); several: a folder that gets "
+                        "one <shard>.symphony.h5ad (or --format) each")
+    m.add_argument("--format", choices=MAPPED_SUFFIXES, default=".h5ad", help="format of per-shard outputs")
+    _add_input_options(m, "query")
+    m.add_argument("--batch-key", action="append", default=[], metavar="COLUMN",
+                   help="query obs column whose batch effects are removed; repeat for several; none: all query "
+                        "cells are one batch")
     m.add_argument("--per-batch", action="store_true", help="fit each query batch's terms on its own")
-    m.add_argument("--gene-key", default=None, help="query var column holding the reference's gene names")
-    m.add_argument("--no-normalize", action="store_true", help="the query is already log(CP10K+1)-normalized")
-    m.add_argument("--transfer", action="append", default=[], metavar="KEY", help="reference obs label to transfer")
+    m.add_argument("--gene-key", default=None, metavar="COLUMN",
+                   help="query var column holding the reference's gene names; default: the query's var_names")
+    m.add_argument("--transfer", action="append", default=[], metavar="COLUMN",
+                   help="reference obs label to transfer by a k-NN vote (writes <COLUMN>_pred and _conf); "
+                        "repeat for several")
     m.add_argument("--transfer-values", action="append", default=[], metavar="KEY",
-                   help="numeric reference obs column or obsm key to transfer as a k-NN mean")
-    m.add_argument("--min-confidence", type=float, default=None, help="label cells below it 'Unassigned'")
-    m.add_argument("--k", type=int, default=5, help="neighbours for transfers")
-    m.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    m.set_defaults(run=_map)
+                   help="numeric reference obs column or obsm key to transfer as a k-NN mean; repeat for several")
+    m.add_argument("--min-confidence", type=float, default=None, metavar="FRACTION",
+                   help="label cells whose winning label has fewer votes than this fraction 'Unassigned' "
+                        "(the paper uses 0.6); default: keep every vote")
+    m.add_argument("--k", type=int, default=5, metavar="K", help="reference neighbours of each query cell for transfers")
+    m.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    m.set_defaults(run=_map, check=_check_map)
 
-    d = sub.add_parser("demo", parents=[common], help="build, map and annotate the bundled PBMC data")
-    d.set_defaults(run=_demo)
+    d = subcommand("demo", "build, map and annotate the bundled PBMC data",
+                   "Symphony's PBMC example on the bundled data: build from 3'v2 + 5', map 3'v1, transfer cell types.")
+    d.set_defaults(run=_demo, check=_nothing_to_check)
     return parser
+
+
+def _add_input_options(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--layer", default=None, metavar="NAME",
+                        help=f"read the {what}'s layers[NAME] instead of X (e.g. --layer counts for scanpy's "
+                             "layout: log values in X, counts in a layer); default: X")
+    parser.add_argument("--no-normalize", action="store_true",
+                        help=f"the {what} values are log(CP10K+1) already; without it they must be raw counts, "
+                             "normalized on the fly")
 
 
 if __name__ == "__main__":

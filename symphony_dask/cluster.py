@@ -3,18 +3,20 @@
 A cluster file is YAML with a ``cluster`` mapping whose ``kind`` says which cluster to start:
 
 - ``local``: a ``distributed.LocalCluster``; the other keys are its arguments;
-- ``slurm``: a ``dask_jobqueue.SLURMCluster`` (``pip install "symphony_dask[slurm]"``); ``jobs`` is
-  the number of jobs to start, the other keys are its arguments;
-- ``kubernetes``: a ``dask_kubernetes.operator.KubeCluster`` (``pip install
-  "symphony_dask[kubernetes]"``) created from the DaskCluster resource in ``spec`` (a path relative
-  to the cluster file), or connected to the running DaskCluster ``name``.
+- ``slurm``: a ``dask_jobqueue.SLURMCluster`` (``pip install ".[slurm]"`` from the repository
+  root); ``jobs`` is the number of jobs to start, the other keys are its arguments;
+- ``kubernetes``: a ``dask_kubernetes.operator.KubeCluster`` (``pip install ".[kubernetes]"``)
+  created from the DaskCluster resource in ``spec`` (a path relative to the cluster file), or
+  connected to the running DaskCluster ``name``.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import yaml
 from distributed import Client, LocalCluster
@@ -74,10 +76,36 @@ def connect(*, cluster_file: str | Path | None = None, scheduler: str | None = N
     return Client(cluster)
 
 
+#: Seconds between "still waiting" lines while a new cluster's workers are queued.
+WAIT_REPORT_S = 60.0
+
+
+def wait_for_workers(client: Client, *, out: TextIO | None = None, report_every: float = WAIT_REPORT_S) -> None:
+    """Return once the cluster has a worker; until then say what it waits for, every
+    ``report_every`` seconds (SLURM jobs may wait in the queue for minutes or hours)."""
+    if client.scheduler_info(n_workers=-1)["workers"]:
+        return
+    out = sys.stderr if out is None else out
+    asked = len(getattr(client.cluster, "requested", ()) or ())
+    which = f"{asked} worker(s) asked for" if asked else "workers"
+    print(f"waiting for the cluster's {which}: batch jobs may wait in the queue (SLURM: squeue --me); "
+          "Ctrl-C stops", file=out, flush=True)
+    start = time.monotonic()
+    while True:
+        try:
+            client.wait_for_workers(1, timeout=report_every)
+            break
+        except TimeoutError:
+            print(f"still waiting for a worker after {(time.monotonic() - start) / 60:.0f} min", file=out, flush=True)
+    n = len(client.scheduler_info(n_workers=-1)["workers"])
+    print(f"{n} worker(s) joined after {time.monotonic() - start:.0f} s; starting", file=out, flush=True)
+
+
 def _optional(module: str, name: str, extra: str) -> Any:
     try:
         return getattr(__import__(module, fromlist=[name]), name)
     except ImportError as err:
         raise ValueError(
-            f"this cluster kind needs {module.split('.')[0]}: pip install \"symphony_dask[{extra}]\""
+            f"this cluster kind needs {module.split('.')[0]}: pip install \".[{extra}]\" from the symphony_dask "
+            f"repository root (or pip install {module.split('.')[0].replace('_', '-')})"
         ) from err

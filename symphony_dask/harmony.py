@@ -14,7 +14,7 @@ import dask.array as da
 import numpy as np
 import pandas as pd
 
-from .checks import as_key_list, check_obs_keys
+from .checks import as_key_list, check_obs_keys, option
 from .chunked import one_blas_thread_per_task
 from .harmony_driver import HarmonyResult, HarmonyRun
 from .mixture import Design, make_design
@@ -167,7 +167,8 @@ def _soft_kmeans(Z, design: Design, k: int, *, sigma, seed, chunk_size, n_init, 
 
 def _check_clusters(k: int, n: int) -> None:
     if not 1 <= k <= n:
-        raise ValueError(f"n_clusters={k} is impossible with {n} cells; try n_clusters={default_n_clusters(n)}")
+        raise ValueError(f"{option('n_clusters', k)} is impossible with {n} cells; try "
+                         f"{option('n_clusters', default_n_clusters(n))}")
 
 
 def _per_key(value, keys: list[str], name: str) -> dict[str, float]:

@@ -206,9 +206,10 @@ class HarmonyRun:
         return kmeans(sample, self.k, n_init=n_init, max_iter=max_iter, seed=int(self.rng.integers(2**31)))
 
     def _start(self, n_init: int) -> tuple[np.ndarray, _Iteration]:
-        with timed(self.timings, "start"):
+        with timed(self.timings, "start", log=False):
             y0 = cosine_normalize(self._kmeans_start(n_init).T, axis=0)
             parts = self._attempt(self.groups.call, "initial_sums", y0)
+        logger.info("Harmony start (k-means of %d clusters): %.2f s", self.k, self.timings["start"])
         block_s = fold(_add, *(p[0] for p in parts))
         logz = fold(_add, *(p[1] for p in parts))
         centroid_sums = fold(_add, *(p[2] for p in parts))
@@ -261,7 +262,8 @@ class HarmonyRun:
         obj_harmony = [obj_kmeans[-1]]
         converged, n_iter = False, 0
         for n_iter in range(1, max_iter_harmony + 1):
-            with timed(self.timings, "clustering"):
+            before = dict(self.timings)
+            with timed(self.timings, "clustering", log=False):
                 for i in range(max_iter_cluster):
                     it = self._cluster_iteration(y, it.sums.block_s)
                     y = cosine_normalize(it.sums.centroid_sums, axis=0)
@@ -271,9 +273,11 @@ class HarmonyRun:
             obj_harmony.append(obj_kmeans[-1])
             old, new = obj_harmony[-2], obj_harmony[-1]
             converged = (old - new) / abs(old) < epsilon_harmony
-            logger.info("Harmony iteration %d: objective %.6g", n_iter, new)
-            with timed(self.timings, "correction"):
+            with timed(self.timings, "correction", log=False):
                 y = self._correct(ridge_penalty, it, final=converged or n_iter == max_iter_harmony)
+            spent = {k: v - before.get(k, 0.0) for k, v in self.timings.items()}
+            logger.info("Harmony iteration %d: objective %.6g; clustering %.2f s (%d rounds), correction %.2f s",
+                        n_iter, new, spent["clustering"], i + 1, spent["correction"])
             if converged:
                 break
         return self._result(it, n_iter, obj_harmony, converged)

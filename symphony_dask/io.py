@@ -23,6 +23,8 @@ import pandas as pd
 import scipy.sparse as sp
 import zarr
 
+from .checks import option
+
 logger = logging.getLogger("symphony_dask")
 
 #: Most cells per chunk by default (a dense scaled chunk of 10,000 cells x 2,000 genes is 160 MB);
@@ -49,6 +51,8 @@ class Expression:
     var: pd.DataFrame
     source: str
     obsm: dict = field(default_factory=dict)
+    #: Names of the AnnData's layers (other matrices of the same cells and genes).
+    layers: tuple[str, ...] = ()
 
     @property
     def genes(self) -> pd.Index:
@@ -93,13 +97,17 @@ def read_expression(data: AnnDataLike, *, chunk_size: int | None = None, layer: 
     return expr
 
 
+def _layer_names(adata: ad.AnnData) -> tuple[str, ...]:
+    return tuple(adata.layers.keys())
+
+
 def _backed(adata: ad.AnnData, chunk_size: int | None, layer: str | None) -> Expression:
     """A backed AnnData (or a view of one): the matrix read lazily from its file, only the cells and
     genes of the view; ``obs``, ``var`` and ``obsm`` as the AnnData holds them in memory."""
     path = Path(adata.filename)
     expr = _read_store(path, chunk_size, layer)
     if not adata.is_view and adata.shape == expr.X.shape:
-        return Expression(expr.X, adata.obs, adata.var, expr.source, dict(adata.obsm))
+        return Expression(expr.X, adata.obs, adata.var, expr.source, dict(adata.obsm), expr.layers)
     rows = _positions(expr.obs.index, adata.obs_names, "cells", "obs_names", path)
     cols = _positions(expr.var.index, adata.var_names, "genes", "var_names", path)
     x = expr.X
@@ -109,7 +117,7 @@ def _backed(adata: ad.AnnData, chunk_size: int | None, layer: str | None) -> Exp
     keep = np.zeros(x.shape[0], dtype=bool)
     keep[rows] = True
     subset = keep_cells(Expression(x, expr.obs, expr.var, expr.source), keep)
-    return Expression(subset.X, adata.obs, adata.var, expr.source, dict(adata.obsm))
+    return Expression(subset.X, adata.obs, adata.var, expr.source, dict(adata.obsm), expr.layers)
 
 
 def _positions(stored: pd.Index, wanted: pd.Index, what: str, names: str, path: Path) -> np.ndarray:
@@ -180,16 +188,20 @@ def _checked_chunk(block):
 
 
 def _from_memory(adata: ad.AnnData, chunk_size: int | None, layer: str | None) -> Expression:
+    if layer is not None and layer not in adata.layers:
+        raise ValueError(f"the AnnData has no layer {layer!r}; its layers are: "
+                         f"{', '.join(map(repr, adata.layers.keys())) or 'none'}")
     x = adata.X if layer is None else adata.layers[layer]
     if x is None:
-        raise ValueError("the AnnData has no X; pass layer= to name the matrix to use")
+        raise ValueError(f"the AnnData has no X; pass {option('layer')} to name the matrix to use "
+                         f"(its layers: {', '.join(map(repr, adata.layers.keys())) or 'none'})")
     if isinstance(x, da.Array):
         arr = x if chunk_size is None else x.rechunk({0: chunk_size})
         arr = _single_column_chunk(arr)
         # a dask array's meta may not say what its chunks are: look at each chunk
         meta = sp.csr_matrix((0, 0), dtype=arr.dtype) if sp.issparse(arr._meta) else arr._meta
         arr = arr.map_blocks(_checked_chunk, dtype=arr.dtype, meta=meta)
-        return Expression(arr, adata.obs, adata.var, "AnnData (dask)", dict(adata.obsm))
+        return Expression(arr, adata.obs, adata.var, "AnnData (dask)", dict(adata.obsm), _layer_names(adata))
     n = adata.n_obs
     rows = n if chunk_size is None else chunk_size
     if sp.issparse(x):
@@ -200,7 +212,7 @@ def _from_memory(adata: ad.AnnData, chunk_size: int | None, layer: str | None) -
         meta = np.empty((0, 0), dtype=x.dtype)
     # name=False: no hashing of the whole matrix for a graph key
     arr = da.from_array(_InMemoryRows(x), chunks=(max(rows, 1), -1), asarray=False, meta=meta, name=False)
-    return Expression(arr, adata.obs, adata.var, "AnnData", dict(adata.obsm))
+    return Expression(arr, adata.obs, adata.var, "AnnData", dict(adata.obsm), _layer_names(adata))
 
 
 class _InMemoryRows:
@@ -280,8 +292,12 @@ def _read_store(path: Path, chunk_size: int | None, layer: str | None) -> Expres
         raise FileNotFoundError(f"no such file or store: {path}")
     group = open_anndata_group(path)
     key = "X" if layer is None else f"layers/{layer}"
+    layers = tuple(group["layers"].keys()) if "layers" in group else ()
+    if layer is not None and layer not in layers:
+        raise ValueError(f"{path} has no layer {layer!r}; its layers are: {', '.join(map(repr, layers)) or 'none'}")
     if key not in group:
-        raise ValueError(f"{path} has no {key!r}: it is not an AnnData with an expression matrix")
+        raise ValueError(f"{path} has no {key!r}: it is not an AnnData with an expression matrix "
+                         f"(its layers: {', '.join(map(repr, layers)) or 'none'})")
     obs = ad.io.read_elem(group["obs"])
     var = ad.io.read_elem(group["var"])
     elem = group[key]
@@ -300,7 +316,7 @@ def _read_store(path: Path, chunk_size: int | None, layer: str | None) -> Expres
     arr = ad.experimental.read_elem_lazy(elem, chunks=(min(rows, max(shape[0], 1)), -1))
     arr = _single_column_chunk(arr)
     obsm = dict(ad.io.read_elem(group["obsm"])) if "obsm" in group else {}
-    return Expression(arr, obs, var, str(path), obsm)
+    return Expression(arr, obs, var, str(path), obsm, layers)
 
 
 def keep_cells(expr: Expression, keep: np.ndarray) -> Expression:
@@ -315,7 +331,29 @@ def keep_cells(expr: Expression, keep: np.ndarray) -> Expression:
             parts.append(da.from_delayed(take(block, rows), shape=(len(rows), expr.X.shape[1]),
                                          dtype=expr.X.dtype, meta=expr.X._meta))
     obsm = {k: v.loc[keep] if isinstance(v, pd.DataFrame) else np.asarray(v)[keep] for k, v in expr.obsm.items()}
-    return Expression(da.concatenate(parts, axis=0), expr.obs[keep], expr.var, expr.source, obsm)
+    return Expression(da.concatenate(parts, axis=0), expr.obs[keep], expr.var, expr.source, obsm, expr.layers)
+
+
+def cells_where(obs: pd.DataFrame, expression: str) -> np.ndarray:
+    """Boolean mask of the cells for which ``expression`` (pandas ``DataFrame.query`` syntax over
+    the ``obs`` columns) is true; a clear error for unknown columns, bad syntax or no cell left."""
+    columns = ", ".join(map(repr, obs.columns)) or "(none)"
+    flag = option("obs_filter")
+    try:
+        keep = obs.eval(expression)
+    except (NameError, KeyError) as err:  # pandas' UndefinedVariableError is a NameError
+        raise ValueError(f"{flag} {expression!r} names something that is not an obs column ({err}); "
+                         f"the columns are: {columns} (quote names with spaces in backticks)") from err
+    except (SyntaxError, TypeError, ValueError) as err:
+        raise ValueError(f"{flag} {expression!r} is not a valid filter ({err}); write it as pandas' "
+                         "DataFrame.query takes it, e.g. \"donor != 'x' and n_genes > 500\"") from err
+    if not isinstance(keep, pd.Series) or keep.dtype != bool or len(keep) != len(obs):
+        raise ValueError(f"{flag} {expression!r} must give True or False for each cell, e.g. \"donor != 'x'\"")
+    keep = keep.to_numpy()
+    if not keep.any():
+        raise ValueError(f"{flag} {expression!r} keeps none of the {len(obs)} cells")
+    logger.info("%s %r keeps %d of %d cells", flag, expression, int(keep.sum()), len(obs))
+    return keep
 
 
 def _take_rows(block, rows: np.ndarray):

@@ -26,6 +26,7 @@ import logging
 import os
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import anndata as ad
 import dask
@@ -33,13 +34,21 @@ import dask.array as da
 import numpy as np
 import pandas as pd
 
-from .checks import ValueCounts, as_key_list, check_obs_keys, check_unique_genes, count_bad_values, raise_on_bad_values
+from .checks import (
+    ValueCounts,
+    as_key_list,
+    check_obs_keys,
+    check_unique_genes,
+    count_bad_values,
+    option,
+    raise_on_bad_values,
+)
 from .chunked import as_row_chunked, compute, map_reduce, map_rows, one_blas_thread_per_task
 from .harmony_kernels import cosine_normalize, soft_assign
 from .io import AnnDataLike, Expression, read_expression
 from .mixture import Design, apply_batch_terms, make_design, ridge_statistics, ridge_system, solve_batch_terms
 from .pca import project
-from .reference import Reference
+from .reference import Reference, load_reference
 
 logger = logging.getLogger("symphony_dask")
 
@@ -53,7 +62,7 @@ QueryLike = AnnDataLike | Sequence[AnnDataLike]
 
 
 def map_query(
-    reference: Reference,
+    reference: Reference | str | os.PathLike,
     query: QueryLike,
     batch_keys: str | Sequence[str] | None = None,
     *,
@@ -71,7 +80,8 @@ def map_query(
     Parameters
     ----------
     reference
-        A :class:`~symphony_dask.Reference`.
+        A :class:`~symphony_dask.Reference`, or the path of a reference store (loaded with
+        :func:`~symphony_dask.load_reference`).
     query
         Cells x genes expression normalized like the reference (raw counts with ``normalize=True``,
         log(CP10K+1) values otherwise): an AnnData, a path to ``.h5ad``/``.zarr``, or several of
@@ -106,6 +116,10 @@ def map_query(
         ``obsm['X_symphony']`` (corrected embedding), ``obsm['X_symphony_pca']`` (projection before
         correction), ``obsm['X_symphony_R']`` (soft cluster assignments) and ``uns['symphony']``.
     """
+    if isinstance(reference, (str, os.PathLike)):
+        reference = load_reference(reference)
+    elif not isinstance(reference, Reference):
+        raise TypeError(f"reference must be a Reference or the path of a reference store, got {type(reference).__name__}")
     shards = query_shards(query)
     keys = as_key_list(batch_keys)
     exprs = [_read(shard, chunk_size, layer) for shard in shards]
@@ -116,11 +130,12 @@ def map_query(
     sigma32 = float(np.float32(sigma))
     terms = _BatchTerms(reference, design, lamb, per_batch)
 
+    values = _ValueCheck(normalize, exprs[0].layers if layer is None else ())
     if len(exprs) == 1 and exprs[0].X.numblocks[0] == 1:
-        zq_corr, zq, rq = _map_in_memory(reference, exprs[0], matched[0], design, terms, sigma32, normalize)
+        zq_corr, zq, rq = _map_in_memory(reference, exprs[0], matched[0], design, terms, sigma32, values)
     else:
         with one_blas_thread_per_task():
-            zq_corr, zq, rq = _map_chunked(reference, exprs, matched, design, terms, sigma32, normalize)
+            zq_corr, zq, rq = _map_chunked(reference, exprs, matched, design, terms, sigma32, values)
 
     out = _output(query, exprs, copy)
     out.obsm["X_symphony"] = zq_corr
@@ -153,7 +168,8 @@ def match_genes(reference_genes: pd.Index, query_genes: pd.Index, *, where: str 
         raise ValueError(
             f"{where} shares no genes with the reference (reference genes look like "
             f"{', '.join(reference_genes[:3])}; query genes like {', '.join(map(str, query_genes[:3]))}); "
-            "use the same gene identifiers (e.g. symbols vs Ensembl IDs) in both, or gene_key="
+            f"use the same gene identifiers (e.g. symbols vs Ensembl IDs) in both, or name the query var column that holds the reference's gene names "
+            f"({option('gene_key')})"
         )
     fraction = ref_rows.size / len(reference_genes)
     if fraction < MIN_GENE_FRACTION:
@@ -197,27 +213,39 @@ class _BatchTerms:
         return solve_batch_terms(a, b, penalty)
 
 
-def _map_in_memory(reference, expr, matched, design, terms, sigma32, normalize):
+@dataclass(frozen=True)
+class _ValueCheck:
+    """How the query's values are checked: as raw counts (``normalize``) or log values; ``layers``
+    are named in the warning when log values are read as counts."""
+
+    normalize: bool
+    layers: tuple[str, ...]
+
+    def __call__(self, counts: ValueCounts) -> None:
+        raise_on_bad_values(counts, where="the query expression", normalize=self.normalize, layers=self.layers)
+
+
+def _map_in_memory(reference, expr, matched, design, terms, sigma32, values: _ValueCheck):
     """The kernels on the whole query (the one-chunk case)."""
     block = expr.X.blocks[0].compute(scheduler="sync")  # one task: no thread pool
-    raise_on_bad_values(count_bad_values(block), where="the query expression", normalize=normalize)
-    zq = project(block, **_projection(reference, matched, normalize))
+    values(count_bad_values(block))
+    zq = project(block, **_projection(reference, matched, values.normalize))
     rq = soft_assign(cosine_normalize(zq), reference.centroids, sigma32)
     per_pattern = terms.per_pattern(*ridge_statistics(zq, rq, design.codes, len(design.patterns)))
     return apply_batch_terms(zq, rq, design.codes, per_pattern), zq, rq
 
 
-def _map_chunked(reference, exprs, matched, design, terms, sigma32, normalize):
+def _map_chunked(reference, exprs, matched, design, terms, sigma32, values: _ValueCheck):
     """The same kernels over the chunks of every shard: projection and assignment, one tree-reduced
     ridge for all shards, correction."""
     zq = da.concatenate([map_rows(_project_checked_later, e.X, n_out=reference.n_pcs,
-                                  **_projection(reference, m, normalize))
+                                  **_projection(reference, m, values.normalize))
                          for e, m in zip(exprs, matched)], axis=0)
     counts = [map_reduce(count_bad_values, e.X, combine=ValueCounts.__add__) for e in exprs]
     rq = map_rows(_assign, zq, n_out=reference.n_clusters, centroids=reference.centroids, sigma=sigma32)
     zq, rq, *counts = dask.persist(zq, rq, *counts)
     total = sum(compute(*counts), ValueCounts())
-    raise_on_bad_values(total, where="the query expression", normalize=normalize)
+    values(total)
     codes = as_row_chunked(design.codes, zq)
     s, t = compute(map_reduce(_ridge, zq, rq, codes, combine=_add_pairs, n_patterns=len(design.patterns)))[0]
     per_pattern = terms.per_pattern(s, t)
@@ -285,7 +313,7 @@ def _query_genes(expr: Expression, gene_key: str | None, where: str) -> pd.Index
         return expr.genes
     if gene_key not in expr.var.columns:
         cols = ", ".join(map(repr, expr.var.columns)) or "(none)"
-        raise ValueError(f"gene_key {gene_key!r} is not a column of {where}'s var; the columns are: {cols}")
+        raise ValueError(f"{option('gene_key', gene_key)} is not a column of {where}'s var; the columns are: {cols}")
     genes = pd.Index(expr.var[gene_key].astype(str))
     duplicated = genes.duplicated()
     if duplicated.any():

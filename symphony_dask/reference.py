@@ -42,14 +42,17 @@ import numpy as np
 import pandas as pd
 import zarr
 
+from .checks import pass_option
 from .neighbors import Method, NeighborIndex
 from .store import element_checksums, verify_checksums, write_atomically
 
 logger = logging.getLogger("symphony_dask")
 
 #: Error of annotation transfer from a reference saved without its cells.
-NO_PER_CELL_DATA = ("this reference was saved without its per-cell embedding and obs, which label transfer needs; "
-                    "rebuild it with keep_embedding=True")
+def no_per_cell_data() -> str:
+    """Error of annotation transfer from a reference saved without its cells."""
+    return ("this reference was saved without its per-cell embedding and obs, which label transfer needs; "
+            f"rebuild it ({pass_option('keep_embedding', True)})")
 
 STORE_FORMAT = "symphony_dask.reference"
 #: 2: element checksums in the marker; 1 (symphony_dask 0.1): none (read with a warning).
@@ -180,7 +183,7 @@ class Reference:
         if seed is None:
             seed = int(self.params.get("seed", 0))
         if self.embedding is None:
-            raise ValueError(NO_PER_CELL_DATA)
+            raise ValueError(no_per_cell_data())
         wanted = {"auto": None, "exact": "exact", "hnsw": "hnsw"}[method]
         if self.neighbors is None or (wanted and self.neighbors.method != wanted):
             self.neighbors = NeighborIndex.build(np.asarray(self.embedding), method=method, seed=seed)

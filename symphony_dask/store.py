@@ -23,6 +23,8 @@ import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from .checks import pass_option
+
 #: Leftovers of killed writes whose writer cannot be checked (another host, an older naming) are
 #: removed once they are this old (seconds).
 STALE_AFTER_S = 24 * 3600
@@ -44,7 +46,7 @@ def write_atomically(path: Path, write: Callable[[Path], None], *, overwrite: bo
     """
     path = Path(path)
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite) to replace it")
+        raise FileExistsError(f"{path} already exists; {pass_option('overwrite', True)} to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(path)
     tmp = path.parent / f".{path.name}.tmp-{_writer_tag()}"
