@@ -203,13 +203,17 @@ def persist_now(x: da.Array) -> da.Array:
 _had_workers: set[str] = set()
 
 
+def workers_asked_for(client) -> int:
+    """Workers the client's cluster object was scaled to (SLURM jobs times their worker processes);
+    0 for a cluster this process did not start."""
+    spec = getattr(getattr(client, "cluster", None), "worker_spec", None) or {}
+    return sum(len(s.get("group", [""])) if isinstance(s, dict) else 1 for s in spec.values())
+
+
 def _queued(client) -> bool:
     """Whether the client's cluster asked for workers and none has joined yet since this process
     first used it (batch jobs waiting in a queue: no reason to give up)."""
-    if client.scheduler.address in _had_workers:
-        return False
-    requested = getattr(getattr(client, "cluster", None), "requested", None)
-    return bool(requested)
+    return client.scheduler.address not in _had_workers and workers_asked_for(client) > 0
 
 
 def _wait(client, futures: list) -> None:

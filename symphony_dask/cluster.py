@@ -21,6 +21,8 @@ from typing import Any, TextIO
 import yaml
 from distributed import Client, LocalCluster
 
+from .chunked import workers_asked_for
+
 logger = logging.getLogger("symphony_dask")
 
 KINDS = ("local", "slurm", "kubernetes")
@@ -86,7 +88,7 @@ def wait_for_workers(client: Client, *, out: TextIO | None = None, report_every:
     if client.scheduler_info(n_workers=-1)["workers"]:
         return
     out = sys.stderr if out is None else out
-    asked = len(getattr(client.cluster, "requested", ()) or ())
+    asked = workers_asked_for(client)
     which = f"{asked} worker(s) asked for" if asked else "workers"
     print(f"waiting for the cluster's {which}: batch jobs may wait in the queue (SLURM: squeue --me); "
           "Ctrl-C stops", file=out, flush=True)
@@ -96,9 +98,13 @@ def wait_for_workers(client: Client, *, out: TextIO | None = None, report_every:
             client.wait_for_workers(1, timeout=report_every)
             break
         except TimeoutError:
-            print(f"still waiting for a worker after {(time.monotonic() - start) / 60:.0f} min", file=out, flush=True)
+            print(f"still waiting for a worker after {_duration(time.monotonic() - start)}", file=out, flush=True)
     n = len(client.scheduler_info(n_workers=-1)["workers"])
-    print(f"{n} worker(s) joined after {time.monotonic() - start:.0f} s; starting", file=out, flush=True)
+    print(f"{n} worker(s) joined after {_duration(time.monotonic() - start)}; starting", file=out, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 def _optional(module: str, name: str, extra: str) -> Any:

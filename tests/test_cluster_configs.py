@@ -24,6 +24,7 @@ def test_slurm_config_writes_a_job_script():
     with cluster:
         script = cluster.job_script()
     assert jobs == 4
+    assert "--interface" not in script  # interface: null leaves dask's default
     for line in ("#SBATCH -p normal", "#SBATCH --cpus-per-task=8", "#SBATCH --mem=30G", "#SBATCH -t 04:00:00",
                  "source ~/venvs/symphony/bin/activate", "--nworkers 2"):
         assert line in script, line
@@ -38,7 +39,7 @@ def test_kubernetes_config_names_a_daskcluster_resource():
     assert worker["spec"]["containers"][0]["env"][0] == {"name": "EXTRA_PIP_PACKAGES", "value": "symphony_dask"}
     assert spec["spec"]["scheduler"]["service"]["selector"]["dask.org/cluster-name"] == spec["metadata"]["name"]
     if importlib.util.find_spec("dask_kubernetes") is None:
-        with pytest.raises(ValueError, match=r'pip install "symphony_dask\[kubernetes\]"'):
+        with pytest.raises(ValueError, match=r'pip install "\.\[kubernetes\]" from the symphony_dask repository root'):
             make_cluster(CONFIGS / "kubernetes.yaml")
 
 
@@ -49,3 +50,20 @@ def test_bad_cluster_files(tmp_path):
     (tmp_path / "empty.yaml").write_text("workers: 2\n")
     with pytest.raises(ValueError, match="must hold a 'cluster' mapping with a 'kind'"):
         read_cluster_config(tmp_path / "empty.yaml")
+
+
+def test_slurm_config_names_the_interface(tmp_path):
+    """A site whose nodes talk over InfiniBand sets `interface`: the workers are started with it."""
+    text = (CONFIGS / "slurm.yaml").read_text().replace("interface: null", "interface: lo")
+    (tmp_path / "slurm.yaml").write_text(text)
+    cluster, _ = make_cluster(tmp_path / "slurm.yaml")
+    with cluster:
+        assert "--interface lo" in cluster.job_script()
+        assert cluster.scheduler_address.startswith("tcp://127.0.0.1")
+
+
+def test_docs_install_extras_from_the_repository():
+    """symphony_dask is not on PyPI: every install line names the extras of the checkout."""
+    for path in [*CONFIGS.iterdir(), CONFIGS.parent / "README.md"]:
+        if path.is_file():
+            assert "symphony_dask[" not in path.read_text(), path

@@ -187,3 +187,26 @@ def test_workers_with_less_memory_than_the_query_map_its_shards(synthetic_atlas,
     assert mapped.n_obs == 120_000 and np.isfinite(mapped.obsm["X_symphony"]).all()
     sd.transfer_labels(ref, mapped, "cell_type")
     assert (mapped.obs["cell_type_pred"] == mapped.obs["cell_type"]).mean() > 0.9
+
+
+def test_map_query_takes_the_path_of_a_reference_store(split, built_reference, tmp_path):
+    """Data arguments take paths everywhere: so does the reference of map_query."""
+    _, query = split
+    built_reference.save(tmp_path / "ref.zarr")
+    from_path = sd.map_query(str(tmp_path / "ref.zarr"), query.copy(), "donor", normalize=False)
+    from_object = sd.map_query(built_reference, query.copy(), "donor", normalize=False)
+    assert np.abs(from_path.obsm["X_symphony"] - from_object.obsm["X_symphony"]).max() <= 1e-12
+    with pytest.raises(TypeError, match="reference must be a Reference or the path of a reference store, got dict"):
+        sd.map_query({}, query, "donor", normalize=False)
+
+
+def test_transfer_values_of_an_unknown_key_lists_obs_columns_and_obsm_keys(split, built_reference):
+    _, query = split
+    mapped = sd.map_query(built_reference, query.copy(), "donor", normalize=False)
+    built_reference.obsm["protein"] = np.zeros((built_reference.n_cells, 3))
+    try:
+        with pytest.raises(ValueError, match=r"'proteins' is neither a column of the reference obs nor a reference "
+                                             r"obsm key; the obs columns are: 'donor', .*; the obsm keys: 'protein'"):
+            sd.transfer_values(built_reference, mapped, "proteins")
+    finally:
+        del built_reference.obsm["protein"]
