@@ -18,7 +18,7 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
-#: Public name -> module that defines it.
+#: Public name -> module that defines it (the names of ``__all__``).
 _PUBLIC = {
     "HarmonyResult": "harmony_driver",
     "Reference": "reference",
@@ -36,7 +36,22 @@ _PUBLIC = {
     "within_query_knn_corr": "metrics",
 }
 
-__all__ = sorted(_PUBLIC)
+__all__ = [
+    "HarmonyResult",
+    "Reference",
+    "build_reference",
+    "evaluate",
+    "harmonize",
+    "knn_corr",
+    "lisi",
+    "load_reference",
+    "map_query",
+    "per_cell_mapping_metric",
+    "per_cluster_mapping_metric",
+    "transfer_labels",
+    "transfer_values",
+    "within_query_knn_corr",
+]
 
 
 def __getattr__(name: str) -> Any:

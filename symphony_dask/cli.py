@@ -44,7 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     input, 1 failed run)."""
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    if not args.verbose:  # dask's own INFO lines (workers registering, ...) only with --verbose
+        handler.addFilter(lambda record: record.name.startswith("symphony_dask") or record.levelno >= logging.WARNING)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, handlers=[handler], force=True)
     if not args.quiet:  # one line per finished stage or Harmony iteration
         logging.getLogger("symphony_dask").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     from .checks import command_line_spelling

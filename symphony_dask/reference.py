@@ -216,7 +216,6 @@ class Reference:
             The store path.
         """
         path = write_atomically(Path(path), lambda tmp: _write_store(self, tmp), overwrite=overwrite)
-        logger.info("saved %r to %s", self, path)
         return path
 
 

@@ -265,3 +265,11 @@ def test_stage_times_are_printed_once_as_per_stage_seconds(files, capsys, caplog
     params = sd.load_reference(files / "ref.zarr").params["timings_s"]
     per_iteration = [float(m.split("clustering ")[1].split(" s")[0]) for m in iterations]
     assert abs(sum(per_iteration) - params["harmony clustering"]) < 0.01 * len(per_iteration) + 0.01
+
+
+def test_public_names_resolve_on_first_use():
+    assert sorted(sd.__all__) == sorted(sd._PUBLIC)
+    for name in sd.__all__:
+        assert getattr(sd, name).__name__ == name
+    with pytest.raises(AttributeError, match="has no attribute 'build'"):
+        sd.build  # noqa: B018

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -73,3 +74,28 @@ def test_build_and_map_through_slurm_equal_threads(slurm, split, tmp_path):
     assert np.abs(embedding - np.asarray(threaded.embedding)).max() <= TOL
     for key in ("X_symphony", "X_symphony_pca", "X_symphony_R"):
         assert np.abs(mapped.obsm[key] - threaded_query.obsm[key]).max() <= TOL, key
+
+
+def test_driver_job_builds_through_worker_jobs_with_a_plain_log(slurm, split, tmp_path, built_reference):
+    """cluster_configs/slurm-driver.sbatch runs symphony-dask in a job of its own, which submits the
+    worker jobs of slurm-local.yaml and waits for them; its log has one line per stage and no
+    carriage returns (progress bars are not redrawn into files)."""
+    ref_cells, _ = split
+    ref_cells.write_h5ad(tmp_path / "ref.h5ad")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    argv = ["build", "ref.h5ad", "--out", "ref.zarr", "--batch-key", "donor", "--no-normalize", "--n-hvg", "1000",
+            "--hvg-batch-key", "donor", "--n-clusters", "100", "--cluster", str(CONFIG)]
+    done = subprocess.run(["sbatch", "--wait", "--mem=2G", f"--chdir={tmp_path}", f"--output={tmp_path}/driver.log",
+                           str(CONFIG.parent / "slurm-driver.sbatch"), *argv],
+                          capture_output=True, text=True, timeout=600, env=env)
+    log = (tmp_path / "driver.log").read_text()
+    print(log)
+    assert done.returncode == 0, done.stderr + log
+    assert "\r" not in log
+    assert "Register worker" not in log  # dask's INFO lines only with --verbose
+    for line in ("Dask dashboard:", "waiting for the cluster's 2 worker(s) asked for", "worker(s) joined after",
+                 "stage moments:", "Harmony iteration 1:", "stage harmony:", "saved to ref.zarr", "stage times (s):"):
+        assert line in log, line
+    ref = sd.load_reference(tmp_path / "ref.zarr")
+    for name in ("loadings", "centroids", "compression"):
+        assert np.abs(getattr(ref, name) - getattr(built_reference, name)).max() <= TOL, name
