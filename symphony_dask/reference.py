@@ -29,7 +29,6 @@ beside the target and renamed into place, and an existing store is replaced only
 from __future__ import annotations
 
 import json
-import logging
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -46,9 +45,7 @@ from .checks import pass_option
 from .neighbors import Method, NeighborIndex
 from .store import element_checksums, verify_checksums, write_atomically
 
-logger = logging.getLogger("symphony_dask")
 
-#: Error of annotation transfer from a reference saved without its cells.
 def no_per_cell_data() -> str:
     """Error of annotation transfer from a reference saved without its cells."""
     return ("this reference was saved without its per-cell embedding and obs, which label transfer needs; "
