@@ -44,13 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     input, 1 failed run)."""
     parser = _parser()
     args = parser.parse_args(argv)
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    if not args.verbose:  # dask's own INFO lines (workers registering, ...) only with --verbose
-        handler.addFilter(lambda record: record.name.startswith("symphony_dask") or record.levelno >= logging.WARNING)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, handlers=[handler], force=True)
-    if not args.quiet:  # one line per finished stage or Harmony iteration
-        logging.getLogger("symphony_dask").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    _log_to_stderr(verbose=args.verbose, quiet=args.quiet)
     from .checks import command_line_spelling
     from .chunked import WorkerFailure
 
@@ -68,6 +62,35 @@ def main(argv: list[str] | None = None) -> int:
     except WorkerFailure as err:
         print(f"symphony-dask: error: {err}", file=sys.stderr)
         return 1
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Log lines as they are, to the ``sys.stderr`` of the moment (notebooks and tests replace it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def _log_to_stderr(*, verbose: bool, quiet: bool) -> None:
+    """symphony_dask's lines (one per finished stage or Harmony iteration) unless ``quiet``; with
+    ``verbose``, every logger's (dask's messages about workers joining, ...)."""
+    package, root = logging.getLogger("symphony_dask"), logging.getLogger()
+    for logger in (package, root):
+        for handler in [h for h in logger.handlers if isinstance(h, _StderrHandler)]:
+            logger.removeHandler(handler)
+    (root if verbose else package).addHandler(_StderrHandler())
+    package.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    if verbose:
+        root.setLevel(logging.DEBUG)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

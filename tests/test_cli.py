@@ -271,5 +271,5 @@ def test_public_names_resolve_on_first_use():
     assert sorted(sd.__all__) == sorted(sd._PUBLIC)
     for name in sd.__all__:
         assert getattr(sd, name).__name__ == name
-    with pytest.raises(AttributeError, match="has no attribute 'build'"):
-        sd.build  # noqa: B018
+    with pytest.raises(AttributeError, match="has no attribute 'build_refrence'"):
+        sd.build_refrence  # noqa: B018

@@ -81,7 +81,8 @@ def test_pseudotime_transfer_with_genes_matched_by_symbol(hsmm):
     reference_cells.var_names = reference_cells.var["gene_short_name"].astype(str)
     ref = sd.build_reference(reference_cells, normalize=False, n_hvg=600, n_pcs=10, n_clusters=8)
     query = hsmm[~in_ref].copy()
-    with pytest.raises(ValueError, match="shares no genes with the reference.*gene_key="):
+    with pytest.raises(ValueError, match=r"shares no genes with the reference.*name the query var column that "
+                                         r"holds the reference's gene names \(gene_key\)"):
         sd.map_query(ref, query.copy(), normalize=False)
     mapped = sd.map_query(ref, query, normalize=False, gene_key="gene_short_name")
     assert mapped.uns["symphony"]["fraction_genes_found"] == 1.0
@@ -161,7 +162,7 @@ def test_transfer_bad_input(built_reference, pbmcs, oracle):
     query = sd.map_query(built_reference, pbmcs[oracle.query_cells].copy(), "donor", normalize=False)
     with pytest.raises(ValueError, match="'cell_type' is not numeric; use transfer_labels"):
         sd.transfer_values(built_reference, query, "cell_type")
-    with pytest.raises(ValueError, match="'height' is not a column of the reference obs"):
+    with pytest.raises(ValueError, match="'height' is neither a column of the reference obs nor a reference obsm key"):
         sd.transfer_values(built_reference, query, "height")
     with pytest.raises(FileNotFoundError, match=r"no query shard matches '/nonexistent/shard_\*.h5ad'"):
         sd.map_query(built_reference, "/nonexistent/shard_*.h5ad")

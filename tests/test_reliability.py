@@ -32,7 +32,7 @@ def test_worker_killed_for_memory_names_the_chunk_size(synthetic_atlas):
             with Client(cluster):
                 with pytest.raises(WorkerFailure, match=(r"workers died running .* most likely out of memory\. The matrix "
                                                          r"is read in chunks of 50,000 cells x 10,000 genes, with 0\.6 GiB "
-                                                         r"of memory per task: pass a smaller chunk_size \(e\.g\. "
+                                                         r"of memory per task: pass a smaller chunk size \(e\.g\. "
                                                          r"chunk_size=12500")):
                     sd.build_reference(path, "donor", chunk_size=50_000)
 
