@@ -33,6 +33,8 @@ examples:
 
 #: Output suffixes of a mapped query (one query file).
 MAPPED_SUFFIXES = (".h5ad", ".zarr")
+#: Picture formats of --plot.
+PLOT_SUFFIXES = (".png", ".pdf", ".svg")
 
 
 class UsageError(ValueError):
@@ -164,6 +166,10 @@ def _check_map(args: argparse.Namespace) -> None:
     _check_positive(args, "k", "chunk_size")
     if args.min_confidence is not None and not 0 <= args.min_confidence <= 1:
         raise UsageError(f"--min-confidence {args.min_confidence}: a fraction of the k votes, between 0 and 1")
+    if args.plot is not None and Path(args.plot).suffix.lower() not in PLOT_SUFFIXES:
+        raise UsageError(f"--plot {args.plot}: name a picture file ending in {', '.join(PLOT_SUFFIXES)}")
+    if args.plot is not None:
+        _refuse_existing(Path(args.plot), args.overwrite)
     if not args.transfer and args.min_confidence is not None:
         raise UsageError("--min-confidence applies to --transfer; name the labels to transfer")
     args.shards = query_shards(args.query)
@@ -183,7 +189,9 @@ def _check_map(args: argparse.Namespace) -> None:
 
 
 def _check_reference(args: argparse.Namespace, reference) -> None:
-    """What the transfers need from the reference, checked before the mapping runs."""
+    """What the plot and the transfers need from the reference, checked before the mapping runs."""
+    if args.plot is not None and reference.umap_placement() is None:
+        raise UsageError(f"--plot: {args.reference} has no UMAP to draw into (built with umap=False or --minimal)")
     if not (args.transfer or args.transfer_values):
         return
     from .reference import no_per_cell_data
@@ -226,12 +234,30 @@ def _map(args: argparse.Namespace) -> int:
     for key in args.transfer:
         counts = mapped.obs[f"{key}_pred"].value_counts()
         print(f"{key}_pred: " + ", ".join(f"{label} {n}" for label, n in counts.items()))
+    if args.plot is not None:
+        _plot_mapping(reference, mapped, args)
     for i, target in enumerate(args.targets):
         part = mapped if len(shards) == 1 else mapped[mapped.obs["symphony_shard"].to_numpy() == i].copy()
         write_atomically(target, lambda tmp, part=part, suffix=target.suffix: write_anndata(part, tmp, suffix),
                          overwrite=args.overwrite)
         print(f"written to {target}")
     return 0
+
+
+def _plot_mapping(reference, mapped: ad.AnnData, args: argparse.Namespace) -> None:
+    """The query over the reference density, coloured by the first transferred label."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from . import pl
+
+    color = f"{args.transfer[0]}_pred" if args.transfer else None
+    ax = pl.mapping(reference, mapped, color=color)
+    ax.figure.savefig(args.plot, dpi=150, bbox_inches="tight")
+    plt.close(ax.figure)
+    print(f"plot written to {args.plot}")
 
 
 def write_anndata(adata: ad.AnnData, path: Path, suffix: str) -> None:
@@ -373,6 +399,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="label cells whose winning label has fewer votes than this fraction 'Unassigned' "
                         "(the paper uses 0.6); default: keep every vote")
     m.add_argument("--k", type=int, default=5, metavar="K", help="reference neighbours of each query cell for transfers")
+    m.add_argument("--plot", metavar="FILE.png",
+                   help="draw the query over the reference UMAP (coloured by the first --transfer label) into FILE "
+                        "(.png, .pdf or .svg)")
     m.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     m.set_defaults(run=_map, check=_check_map)
 

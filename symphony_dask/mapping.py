@@ -49,6 +49,7 @@ from .io import AnnDataLike, Expression, read_expression
 from .mixture import Design, apply_batch_terms, make_design, ridge_statistics, ridge_system, solve_batch_terms
 from .pca import project
 from .reference import Reference, load_reference
+from .umap_layout import Placement
 
 logger = logging.getLogger("symphony_dask")
 
@@ -114,7 +115,8 @@ def map_query(
         The query (for paths, an AnnData with their ``obs`` and ``var`` and no ``X``; for several
         shards, their ``obs`` concatenated with ``obs['symphony_shard']``) with
         ``obsm['X_symphony']`` (corrected embedding), ``obsm['X_symphony_pca']`` (projection before
-        correction), ``obsm['X_symphony_R']`` (soft cluster assignments) and ``uns['symphony']``.
+        correction), ``obsm['X_symphony_R']`` (soft cluster assignments), ``obsm['X_umap']`` (the
+        cells placed in the reference UMAP, for references that have one) and ``uns['symphony']``.
     """
     if isinstance(reference, (str, os.PathLike)):
         reference = load_reference(reference)
@@ -131,16 +133,20 @@ def map_query(
     terms = _BatchTerms(reference, design, lamb, per_batch)
 
     values = _ValueCheck(normalize, exprs[0].layers if layer is None else ())
+    placement = reference.umap_placement(len(obs))
     if len(exprs) == 1 and exprs[0].X.numblocks[0] == 1:
         zq_corr, zq, rq = _map_in_memory(reference, exprs[0], matched[0], design, terms, sigma32, values)
+        umap = None if placement is None else placement(zq_corr, np.arange(len(zq_corr)))
     else:
         with one_blas_thread_per_task():
-            zq_corr, zq, rq = _map_chunked(reference, exprs, matched, design, terms, sigma32, values)
+            zq_corr, zq, rq, umap = _map_chunked(reference, exprs, matched, design, terms, sigma32, values, placement)
 
     out = _output(query, exprs, copy)
     out.obsm["X_symphony"] = zq_corr
     out.obsm["X_symphony_pca"] = zq
     out.obsm["X_symphony_R"] = rq
+    if umap is not None:
+        out.obsm["X_umap"] = umap
     found = [len(rows) for _, rows in matched]
     out.uns["symphony"] = {
         "batch_keys": keys,
@@ -235,7 +241,7 @@ def _map_in_memory(reference, expr, matched, design, terms, sigma32, values: _Va
     return apply_batch_terms(zq, rq, design.codes, per_pattern), zq, rq
 
 
-def _map_chunked(reference, exprs, matched, design, terms, sigma32, values: _ValueCheck):
+def _map_chunked(reference, exprs, matched, design, terms, sigma32, values: _ValueCheck, placement: Placement | None):
     """The same kernels over the chunks of every shard: projection and assignment, one tree-reduced
     ridge for all shards, correction."""
     zq = da.concatenate([map_rows(_project_checked_later, e.X, n_out=reference.n_pcs,
@@ -250,7 +256,10 @@ def _map_chunked(reference, exprs, matched, design, terms, sigma32, values: _Val
     s, t = compute(map_reduce(_ridge, zq, rq, codes, combine=_add_pairs, n_patterns=len(design.patterns)))[0]
     per_pattern = terms.per_pattern(s, t)
     zq_corr = map_rows(_correct, zq, rq, codes, n_out=reference.n_pcs, per_pattern=per_pattern)
-    return compute(zq_corr, zq, rq)
+    if placement is None:
+        return (*compute(zq_corr, zq, rq), None)
+    rows = as_row_chunked(np.arange(zq.shape[0]), zq)
+    return compute(zq_corr, zq, rq, map_rows(placement, zq_corr, rows, n_out=2))
 
 
 def _project_checked_later(block, **kwargs) -> np.ndarray:

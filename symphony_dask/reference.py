@@ -44,6 +44,7 @@ import zarr
 from .checks import pass_option
 from .neighbors import Method, NeighborIndex
 from .store import element_checksums, verify_checksums, write_atomically
+from .umap_layout import Placement, UmapModel, UmapParams
 
 
 def no_per_cell_data() -> str:
@@ -94,6 +95,8 @@ class Reference:
     variable_gene_table: pd.DataFrame | None = field(default=None, repr=False, compare=False)
     #: k-NN index over ``embedding`` (an HNSW index is saved with the reference).
     neighbors: NeighborIndex | None = field(default=None, repr=False, compare=False)
+    #: The reference UMAP (coordinates, fitted rows, parameters); see :attr:`umap`.
+    umap_layout: UmapModel | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.genes = pd.Index(np.asarray(self.genes, dtype=object).astype(str), name=None)
@@ -171,6 +174,31 @@ class Reference:
         """Number of reference cells, if the per-cell embedding is kept."""
         return None if self.embedding is None else int(self.embedding.shape[0])
 
+    @property
+    def umap(self) -> np.ndarray | None:
+        """UMAP coordinates of the reference cells (cells x 2), if the reference has a UMAP."""
+        return None if self.umap_layout is None else self.umap_layout.coords
+
+    def to_anndata(self) -> ad.AnnData:
+        """The reference cells as an AnnData for scanpy and other AnnData tools: ``obs``,
+        ``obsm['X_symphony']`` (corrected embedding), ``obsm['X_umap']`` (if the reference has a UMAP)
+        and the reference's own ``obsm`` matrices; no expression matrix (``X`` is None) and the build
+        parameters in ``uns['symphony']``."""
+        if self.embedding is None or self.obs is None:
+            raise ValueError(no_per_cell_data().replace("label transfer needs", "to_anndata needs"))
+        obsm = {"X_symphony": np.asarray(self.embedding), **self.obsm}
+        if self.umap is not None:
+            obsm["X_umap"] = self.umap
+        adata = ad.AnnData(obs=self.obs.copy(), obsm=obsm)
+        adata.uns["symphony"] = {"params": _jsonable(self.params), "genes": np.asarray(self.genes, dtype=str)}
+        return adata
+
+    def umap_placement(self, n_cells: int = 1) -> Placement | None:
+        """What placing ``n_cells`` query cells into the reference UMAP needs, or None without a UMAP."""
+        if self.umap_layout is None or self.embedding is None:
+            return None
+        return self.umap_layout.placement(np.asarray(self.embedding), n_cells)
+
     def neighbor_index(self, *, method: Method = "auto", seed: int | None = None) -> NeighborIndex:
         """The k-NN index over the corrected reference embedding, built on first use and kept.
 
@@ -239,6 +267,11 @@ def _write_store(ref: Reference, path: Path) -> None:
                                        chunks=(64 * 2**20,))
             index.attrs.update({"method": "hnsw", "n_cells": ref.neighbors.n_cells, "dim": ref.neighbors.dim,
                                 "seed": ref.neighbors.seed})
+        if ref.umap_layout is not None:
+            layout = group.create_group("umap")
+            layout.attrs["params"] = ref.umap_layout.params.to_dict()
+            layout.create_array("coords", data=np.asarray(ref.umap_layout.coords, dtype=np.float64))
+            layout.create_array("fitted", data=np.asarray(ref.umap_layout.fitted, dtype=np.int64))
         elements = sorted(p.name for p in path.iterdir() if p.name != "zarr.json")
         group.attrs["symphony_dask"] = {"format": STORE_FORMAT, "version": STORE_VERSION,
                                         "checksums": element_checksums(path, elements)}
@@ -322,6 +355,10 @@ def load_reference(path: str | os.PathLike, *, lazy_embedding: bool = False) -> 
             embedding = ad.experimental.read_elem_lazy(node) if lazy_embedding else ad.io.read_elem(node)
         obs = ad.io.read_elem(group["obs"]) if "obs" in group else None
         obsm = dict(ad.io.read_elem(group["obsm"])) if "obsm" in group else {}
+        layout = None
+        if "umap" in group:
+            node = group["umap"]
+            layout = UmapModel(node["coords"][:], node["fitted"][:], UmapParams(**dict(node.attrs["params"])))
         neighbors = None
         if "neighbor_index" in group:
             node = group["neighbor_index"]
@@ -344,6 +381,7 @@ def load_reference(path: str | os.PathLike, *, lazy_embedding: bool = False) -> 
         pca_moments=moments,
         params=dict(group.attrs.get("params", {})),
         neighbors=neighbors,
+        umap_layout=layout,
     )
 
 
@@ -410,6 +448,16 @@ def _check_elements(ref: Reference) -> None:
             if len(values) != ref.embedding.shape[0]:
                 raise ValueError(f"obsm[{key!r}] has {len(values)} rows but the embedding has "
                                  f"{ref.embedding.shape[0]} cells")
+    if ref.umap_layout is not None:
+        layout = ref.umap_layout
+        n = None if ref.embedding is None else ref.embedding.shape[0]
+        if layout.coords.ndim != 2 or layout.coords.shape[1] != 2 or (n is not None and len(layout.coords) != n):
+            raise ValueError(f"the UMAP coordinates must be cells x 2 for {n} cells, got shape {layout.coords.shape}")
+        if layout.fitted.ndim != 1 or len(layout.fitted) <= layout.params.n_neighbors or (
+                len(layout.fitted) and not 0 <= layout.fitted.min() <= layout.fitted.max() < len(layout.coords)):
+            raise ValueError("the UMAP's fitted rows are not rows of its coordinates")
+        if not np.all(np.isfinite(layout.coords)):
+            raise ValueError("the UMAP coordinates hold NaN or infinite values")
     if ref.pca_moments is not None:
         m = ref.pca_moments
         if m.weight_sq.shape != (k,) or m.first.shape != (k, d) or m.second.shape != (k, d, d):

@@ -1,0 +1,222 @@
+"""The reference UMAP and the placement of cells into it (R Symphony's ``do_umap``).
+
+The reference layout is fitted by umap-learn on the corrected embedding with R Symphony's uwot
+settings (30 neighbours, cosine metric, min_dist 0.1, seeded). Above :data:`MAX_FIT_CELLS` cells
+it is fitted on a seeded subsample and the other reference cells are placed like query cells.
+
+Placing a cell (umap-learn's ``transform``, with the layout held fixed): its ``n_neighbors`` nearest
+fitted cells in the corrected embedding (cosine), fuzzy membership weights ``exp(-(d - rho) /
+sigma)`` (``smooth_knn_dist``, local connectivity 0 as in ``transform``), a start at the weighted
+mean of the neighbours' coordinates, then epochs of attraction to those neighbours and repulsion
+from random fitted cells (as umap-learn's ``transform``: 100 epochs when at most 10,000 cells are
+placed together, else 30, :func:`place_epochs`). Unlike umap-learn's ``transform``, which draws
+its random samples from one stream over all query cells and scales the weights by the query's
+largest, each cell here has its own random stream (seeded by the seed and the cell's row in the
+query) and weights are taken against their largest possible value, 1: a cell lands at the same
+coordinates whatever chunk, shard or worker it is placed in.
+
+Only arrays are kept (coordinates, fitted rows, parameters): a loaded reference rebuilds what
+placement needs from them and its embedding, and nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass
+
+import numba
+import numpy as np
+
+#: Most reference cells the layout is fitted on; the others are placed into it.
+MAX_FIT_CELLS = 20_000
+#: Cells per task when reference cells are placed into the fitted layout.
+PLACE_CHUNK = 10_000
+
+
+@dataclass(frozen=True)
+class UmapParams:
+    """The settings of a reference UMAP and the curve parameters ``a``, ``b`` of its layout."""
+
+    n_neighbors: int
+    min_dist: float
+    a: float
+    b: float
+    seed: int
+    metric: str = "cosine"
+    negative_sample_rate: int = 5
+    learning_rate: float = 1.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class UmapModel:
+    """A reference UMAP: the coordinates of every reference cell (cells x 2), which reference rows the
+    layout was fitted on (the others were placed), and its parameters."""
+
+    coords: np.ndarray
+    fitted: np.ndarray
+    params: UmapParams
+
+    def placement(self, embedding: np.ndarray, n_cells: int) -> Placement:
+        """What placing ``n_cells`` cells needs, from the reference's corrected ``embedding``."""
+        return Placement(np.asarray(embedding[self.fitted], dtype=np.float64), self.coords[self.fitted], self.params,
+                         place_epochs(n_cells))
+
+
+def place_epochs(n_cells: int) -> int:
+    """Optimization epochs when ``n_cells`` cells are placed together (umap-learn's ``transform``)."""
+    return 100 if n_cells <= 10_000 else 30
+
+
+@dataclass
+class Placement:
+    """The fitted cells' embedding (cells x d) and coordinates (cells x 2): call it on cells of the
+    corrected embedding and their rows (see :func:`place_cells`)."""
+
+    embedding: np.ndarray
+    coords: np.ndarray
+    params: UmapParams
+    epochs: int
+
+    def __call__(self, cells: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        return place_cells(cells, self.embedding, self.coords, self.params, rows=rows, epochs=self.epochs)
+
+
+def fit_umap(embedding: np.ndarray, *, n_neighbors: int = 30, min_dist: float = 0.1, seed: int = 111,
+             max_fit_cells: int = MAX_FIT_CELLS, chunk_size: int = PLACE_CHUNK) -> UmapModel:
+    """Fit the reference UMAP on the corrected embedding (cells x d), on at most ``max_fit_cells``
+    cells (a seeded subsample); the others are placed in chunks of ``chunk_size`` cells with the
+    active dask scheduler (on the workers of a cluster)."""
+    import umap
+
+    from .chunked import compute, map_rows
+
+    embedding = np.asarray(embedding, dtype=np.float64)
+    n = embedding.shape[0]
+    if n <= n_neighbors:
+        raise ValueError(f"a UMAP needs more than n_neighbors={n_neighbors} reference cells, got {n}")
+    rng = np.random.default_rng(seed)
+    fitted = np.sort(rng.choice(n, max_fit_cells, replace=False)) if n > max_fit_cells else np.arange(n)
+    reducer = umap.UMAP(n_neighbors=n_neighbors, min_dist=min_dist, metric="cosine", random_state=seed,
+                        n_components=2)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="n_jobs value .* overridden")
+        fitted_coords = reducer.fit_transform(embedding[fitted]).astype(np.float64)
+    params = UmapParams(n_neighbors=n_neighbors, min_dist=min_dist, a=float(reducer._a), b=float(reducer._b),
+                        seed=seed)
+    coords = np.empty((n, 2))
+    coords[fitted] = fitted_coords
+    model = UmapModel(coords, fitted, params)
+    others = np.setdiff1d(np.arange(n), fitted)
+    if len(others):
+        import dask.array as da
+
+        cells = da.from_array(embedding[others], chunks=(chunk_size, -1))
+        rows = da.from_array(others, chunks=(chunk_size,))
+        placed = map_rows(model.placement(embedding, len(others)), cells, rows, n_out=2)
+        coords[others] = compute(placed)[0]
+    return model
+
+
+def place_cells(cells: np.ndarray, fitted_embedding: np.ndarray, fitted_coords: np.ndarray, params: UmapParams,
+                *, rows: np.ndarray, epochs: int = 100) -> np.ndarray:
+    """Kernel: UMAP coordinates (cells x 2) of ``cells`` (cells x d, corrected embedding) in the layout
+    ``fitted_coords`` of ``fitted_embedding``. ``rows`` (one per cell, e.g. its row in the query)
+    seeds each cell's random stream, so the result does not depend on how cells are chunked."""
+    cells = np.asarray(cells, dtype=np.float64)
+    if len(cells) == 0:
+        return np.empty((0, 2))
+    neighbors, distances = _cosine_neighbors(cells, fitted_embedding, params.n_neighbors)
+    weights = _membership(distances, params.n_neighbors)
+    start = np.einsum("ck,ckj->cj", weights / weights.sum(axis=1, keepdims=True), fitted_coords[neighbors])
+    return _optimize(start.astype(np.float32), fitted_coords.astype(np.float32), neighbors.astype(np.int64),
+                     weights.astype(np.float32), np.asarray(rows, dtype=np.uint64), np.uint64(params.seed),
+                     params.a, params.b, params.learning_rate / 4.0, params.negative_sample_rate,
+                     epochs).astype(np.float64)
+
+
+def _cosine_neighbors(cells: np.ndarray, fitted: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest fitted cells of each cell by cosine distance (exact: a KD-tree over unit
+    vectors, whose Euclidean distance ``c`` gives the cosine distance ``c^2 / 2``), nearest first."""
+    from scipy.spatial import cKDTree
+
+    unit = _unit_rows(fitted)
+    chord, neighbors = cKDTree(unit).query(_unit_rows(cells), k=k)
+    return np.asarray(neighbors, dtype=np.int64).reshape(len(cells), k), np.asarray(chord).reshape(len(cells), k) ** 2 / 2
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-300)
+
+
+def _membership(distances: np.ndarray, k: int) -> np.ndarray:
+    """umap-learn's fuzzy membership of each cell to its neighbours, as its ``transform`` computes it."""
+    from umap.umap_ import smooth_knn_dist
+
+    d32 = distances.astype(np.float32)
+    sigmas, rhos = smooth_knn_dist(d32, float(k), local_connectivity=0.0)
+    weights = np.exp(-np.maximum(d32 - rhos[:, None], 0.0) / sigmas[:, None])
+    weights[d32 - rhos[:, None] <= 0] = 1.0
+    return weights.astype(np.float64)
+
+
+@numba.njit(cache=True, inline="always")
+def _next(state: np.uint64) -> tuple[np.uint64, np.uint64]:
+    """splitmix64: the next state and a random 64-bit value."""
+    state = state + np.uint64(0x9E3779B97F4A7C15)
+    z = state
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return state, z ^ (z >> np.uint64(31))
+
+
+@numba.njit(cache=True)
+def _optimize(y, fitted, neighbors, weights, rows, seed, a, b, alpha0, negative_rate, n_epochs):
+    """Move each cell (row of ``y``) towards its neighbours and away from random fitted cells, with
+    the fitted layout held fixed (umap-learn's ``optimize_layout_euclidean`` with move_other=False,
+    per-cell random streams, weights scaled by 1). Serial: dask runs chunks in parallel."""
+    n_cells, k = neighbors.shape
+    n_fitted = fitted.shape[0]
+    out = y.copy()
+    for c in range(n_cells):
+        state = seed ^ (rows[c] * np.uint64(0xD1B54A32D192ED03))
+        state, _ = _next(state)
+        yc = out[c]
+        # sample schedule (make_epochs_per_sample against the largest possible weight, 1)
+        every = np.full(k, -1.0)
+        for j in range(k):
+            if weights[c, j] >= 1.0 / n_epochs:
+                every[j] = 1.0 / weights[c, j]
+        next_sample = every.copy()
+        every_negative = every / negative_rate
+        next_negative = every_negative.copy()
+        for epoch in range(n_epochs):
+            alpha = alpha0 * (1.0 - epoch / n_epochs)
+            for j in range(k):
+                if every[j] < 0 or next_sample[j] > epoch:
+                    continue
+                other = fitted[neighbors[c, j]]
+                dx, dy = yc[0] - other[0], yc[1] - other[1]
+                d2 = dx * dx + dy * dy
+                if d2 > 0.0:
+                    coeff = -2.0 * a * b * d2 ** (b - 1.0) / (a * d2**b + 1.0)
+                    yc[0] += min(max(coeff * dx, -4.0), 4.0) * alpha
+                    yc[1] += min(max(coeff * dy, -4.0), 4.0) * alpha
+                next_sample[j] += every[j]
+                n_negative = int((epoch - next_negative[j]) / every_negative[j])
+                for _ in range(n_negative):
+                    state, r = _next(state)
+                    other = fitted[r % np.uint64(n_fitted)]
+                    dx, dy = yc[0] - other[0], yc[1] - other[1]
+                    d2 = dx * dx + dy * dy
+                    if d2 > 0.0:
+                        coeff = 2.0 * b / ((0.001 + d2) * (a * d2**b + 1.0))
+                        yc[0] += min(max(coeff * dx, -4.0), 4.0) * alpha
+                        yc[1] += min(max(coeff * dy, -4.0), 4.0) * alpha
+                    else:
+                        yc[0] += 4.0 * alpha
+                        yc[1] += 4.0 * alpha
+                next_negative[j] += n_negative * every_negative[j]
+    return out
