@@ -401,7 +401,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--k", type=int, default=5, metavar="K", help="reference neighbours of each query cell for transfers")
     m.add_argument("--plot", metavar="FILE.png",
                    help="draw the query over the reference UMAP (coloured by the first --transfer label) into FILE "
-                        "(.png, .pdf or .svg)")
+                        "(.png, .pdf or .svg); default: no picture")
     m.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     m.set_defaults(run=_map, check=_check_map)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import matplotlib
 import pytest
 
 README = Path(__file__).parents[1] / "README.md"
@@ -18,8 +19,9 @@ def _section(title: str, text: str) -> str:
 
 def test_in_python_examples_run_as_written(tmp_path, monkeypatch):
     blocks = re.findall(r"```python\n(.*?)```", _section("In Python", README.read_text()), flags=re.S)
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     monkeypatch.chdir(tmp_path)
+    matplotlib.use("Agg")
     namespace: dict = {}
     for block in blocks:
         exec(compile(block, str(README), "exec"), namespace)
@@ -28,3 +30,4 @@ def test_in_python_examples_run_as_written(tmp_path, monkeypatch):
     accuracy = (query.obs["cell_type_pred"].astype(str) == query.obs["cell_type"].astype(str)).mean()
     assert accuracy == pytest.approx(0.914, abs=0.01)  # README: 0.914 (the cells min_confidence leaves out were wrong)
     assert (tmp_path / "pbmc_ref.zarr").is_dir()
+    assert namespace["cells"].obsm["X_umap"].shape == (910, 2) and query.obsm["X_umap"].shape == (290, 2)
