@@ -21,6 +21,8 @@ placement needs from them and its embedding, and nothing is unpickled.
 
 from __future__ import annotations
 
+import hashlib
+import threading
 import warnings
 from dataclasses import asdict, dataclass
 
@@ -29,6 +31,13 @@ import numpy as np
 
 #: Most reference cells the layout is fitted on; the others are placed into it.
 MAX_FIT_CELLS = 20_000
+#: Fitted cells up to which a placed cell's neighbours are found exactly (else by HNSW).
+EXACT_SEARCH_MAX = 5_000
+#: HNSW query breadth for placement (k = 30: recall 0.999 against exact search).
+HNSW_EF = 100
+_KEEP_INDEXES = 4
+_indexes: dict[bytes, object] = {}
+_index_lock = threading.Lock()
 #: Cells per task when reference cells are placed into the fitted layout.
 PLACE_CHUNK = 10_000
 
@@ -89,7 +98,9 @@ def fit_umap(embedding: np.ndarray, *, n_neighbors: int = 30, min_dist: float = 
     """Fit the reference UMAP on the corrected embedding (cells x d), on at most ``max_fit_cells``
     cells (a seeded subsample); the others are placed in chunks of ``chunk_size`` cells with the
     active dask scheduler (on the workers of a cluster)."""
-    import umap
+    with warnings.catch_warnings():  # umap imports tqdm.auto, which warns in notebooks without ipywidgets
+        warnings.filterwarnings("ignore", message="IProgress not found")
+        import umap
 
     from .chunked import compute, map_rows
 
@@ -99,10 +110,15 @@ def fit_umap(embedding: np.ndarray, *, n_neighbors: int = 30, min_dist: float = 
         raise ValueError(f"a UMAP needs more than n_neighbors={n_neighbors} reference cells, got {n}")
     rng = np.random.default_rng(seed)
     fitted = np.sort(rng.choice(n, max_fit_cells, replace=False)) if n > max_fit_cells else np.arange(n)
+    # the fitted cells' own neighbours (each cell first), by the search that placement uses: this
+    # spares umap-learn's NN-descent, whose compilation alone costs ~40 s in a fresh process
+    neighbors, distances = _cosine_neighbors(embedding[fitted], embedding[fitted], n_neighbors, seed)
     reducer = umap.UMAP(n_neighbors=n_neighbors, min_dist=min_dist, metric="cosine", random_state=seed,
-                        n_components=2)
+                        n_components=2, precomputed_knn=(neighbors, distances.astype(np.float32), None))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="n_jobs value .* overridden")
+        warnings.filterwarnings("ignore", message=".*precomputed_knn.*")
+        warnings.filterwarnings("ignore", message=".*knn_search_index.*")
         fitted_coords = reducer.fit_transform(embedding[fitted]).astype(np.float64)
     params = UmapParams(n_neighbors=n_neighbors, min_dist=min_dist, a=float(reducer._a), b=float(reducer._b),
                         seed=seed)
@@ -128,7 +144,7 @@ def place_cells(cells: np.ndarray, fitted_embedding: np.ndarray, fitted_coords: 
     cells = np.asarray(cells, dtype=np.float64)
     if len(cells) == 0:
         return np.empty((0, 2))
-    neighbors, distances = _cosine_neighbors(cells, fitted_embedding, params.n_neighbors)
+    neighbors, distances = _cosine_neighbors(cells, fitted_embedding, params.n_neighbors, params.seed)
     weights = _membership(distances, params.n_neighbors)
     start = np.einsum("ck,ckj->cj", weights / weights.sum(axis=1, keepdims=True), fitted_coords[neighbors])
     return _optimize(start.astype(np.float32), fitted_coords.astype(np.float32), neighbors.astype(np.int64),
@@ -137,14 +153,42 @@ def place_cells(cells: np.ndarray, fitted_embedding: np.ndarray, fitted_coords: 
                      epochs).astype(np.float64)
 
 
-def _cosine_neighbors(cells: np.ndarray, fitted: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` nearest fitted cells of each cell by cosine distance (exact: a KD-tree over unit
-    vectors, whose Euclidean distance ``c`` gives the cosine distance ``c^2 / 2``), nearest first."""
-    from scipy.spatial import cKDTree
+def _cosine_neighbors(cells: np.ndarray, fitted: np.ndarray, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest fitted cells of each cell by cosine distance, nearest first: exact (a KD-tree
+    over unit vectors, whose Euclidean distance ``c`` gives the cosine distance ``c^2 / 2``) up to
+    :data:`EXACT_SEARCH_MAX` fitted cells, else through a seeded HNSW graph over them (inner
+    product of unit vectors; recall 0.999 at k = 30 on a 20,000-cell PBMC-like layout). Either way
+    a cell's neighbours do not depend on the other cells searched with it."""
+    unit, queries = _unit_rows(fitted), _unit_rows(cells)
+    if len(fitted) <= EXACT_SEARCH_MAX:
+        from scipy.spatial import cKDTree
 
-    unit = _unit_rows(fitted)
-    chord, neighbors = cKDTree(unit).query(_unit_rows(cells), k=k)
-    return np.asarray(neighbors, dtype=np.int64).reshape(len(cells), k), np.asarray(chord).reshape(len(cells), k) ** 2 / 2
+        chord, neighbors = cKDTree(unit).query(queries, k=k)
+        return (np.asarray(neighbors, dtype=np.int64).reshape(len(cells), k),
+                np.asarray(chord).reshape(len(cells), k) ** 2 / 2)
+    neighbors, distances = _hnsw_index(unit, seed).knn_query(queries.astype(np.float32), k=k, num_threads=1)
+    return neighbors.astype(np.int64), np.maximum(distances.astype(np.float64), 0.0)
+
+
+def _hnsw_index(unit: np.ndarray, seed: int):
+    """The HNSW graph over the fitted cells, built once per process (single-threaded and seeded, so
+    every process builds the same graph) and kept for the next chunks."""
+    import hnswlib
+
+    digest = hashlib.blake2b(unit.tobytes(), digest_size=16)
+    digest.update(str(seed).encode())
+    key = digest.digest()
+    with _index_lock:
+        index = _indexes.get(key)
+        if index is None:
+            index = hnswlib.Index(space="ip", dim=unit.shape[1])
+            index.init_index(max_elements=len(unit), ef_construction=100, M=16, random_seed=seed)
+            index.add_items(unit.astype(np.float32), num_threads=1)
+            index.set_ef(HNSW_EF)
+            while len(_indexes) >= _KEEP_INDEXES:
+                _indexes.pop(next(iter(_indexes)))
+            _indexes[key] = index
+    return index
 
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:

@@ -82,9 +82,14 @@ def test_without_umap_nothing_is_placed(split):
     assert minimal.umap is None
 
 
-def test_large_references_fit_on_a_subsample_and_place_the_rest(built_reference):
+@pytest.mark.parametrize("search", ["exact", "hnsw"])
+def test_large_references_fit_on_a_subsample_and_place_the_rest(built_reference, search, monkeypatch):
     """Above the fit cap the other reference cells are placed like query cells: they land among the
-    fitted cells of their own type."""
+    fitted cells of their own type, and chunks do not move them (also with an HNSW search, which
+    large fitted sets use)."""
+    import symphony_dask.umap_layout as layout
+
+    monkeypatch.setattr(layout, "EXACT_SEARCH_MAX", 5_000 if search == "exact" else 100)
     model = fit_umap(built_reference.embedding, seed=3, max_fit_cells=400, chunk_size=128)
     assert len(model.fitted) == 400 and np.all(np.isfinite(model.coords))
     placed = np.setdiff1d(np.arange(910), model.fitted)
