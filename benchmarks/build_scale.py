@@ -6,7 +6,8 @@ Each build runs in its own process; its peak RSS is sampled over the whole proce
     python benchmarks/build_scale.py --cells 100000 500000 1400000 \\
         --peer-python /path/to/venv-with-symphonypy/bin/python
 
-symphony_dask: ``build_reference(store, 'donor', n_hvg=2000, n_pcs=20, chunk_size=10_000)`` on the
+symphony_dask: ``build_reference(store, "donor", n_hvg=2000, n_pcs=20, chunk_size=10_000)`` (with its UMAP; and
+without, ``--without-umap``) on the
 threaded scheduler (raw counts, log-normalized on the fly). symphonypy: the same steps in memory
 (read the whole AnnData, ``normalize_total`` + ``log1p``, 2,000 Seurat-flavor variable genes,
 ``scale(max_value=10)``, 20 PCs, ``symphonypy.pp.harmony_integrate`` over ``donor``) with its
@@ -33,7 +34,7 @@ OURS = """
 import json, sys, time
 import symphony_dask as sd
 start = time.perf_counter()
-ref = sd.build_reference(sys.argv[1], "donor", n_hvg=2000, n_pcs=20, chunk_size=10_000)
+ref = sd.build_reference(sys.argv[1], "donor", n_hvg=2000, n_pcs=20, chunk_size=10_000, umap=sys.argv[2] == "umap")
 wall = time.perf_counter() - start
 p = ref.params
 print(json.dumps({"seconds": round(wall, 1), "stages_s": {k: round(v, 1) for k, v in p["timings_s"].items()},
@@ -103,13 +104,17 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=HERE / "data")
     parser.add_argument("--peer-python", help="a Python with symphonypy installed; omit to skip the peer")
     parser.add_argument("--peer-max-cells", type=int, default=500_000, help="largest dataset the peer is run on")
+    parser.add_argument("--without-umap", action="store_true",
+                        help="also build each reference with umap=False, to show what the UMAP costs")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "build_scale.json")
     args = parser.parse_args()
 
     rows = []
     for n in args.cells:
         path = dataset(n, args.data_dir)
-        runs = [("symphony_dask", [sys.executable, "-c", OURS, str(path)])]
+        runs = [("symphony_dask", [sys.executable, "-c", OURS, str(path), "umap"])]
+        if args.without_umap:
+            runs.append(("symphony_dask, umap=False", [sys.executable, "-c", OURS, str(path), "no-umap"]))
         if args.peer_python and n <= args.peer_max_cells:
             runs.append(("symphonypy", [args.peer_python, "-c", PEER, str(path)]))
         for method, cmd in runs:
@@ -130,7 +135,7 @@ def main() -> None:
 
 
 def _row(r: dict) -> str:
-    head = f"{r['method']:<14}{r['cells']:>10}"
+    head = f"{r['method']:<26}{r['cells']:>10}"
     if "error" in r:
         return f"{head}  failed after {r['wall_s']} s at {r['peak_rss_gb']} GB: {r['error']}"
     stages = ", ".join(f"{k} {v}" for k, v in r["stages_s"].items())

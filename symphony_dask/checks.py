@@ -23,7 +23,8 @@ _command_line: contextvars.ContextVar[bool] = contextvars.ContextVar("symphony_d
 
 #: Boolean keyword arguments whose command-line flag sets the value given here.
 _FLAG_OF = {"normalize": ("--no-normalize", False), "keep_embedding": ("--minimal", False),
-            "overwrite": ("--overwrite", True), "neighbor_index": ("--no-neighbor-index", False)}
+            "overwrite": ("--overwrite", True), "neighbor_index": ("--no-neighbor-index", False),
+            "umap": ("--no-umap", False)}
 #: Keyword arguments that the command line spells other than ``--name-with-dashes``.
 _RENAMED = {"batch_keys": "--batch-key", "n_hvg": "--n-hvg"}
 

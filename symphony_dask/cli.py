@@ -136,6 +136,7 @@ def _build(args: argparse.Namespace) -> int:
         hvg_batch_key=args.hvg_batch_key, n_pcs=args.n_pcs, n_clusters=args.n_clusters, theta=args.theta,
         max_iter_harmony=args.max_iter_harmony, seed=args.seed, chunk_size=args.chunk_size, layer=args.layer,
         obs_filter=args.obs_filter, keep_embedding=not args.minimal, neighbor_index=not args.no_neighbor_index,
+        umap=not args.no_umap,
     )
     reference.save(args.out, overwrite=args.overwrite)
     print(f"{reference} saved to {args.out}")
@@ -370,6 +371,8 @@ def _parser() -> argparse.ArgumentParser:
                         "(mapping works; label transfer does not)")
     b.add_argument("--no-neighbor-index", action="store_true",
                    help="do not build the HNSW index for label transfer now (built at the first transfer instead)")
+    b.add_argument("--no-umap", action="store_true",
+                   help="no UMAP of the reference (mapped queries then get no obsm['X_umap'] and map --plot is refused)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing reference store")
     b.set_defaults(run=_build, check=_check_build)
 

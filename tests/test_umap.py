@@ -141,6 +141,13 @@ def test_cli_map_draws_the_mapping(files_with_reference, capsys):
                  "--out", str(folder / "m2.h5ad"), "--plot", str(folder / "mapping.jpg"), "-q"])
     assert code == 2 and "ending in .png, .pdf, .svg" in capsys.readouterr().err
     assert not (folder / "m2.h5ad").exists()
+    assert main(["build", str(folder / "query.h5ad"), "--out", str(folder / "plain.zarr"), "--no-normalize",
+                 "--n-hvg", "500", "--no-umap", "-q"]) == 0
+    assert sd.load_reference(folder / "plain.zarr").umap is None
+    code = main(["map", "--reference", str(folder / "plain.zarr"), "--query", str(folder / "query.h5ad"),
+                 "--out", str(folder / "m3.h5ad"), "--no-normalize", "--plot", str(folder / "m3.png"), "-q"])
+    assert code == 2 and "has no UMAP to draw into" in capsys.readouterr().err
+    assert not (folder / "m3.h5ad").exists()
 
 
 @pytest.fixture()
