@@ -68,7 +68,8 @@ def transfer_labels(
     if labels.isna().any():
         raise ValueError(f"reference obs column {key!r} has {int(labels.isna().sum())} missing label(s)")
     neighbours = _neighbours(reference, query, k, embedding_key)
-    winner, votes = majority_vote(labels.codes[neighbours], len(labels.categories), seed=seed)
+    winner, votes = majority_vote(labels.codes[neighbours], len(labels.categories), seed=seed,
+                                  cell_keys=cell_keys(query.obs_names))
     conf = votes / k
     predicted = pd.Categorical.from_codes(winner, categories=labels.categories)
     if min_confidence is not None:
@@ -124,14 +125,36 @@ def transfer_values(
     return query
 
 
-def majority_vote(codes: np.ndarray, n_labels: int, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Winning label code per row of neighbour label codes, ties broken at random; and its votes."""
+def majority_vote(codes: np.ndarray, n_labels: int, *, seed: int = 0,
+                  cell_keys: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Winning label code per row of neighbour label codes, ties broken at random; and its votes.
+
+    The tie-break of a row is drawn from ``(seed, its cell key, the label)`` alone (``cell_keys``:
+    one uint64 per row, e.g. :func:`cell_keys` of the cell names; default: the row numbers), so a
+    cell's label does not depend on which other cells are voted with it (one query or its shards).
+    """
     m = codes.shape[0]
     counts = np.zeros((m, n_labels), dtype=np.int64)
     np.add.at(counts, (np.repeat(np.arange(m), codes.shape[1]), codes.ravel()), 1)
-    jitter = np.random.default_rng(seed).random((m, n_labels)) * 0.5  # < 1: only reorders ties
+    keys = np.arange(m, dtype=np.uint64) if cell_keys is None else np.asarray(cell_keys, dtype=np.uint64)
+    jitter = _uniform(keys[:, None], np.arange(n_labels, dtype=np.uint64)[None, :], seed) * 0.5  # < 1: ties only
     winner = np.argmax(counts + jitter, axis=1)
     return winner, counts[np.arange(m), winner]
+
+
+def cell_keys(names: pd.Index) -> np.ndarray:
+    """A stable 64-bit key per cell name (pandas' fixed-key hash: the same in every process)."""
+    return pd.util.hash_array(np.asarray(names, dtype=object).astype(str))
+
+
+def _uniform(keys: np.ndarray, labels: np.ndarray, seed: int) -> np.ndarray:
+    """Uniform [0, 1) numbers determined by (key, label, seed) through the splitmix64 finalizer."""
+    z = keys * np.uint64(0x9E3779B97F4A7C15) + labels * np.uint64(0xBF58476D1CE4E5B9)
+    z = z + np.array([seed % 2**64], dtype=np.uint64) * np.uint64(0x94D049BB133111EB)  # arrays wrap silently
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(2**53)
 
 
 def evaluate(true: pd.Series | np.ndarray, predicted: pd.Series | np.ndarray) -> dict:

@@ -98,10 +98,7 @@ def fit_umap(embedding: np.ndarray, *, n_neighbors: int = 30, min_dist: float = 
     """Fit the reference UMAP on the corrected embedding (cells x d), on at most ``max_fit_cells``
     cells (a seeded subsample); the others are placed in chunks of ``chunk_size`` cells with the
     active dask scheduler (on the workers of a cluster)."""
-    with warnings.catch_warnings():  # umap imports tqdm.auto, which warns in notebooks without ipywidgets
-        warnings.filterwarnings("ignore", message="IProgress not found")
-        import umap
-
+    umap = _umap()
     from .chunked import compute, map_rows
 
     embedding = np.asarray(embedding, dtype=np.float64)
@@ -191,14 +188,23 @@ def _hnsw_index(unit: np.ndarray, seed: int):
     return index
 
 
+def _umap():
+    """umap-learn, imported on first use (3 s) without the warning its tqdm import gives in notebooks
+    without ipywidgets."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="IProgress not found")
+        import umap
+        import umap.umap_
+    return umap
+
+
 def _unit_rows(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-300)
 
 
 def _membership(distances: np.ndarray, k: int) -> np.ndarray:
     """umap-learn's fuzzy membership of each cell to its neighbours, as its ``transform`` computes it."""
-    from umap.umap_ import smooth_knn_dist
-
+    smooth_knn_dist = _umap().umap_.smooth_knn_dist
     d32 = distances.astype(np.float32)
     sigmas, rhos = smooth_knn_dist(d32, float(k), local_connectivity=0.0)
     weights = np.exp(-np.maximum(d32 - rhos[:, None], 0.0) / sigmas[:, None])

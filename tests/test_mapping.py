@@ -5,6 +5,7 @@ from __future__ import annotations
 import anndata as ad
 import dask
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import DATA
 from distributed import Client, LocalCluster
@@ -211,3 +212,15 @@ def test_transfer_values_of_an_unknown_key_lists_obs_columns_and_obsm_keys(split
             sd.transfer_values(built_reference, mapped, "proteins")
     finally:
         del built_reference.obsm["protein"]
+
+
+def test_a_cells_label_does_not_depend_on_the_cells_voted_with_it(built_reference, pbmcs, oracle):
+    """Ties of the k-NN vote are broken by (seed, cell name, label): transferring to the query's
+    halves gives each cell the label it gets in the whole query (with k=4, 2-2 ties are common)."""
+    mapped = sd.map_query(built_reference, pbmcs[oracle.query_cells].copy(), "donor", normalize=False)
+    whole = sd.transfer_labels(built_reference, mapped.copy(), "cell_type", k=4).obs["cell_type_pred"]
+    halves = [sd.transfer_labels(built_reference, mapped[rows].copy(), "cell_type", k=4).obs["cell_type_pred"]
+              for rows in (slice(0, 150), slice(150, None))]
+    votes = sd.transfer_labels(built_reference, mapped.copy(), "cell_type", k=4).obs["cell_type_conf"]
+    assert (votes == 0.5).sum() >= 10  # there are ties to break
+    assert list(pd.concat(halves).astype(str)) == list(whole.astype(str))
