@@ -193,6 +193,33 @@ class Reference:
         adata.uns["symphony"] = {"params": _jsonable(self.params), "genes": np.asarray(self.genes, dtype=str)}
         return adata
 
+    def to_xarray(self):
+        """The reference's elements as one labelled ``xarray.Dataset``: ``mean``, ``std`` (gene),
+        ``loadings`` (gene x pc), ``centroids`` (pc x cluster; Y_cos), ``cluster_sizes`` (cluster; N_r),
+        ``compression`` (cluster x pc; C) and, with the reference cells, ``embedding`` (cell x pc) and
+        ``umap`` (cell x umap_axis); the build parameters as JSON in ``attrs['params']``. Select by
+        name (``ds.loadings.sel(gene='CD3E')``) or write it with ``ds.to_netcdf`` / ``ds.to_zarr``."""
+        import xarray as xr
+
+        pcs = np.arange(1, self.n_pcs + 1)
+        data = {
+            "mean": ("gene", self.mean),
+            "std": ("gene", self.std),
+            "loadings": (("gene", "pc"), self.loadings),
+            "centroids": (("pc", "cluster"), self.centroids),
+            "cluster_sizes": ("cluster", self.cluster_sizes),
+            "compression": (("cluster", "pc"), self.compression),
+        }
+        coords = {"gene": np.asarray(self.genes, dtype=str), "pc": pcs, "cluster": np.arange(self.n_clusters)}
+        if self.embedding is not None:
+            data["embedding"] = (("cell", "pc"), np.asarray(self.embedding))
+            if self.obs is not None:
+                coords["cell"] = np.asarray(self.obs.index, dtype=str)
+            if self.umap is not None:
+                data["umap"] = (("cell", "umap_axis"), self.umap)
+                coords["umap_axis"] = ["UMAP1", "UMAP2"]
+        return xr.Dataset(data, coords=coords, attrs={"params": json.dumps(_jsonable(self.params))})
+
     def umap_placement(self, n_cells: int = 1) -> Placement | None:
         """What placing ``n_cells`` query cells into the reference UMAP needs, or None without a UMAP."""
         if self.umap_layout is None or self.embedding is None:

@@ -232,3 +232,14 @@ def test_from_arrays_checks_shapes(r_reference):
             r_reference.centroids, r_reference.cluster_sizes, r_reference.compression,
             embedding=r_reference.embedding, obs=r_reference.obs.iloc[:3],
         )
+
+
+def test_to_xarray_labels_every_element(built_reference):
+    ds = built_reference.to_xarray()
+    assert dict(ds.sizes) == {"gene": 1360, "pc": 20, "cluster": 100, "cell": 910, "umap_axis": 2}
+    gene = str(built_reference.genes[7])
+    np.testing.assert_array_equal(ds.loadings.sel(gene=gene).values, built_reference.loadings[7])
+    np.testing.assert_array_equal(ds.compression.values, built_reference.compression)
+    np.testing.assert_array_equal(ds.centroids.sel(cluster=3).values, built_reference.centroids[:, 3])
+    assert ds.embedding.sel(cell=built_reference.obs.index[5]).shape == (20,)
+    assert json.loads(ds.attrs["params"])["n_clusters"] == 100
