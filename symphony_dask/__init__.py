@@ -31,6 +31,7 @@ _PUBLIC = {
     "map_query": "mapping",
     "per_cell_mapping_metric": "metrics",
     "per_cluster_mapping_metric": "metrics",
+    "read_symphony_rds": "rds",
     "transfer_labels": "annotate",
     "transfer_values": "annotate",
     "within_query_knn_corr": "metrics",
@@ -48,6 +49,7 @@ __all__ = [
     "map_query",
     "per_cell_mapping_metric",
     "per_cluster_mapping_metric",
+    "read_symphony_rds",
     "transfer_labels",
     "transfer_values",
     "within_query_knn_corr",
@@ -73,4 +75,5 @@ if TYPE_CHECKING:
     from .harmony_driver import HarmonyResult
     from .mapping import map_query
     from .metrics import knn_corr, lisi, per_cell_mapping_metric, per_cluster_mapping_metric, within_query_knn_corr
+    from .rds import read_symphony_rds
     from .reference import Reference, load_reference
