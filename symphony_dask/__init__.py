@@ -32,6 +32,7 @@ _PUBLIC = {
     "per_cell_mapping_metric": "metrics",
     "per_cluster_mapping_metric": "metrics",
     "read_symphony_rds": "rds",
+    "reference_from_anndata": "from_anndata",
     "transfer_labels": "annotate",
     "transfer_values": "annotate",
     "within_query_knn_corr": "metrics",
@@ -50,6 +51,7 @@ __all__ = [
     "per_cell_mapping_metric",
     "per_cluster_mapping_metric",
     "read_symphony_rds",
+    "reference_from_anndata",
     "transfer_labels",
     "transfer_values",
     "within_query_knn_corr",
@@ -71,6 +73,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from .annotate import evaluate, transfer_labels, transfer_values
     from .build import build_reference
+    from .from_anndata import reference_from_anndata
     from .harmony import harmonize
     from .harmony_driver import HarmonyResult
     from .mapping import map_query
