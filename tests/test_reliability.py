@@ -3,8 +3,6 @@ left without workers, a cluster that closes after the build."""
 
 from __future__ import annotations
 
-import time
-
 import dask
 import numpy as np
 import pytest
@@ -37,14 +35,13 @@ def test_worker_killed_for_memory_names_the_chunk_size(synthetic_atlas):
                     sd.build_reference(path, "donor", chunk_size=50_000)
 
 
-def test_cluster_without_workers_fails_in_bounded_time(split, monkeypatch):
+def test_cluster_without_workers_fails_instead_of_hanging(split, monkeypatch):
+    """The no-worker limit ends the wait with an error that says so (before, the build hung)."""
     monkeypatch.setattr(chunked, "NO_WORKERS_TIMEOUT_S", 3.0)
     ref_cells, _ = split
     with LocalCluster(n_workers=0, dashboard_address=":0") as cluster, Client(cluster):
-        start = time.perf_counter()
         with pytest.raises(WorkerFailure, match="the cluster has had no worker for 3 s"):
             sd.build_reference(ref_cells, "donor", **R_BUILD)
-        assert time.perf_counter() - start < 30
 
 
 def test_reference_built_on_a_cluster_outlives_it(split, built_reference, tmp_path):
