@@ -19,6 +19,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from .checks import option
 from .reference import Reference, no_per_cell_data
 
 logger = logging.getLogger("symphony_dask")
@@ -123,6 +124,18 @@ def transfer_values(
         else:
             query.obsm[f"{key}_pred"] = mean
     return query
+
+
+def check_transfers(reference: Reference, *, labels: Sequence[str] = (), values: Sequence[str] = (),
+                    k: int = 5) -> None:
+    """Raise, before any mapping, what :func:`transfer_labels` of ``labels`` and
+    :func:`transfer_values` of ``values`` with ``k`` neighbours would raise for this reference."""
+    for key in labels:
+        _reference_column(reference, key)
+    for key in values:
+        _reference_values(reference, key)
+    if not 1 <= k <= reference.n_cells:
+        raise ValueError(f"{option('k', k)}: between 1 and the reference's {reference.n_cells} cells")
 
 
 def majority_vote(codes: np.ndarray, n_labels: int, *, seed: int = 0,

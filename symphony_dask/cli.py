@@ -193,23 +193,10 @@ def _check_reference(args: argparse.Namespace, reference) -> None:
     """What the plot and the transfers need from the reference, checked before the mapping runs."""
     if args.plot is not None and reference.umap_placement() is None:
         raise UsageError(f"--plot: {args.reference} has no UMAP to draw into (built with umap=False or --minimal)")
-    if not (args.transfer or args.transfer_values):
-        return
-    from .reference import no_per_cell_data
+    if args.transfer or args.transfer_values:
+        from .annotate import check_transfers
 
-    if reference.embedding is None or reference.obs is None:
-        raise UsageError(f"{args.reference}: {no_per_cell_data()}; or map without --transfer/--transfer-values")
-    if args.k > reference.n_cells:
-        raise UsageError(f"--k {args.k} is more neighbours than the reference has cells ({reference.n_cells})")
-    columns = ", ".join(map(repr, reference.obs.columns)) or "(none)"
-    for key in args.transfer:
-        if key not in reference.obs.columns:
-            raise UsageError(f"--transfer {key}: not a column of the reference obs; the columns are: {columns}")
-    for key in args.transfer_values:
-        if key not in reference.obs.columns and key not in reference.obsm:
-            keys = ", ".join(map(repr, reference.obsm)) or "(none)"
-            raise UsageError(f"--transfer-values {key}: neither a column of the reference obs nor an obsm key; "
-                             f"the columns are: {columns}; the obsm keys: {keys}")
+        check_transfers(reference, labels=args.transfer, values=args.transfer_values, k=args.k)
 
 
 def _map(args: argparse.Namespace) -> int:

@@ -186,9 +186,9 @@ def test_transfer_checks_come_before_the_mapping(files, capsys, built_reference,
     built_reference.save(files / "ref.zarr")
     cases = [("minimal.zarr", ["--transfer", "cell_type"], "saved without its per-cell embedding and obs, which label "
                                                           "transfer needs; rebuild it (leave out --minimal)"),
-             ("ref.zarr", ["--transfer", "cell_type", "--k", "5000"], "--k 5000 is more neighbours than the reference "
-                                                                      "has cells (910)"),
-             ("ref.zarr", ["--transfer", "celltype"], "--transfer celltype: not a column of the reference obs"),
+             ("ref.zarr", ["--transfer", "cell_type", "--k", "5000"], "--k 5000: between 1 and the reference's 910 "
+                                                                      "cells"),
+             ("ref.zarr", ["--transfer", "celltype"], "'celltype' is not a column of the reference obs"),
              ("ref.zarr", ["--transfer-values", "protein"], "the obsm keys: (none)"),
              ("ref.zarr", ["--transfer", "cell_type", "--min-confidence", "60"], "between 0 and 1")]
     for reference, extra, message in cases:
