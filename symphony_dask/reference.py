@@ -42,7 +42,7 @@ import pandas as pd
 import zarr
 
 from .checks import pass_option
-from .neighbors import Method, NeighborIndex
+from .neighbors import INDEX_FORMAT, Method, NeighborIndex
 from .store import element_checksums, verify_checksums, write_atomically
 from .umap_layout import Placement, UmapModel, UmapParams
 
@@ -292,8 +292,8 @@ def _write_store(ref: Reference, path: Path) -> None:
         if ref.neighbors is not None and ref.neighbors.method == "hnsw":
             index = group.create_array("neighbor_index", data=np.frombuffer(ref.neighbors.to_bytes(), dtype=np.uint8),
                                        chunks=(64 * 2**20,))
-            index.attrs.update({"method": "hnsw", "n_cells": ref.neighbors.n_cells, "dim": ref.neighbors.dim,
-                                "seed": ref.neighbors.seed})
+            index.attrs.update({"method": "hnsw", "format": INDEX_FORMAT, "n_cells": ref.neighbors.n_cells,
+                                "dim": ref.neighbors.dim, "seed": ref.neighbors.seed})
         if ref.umap_layout is not None:
             layout = group.create_group("umap")
             layout.attrs["params"] = ref.umap_layout.params.to_dict()
@@ -387,7 +387,11 @@ def load_reference(path: str | os.PathLike, *, lazy_embedding: bool = False) -> 
             node = group["umap"]
             layout = UmapModel(node["coords"][:], node["fitted"][:], UmapParams(**dict(node.attrs["params"])))
         neighbors = None
-        if "neighbor_index" in group:
+        if "neighbor_index" in group and group["neighbor_index"].attrs.get("format") != INDEX_FORMAT:
+            warnings.warn(f"{path} holds a neighbour index from an older version (hnswlib); it is ignored and a "
+                          "new one is built at the first label transfer (save the reference again to keep it)",
+                          stacklevel=2)
+        elif "neighbor_index" in group:
             node = group["neighbor_index"]
             meta = dict(node.attrs)
             neighbors = NeighborIndex.from_bytes(node[:].tobytes(), n_cells=meta["n_cells"], dim=meta["dim"],

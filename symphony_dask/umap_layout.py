@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass
 import numba
 import numpy as np
 
+from .neighbors import hnsw_graph, hnsw_search
+
 #: Most reference cells the layout is fitted on; the others are placed into it.
 MAX_FIT_CELLS = 20_000
 #: Fitted cells up to which a placed cell's neighbours are found exactly (else by HNSW).
@@ -163,25 +165,20 @@ def _cosine_neighbors(cells: np.ndarray, fitted: np.ndarray, k: int, seed: int =
         chord, neighbors = cKDTree(unit).query(queries, k=k)
         return (np.asarray(neighbors, dtype=np.int64).reshape(len(cells), k),
                 np.asarray(chord).reshape(len(cells), k) ** 2 / 2)
-    neighbors, distances = _hnsw_index(unit, seed).knn_query(queries.astype(np.float32), k=k, num_threads=1)
-    return neighbors.astype(np.int64), np.maximum(distances.astype(np.float64), 0.0)
+    neighbors, products = hnsw_search(_hnsw_index(unit, seed), queries, k, HNSW_EF)
+    return neighbors, np.maximum(1.0 - products.astype(np.float64), 0.0)
 
 
 def _hnsw_index(unit: np.ndarray, seed: int):
-    """The HNSW graph over the fitted cells, built once per process (single-threaded and seeded, so
-    every process builds the same graph) and kept for the next chunks."""
-    import hnswlib
-
+    """The HNSW graph over the fitted cells (inner product of unit vectors), built once per process
+    (single-threaded and seeded, so every process builds the same graph) and kept for the next chunks."""
     digest = hashlib.blake2b(unit.tobytes(), digest_size=16)
     digest.update(str(seed).encode())
     key = digest.digest()
     with _index_lock:
         index = _indexes.get(key)
         if index is None:
-            index = hnswlib.Index(space="ip", dim=unit.shape[1])
-            index.init_index(max_elements=len(unit), ef_construction=100, M=16, random_seed=seed)
-            index.add_items(unit.astype(np.float32), num_threads=1)
-            index.set_ef(HNSW_EF)
+            index = hnsw_graph(unit, seed=seed, inner_product=True)
             while len(_indexes) >= _KEEP_INDEXES:
                 _indexes.pop(next(iter(_indexes)))
             _indexes[key] = index
