@@ -1,5 +1,5 @@
-"""Harmony integration (Korsunsky et al. 2019) as in harmony 0.1, the version Symphony was built on:
-the public functions. The loop lives in :mod:`symphony_dask.harmony_driver`, the work on chunks of
+"""Harmony integration (Korsunsky et al. 2019) as in harmony 0.1, the version Symphony was built on,
+or as in Harmony 2 (R harmony 2.0, harmonypy 2.1, scanpy 1.13's default): the public functions. The loop lives in :mod:`symphony_dask.harmony_driver`, the work on chunks of
 cells in :mod:`symphony_dask.harmony_chunk` and :mod:`symphony_dask.harmony_groups`, and the
 pure kernels (also used by mapping and compression) in :mod:`symphony_dask.harmony_kernels`.
 """
@@ -16,12 +16,21 @@ import pandas as pd
 
 from .checks import as_key_list, check_obs_keys, option
 from .chunked import one_blas_thread_per_task
-from .harmony_driver import HarmonyResult, HarmonyRun
+from .harmony_driver import HarmonyResult, HarmonyRun, RidgeSettings
 from .mixture import Design, make_design
 
 __all__ = ["HarmonyResult", "default_n_clusters", "harmonize", "soft_kmeans"]
 
-Flavor = Literal["harmony1"]
+Flavor = Literal["harmony1", "harmony2"]
+#: Settings whose default depends on the flavor: harmony 0.1's as Symphony runs it, and harmonypy
+#: 2.1's (``lamb=None``: the ridge penalty estimated as ``alpha E``; ``n_init=1``: one k-means++ start).
+FLAVOR_DEFAULTS: dict[str, dict[str, float | int | None]] = {
+    "harmony1": dict(lamb=1.0, max_iter_cluster=200, epsilon_cluster=1e-5, epsilon_harmony=1e-4, n_init=10),
+    "harmony2": dict(lamb=None, alpha=0.2, batch_prop_cutoff=1e-5, max_iter_cluster=4, epsilon_cluster=1e-3,
+                     epsilon_harmony=1e-2, n_init=1),
+}
+#: Settings a flavor does not use.
+IGNORED = {"harmony1": ("alpha", "batch_prop_cutoff"), "harmony2": ()}
 #: Iterations of Symphony's soft k-means when the reference has no batch variable.
 SOFT_KMEANS_ITERATIONS = 20
 
@@ -40,13 +49,15 @@ def harmonize(
     theta: float | Sequence[float] = 2.0,
     tau: float | Sequence[float] = 0.0,
     sigma: float = 0.1,
-    lamb: float | Sequence[float] = 1.0,
+    lamb: float | Sequence[float] | None = None,
+    alpha: float | None = None,
+    batch_prop_cutoff: float | None = None,
     block_size: float = 0.05,
     max_iter_harmony: int = 10,
-    max_iter_cluster: int = 200,
-    epsilon_cluster: float = 1e-5,
-    epsilon_harmony: float = 1e-4,
-    n_init: int = 10,
+    max_iter_cluster: int | None = None,
+    epsilon_cluster: float | None = None,
+    epsilon_harmony: float | None = None,
+    n_init: int | None = None,
     seed: int = 111,
     flavor: Flavor = "harmony1",
     chunk_size: int | None = None,
@@ -64,22 +75,34 @@ def harmonize(
         warning); with none left, ``Z`` is clustered by soft k-means and not corrected.
     n_clusters
         Number of soft clusters ``k``; default ``min(100, round(n / 30))``.
-    theta, tau, lamb
-        Diversity penalty, its small-batch discount, and the ridge penalty: one value, or one per
-        batch variable.
+    theta, tau
+        Diversity penalty and its small-batch discount: one value, or one per batch variable.
+    lamb
+        Ridge penalty: one value, or one per batch variable. Default: 1 for harmony1; for harmony2
+        estimated per cluster and batch as ``alpha`` times the batch's expected cells in the cluster
+        (a value given fixes it, as in harmonypy).
+    alpha, batch_prop_cutoff
+        harmony2 only (default 0.2 and 1e-5): the factor of the estimated ridge penalty, and the
+        share of a cluster at or below which a batch is left out of that cluster's correction.
     sigma
         Soft k-means entropy regularization.
     block_size
         Fraction of cells updated together in the clustering step.
     max_iter_harmony, max_iter_cluster, epsilon_cluster, epsilon_harmony
         Iteration limits and relative objective tolerances of Harmony and of its clustering
-        (a negative epsilon never stops early).
+        (a negative epsilon never stops early). Defaults: harmony1 200, 1e-5 and 1e-4; harmony2
+        4, 1e-3 and 1e-2.
     n_init
-        Number of k-means starts for the initial centroids (R uses 10).
+        Number of k-means starts for the initial centroids: 10 for harmony1 (as R), 1 for harmony2
+        (as harmonypy 2.1).
     seed
         Seeds the k-means start and the block draws.
     flavor
-        ``'harmony1'``: the algorithm of harmony 0.1 used by the Symphony paper.
+        ``'harmony1'``: the algorithm of harmony 0.1 used by the Symphony paper. ``'harmony2'``: R
+        harmony 2.0's and harmonypy 2.1's, with their defaults (a stabilised diversity penalty,
+        centroids from the ridge intercepts, an estimated ridge penalty, small batches left out of
+        a cluster's correction; see :mod:`symphony_dask.harmony_driver`). harmony1 ignores ``alpha``
+        and ``batch_prop_cutoff`` (with a warning when given); harmony2 uses every setting.
     chunk_size
         Cells per chunk: rechunks a dask ``Z``; splits a NumPy ``Z`` (default: a dask ``Z`` keeps its
         chunks, a NumPy ``Z`` is one chunk). Results do not depend on it beyond round-off, nor on the
@@ -90,8 +113,14 @@ def harmonize(
     HarmonyResult
         NumPy arrays for a NumPy ``Z``; dask arrays with ``Z``'s row chunks for a dask ``Z``.
     """
-    if flavor != "harmony1":
-        raise ValueError(f"flavor must be 'harmony1', got {flavor!r}")
+    if flavor not in FLAVOR_DEFAULTS:
+        raise ValueError(f"flavor must be 'harmony1' or 'harmony2', got {flavor!r}")
+    given = dict(lamb=lamb, alpha=alpha, batch_prop_cutoff=batch_prop_cutoff, max_iter_cluster=max_iter_cluster,
+                 epsilon_cluster=epsilon_cluster, epsilon_harmony=epsilon_harmony, n_init=n_init)
+    for name in IGNORED[flavor]:
+        if given[name] is not None:
+            warnings.warn(f"{name} is a harmony2 setting; flavor={flavor!r} ignores it", UserWarning, stacklevel=2)
+    settings = {name: FLAVOR_DEFAULTS[flavor].get(name) if value is None else value for name, value in given.items()}
     keys = as_key_list(batch_keys)
     if not keys:
         raise ValueError("harmonize needs at least one batch key")
@@ -103,24 +132,27 @@ def harmonize(
     check_obs_keys(meta, keys, where="meta")
     if not 0 < block_size <= 1:
         raise ValueError(f"block_size must be in (0, 1], got {block_size}")
-    if max_iter_harmony < 1 or max_iter_cluster < 1:
+    if max_iter_harmony < 1 or settings["max_iter_cluster"] < 1:
         raise ValueError("max_iter_harmony and max_iter_cluster must be at least 1")
     k = default_n_clusters(n) if n_clusters is None else int(n_clusters)
     _check_clusters(k, n)
-    theta_k, tau_k, lamb_k = (_per_key(v, keys, name) for v, name in ((theta, "theta"), (tau, "tau"), (lamb, "lamb")))
+    theta_k, tau_k = (_per_key(v, keys, name) for v, name in ((theta, "theta"), (tau, "tau")))
+    lamb_k = None if settings["lamb"] is None else _per_key(settings["lamb"], keys, "lamb")
     varying = [key for key in keys if meta[key].nunique() > 1]
     for key in set(keys) - set(varying):
         warnings.warn(f"batch variable {key!r} has a single level; there is nothing to integrate over it",
                       UserWarning, stacklevel=2)
     with one_blas_thread_per_task():
-        return _integrate(Z, meta, varying, k, theta_k, tau_k, lamb_k, sigma=sigma, seed=seed,
-                          chunk_size=chunk_size, n_init=n_init, block_size=block_size,
-                          max_iter_harmony=max_iter_harmony, max_iter_cluster=max_iter_cluster,
-                          epsilon_cluster=epsilon_cluster, epsilon_harmony=epsilon_harmony)
+        return _integrate(Z, meta, varying, k, theta_k, tau_k, lamb_k, sigma=sigma, seed=seed, flavor=flavor,
+                          chunk_size=chunk_size, n_init=settings["n_init"], block_size=block_size,
+                          alpha=settings["alpha"], batch_prop_cutoff=settings["batch_prop_cutoff"],
+                          max_iter_harmony=max_iter_harmony, max_iter_cluster=settings["max_iter_cluster"],
+                          epsilon_cluster=settings["epsilon_cluster"], epsilon_harmony=settings["epsilon_harmony"])
 
 
-def _integrate(Z, meta, varying, k, theta_k, tau_k, lamb_k, *, sigma, seed, chunk_size, n_init, block_size,
-               max_iter_harmony, max_iter_cluster, epsilon_cluster, epsilon_harmony) -> HarmonyResult:
+def _integrate(Z, meta, varying, k, theta_k, tau_k, lamb_k, *, sigma, seed, flavor, chunk_size, n_init, block_size,
+               alpha, batch_prop_cutoff, max_iter_harmony, max_iter_cluster, epsilon_cluster,
+               epsilon_harmony) -> HarmonyResult:
     n = int(Z.shape[0])
     if not varying:
         warnings.warn("no batch variable has two levels: clustering by soft k-means without correction",
@@ -135,11 +167,12 @@ def _integrate(Z, meta, varying, k, theta_k, tau_k, lamb_k, *, sigma, seed, chun
     if np.any(tau_b > 0):  # discount the penalty of batches with few cells per cluster
         discount = 1.0 - np.exp(-((n_b / (k * np.where(tau_b > 0, tau_b, 1.0))) ** 2))
         theta_b = np.where(tau_b > 0, theta_b * discount, theta_b)
-    ridge_penalty = np.concatenate([[0.0], [lamb_k[key] for key, _ in design.levels]])
+    penalty = None if lamb_k is None else np.concatenate([[0.0], [lamb_k[key] for key, _ in design.levels]])
+    ridge = RidgeSettings(penalty, *(() if flavor == "harmony1" else (float(alpha), float(batch_prop_cutoff))))
     run = HarmonyRun(Z, design, n_b / n, theta_b, n_clusters=k, sigma=sigma, seed=seed,
-                     n_blocks=int(np.ceil(1.0 / block_size)), chunk_size=chunk_size)
+                     n_blocks=int(np.ceil(1.0 / block_size)), chunk_size=chunk_size, flavor=flavor)
     return run.harmony(
-        ridge_penalty, n_init=n_init, max_iter_harmony=max_iter_harmony,
+        ridge, n_init=n_init, max_iter_harmony=max_iter_harmony,
         max_iter_cluster=max_iter_cluster, epsilon_cluster=epsilon_cluster, epsilon_harmony=epsilon_harmony,
     )
 

@@ -1,4 +1,4 @@
-"""The Harmony driver: harmony 0.1's loop over chunk groups that hold the cells.
+"""The Harmony driver: harmony 0.1's loop (and harmony 2's) over chunk groups that hold the cells.
 
 Start: seeded k-means on ``Z_cos`` (:mod:`symphony_dask.kmeans`), then ``R = softmax(-dist / sigma)``.
 One Harmony iteration is maximum-diversity soft k-means until its objective settles (window of 3,
@@ -7,6 +7,14 @@ iteration recomputes ``Y`` from ``Z_cos`` and ``R`` and updates ``R`` block by b
 block) in a seeded order, with O and E refreshed between blocks and the diversity penalty
 ``((E + 1) / (O + 1)) ** theta`` of harmony 0.1. Harmony stops when its objective improves by
 less than ``epsilon_harmony`` (relative).
+
+Harmony 2 (R harmony 2.0, harmonypy 2.1; ``flavor="harmony2"``) differs in four places: the
+penalty is the stabilised ``((2 E + 1) / (O + E + 1)) ** theta``; the centroids stay fixed through
+an iteration's clustering rounds, and from the second iteration on ``R`` restarts from the plain
+softmax of the corrected cells before them; the ridge penalty of a cluster and batch is
+``alpha E_kb`` and batches with a share of a cluster at most ``batch_prop_cutoff`` are left out of
+its correction (:func:`~symphony_dask.mixture.solve_harmony2_terms`); and the next centroids are
+the cosine-normalized intercepts of the ridge fits.
 
 The driver holds only what does not grow with the cells: ``Y``, the pattern sums ``S`` per block
 (from which O and E follow), the ridge systems, the objective history and the log of correction
@@ -28,9 +36,9 @@ from . import harmony_groups
 from .chunked import distributed_client, fold
 from .harmony_chunk import CorrectionStep, IterationSums, RunSpec, chunk_output
 from .harmony_groups import GroupsLost, LocalGroups, local_threads
-from .harmony_kernels import PenaltyTerms, cosine_normalize, cross_entropy
+from .harmony_kernels import PenaltyTerms, cosine_normalize
 from .kmeans import SEED_SAMPLE_PER_CLUSTER, kmeans
-from .mixture import Design, ridge_system, solve_batch_terms
+from .mixture import Design, ridge_system, solve_batch_terms, solve_harmony2_terms
 from .timing import timed
 
 logger = logging.getLogger("symphony_dask")
@@ -89,6 +97,17 @@ class HarmonyResult:
                 f"converged={self.converged})")
 
 
+@dataclass(frozen=True)
+class RidgeSettings:
+    """The ridge correction's penalty: ``penalty`` ((1 + B,), the intercept's first) fixed, or for
+    harmony 2 ``None`` to estimate it as ``alpha E``; harmony 2 leaves out batches whose share of a
+    cluster is at most ``cutoff``."""
+
+    penalty: np.ndarray | None
+    alpha: float = 0.2
+    cutoff: float = 1e-5
+
+
 @dataclass
 class _Iteration:
     """What the driver keeps of a clustering iteration: its sums and the centroids ``y`` it used."""
@@ -112,17 +131,21 @@ class HarmonyRun:
         Harmony's settings.
     chunk_size
         Cells per chunk (``None``: the chunks of a dask ``Z``; one chunk for NumPy on threads).
+    flavor
+        ``'harmony1'`` or ``'harmony2'`` (see the module docstring).
     """
 
     def __init__(self, Z: np.ndarray | da.Array, design: Design, pr_b: np.ndarray, theta_b: np.ndarray, *,
-                 n_clusters: int, sigma: float, seed: int, n_blocks: int, chunk_size: int | None) -> None:
+                 n_clusters: int, sigma: float, seed: int, n_blocks: int, chunk_size: int | None,
+                 flavor: str = "harmony1") -> None:
+        self.flavor = flavor
         self.rng = np.random.default_rng(seed)
         self.n, self.d = int(Z.shape[0]), int(Z.shape[1])
         self.k = n_clusters
         self.sigma = float(sigma)
         self.n_blocks = n_blocks
         self.design = design
-        self.terms = PenaltyTerms(design.patterns, pr_b, theta_b)
+        self.terms = PenaltyTerms(design.patterns, pr_b, theta_b, stabilized=flavor == "harmony2")
         self.spec = RunSpec(len(design.patterns), n_blocks, int(self.rng.integers(2**62)), self.sigma, self.terms)
         self.lazy = isinstance(Z, da.Array)
         self.log: list[CorrectionStep] = []
@@ -206,15 +229,21 @@ class HarmonyRun:
         return kmeans(sample, self.k, n_init=n_init, max_iter=max_iter, seed=int(self.rng.integers(2**31)))
 
     def _start(self, n_init: int) -> tuple[np.ndarray, _Iteration]:
+        """The k-means start and ``R = softmax(-dist / sigma)`` from it; returns the centroids of the
+        first clustering iteration (harmony 0.1: ``Z_cos^T R`` normalized; harmony 2: the start's)."""
         with timed(self.timings, "start", log=False):
             y0 = cosine_normalize(self._kmeans_start(n_init).T, axis=0)
-            parts = self._attempt(self.groups.call, "initial_sums", y0)
+            it = self._plain_assignments(y0)
         logger.info("Harmony start (k-means of %d clusters): %.2f s", self.k, self.timings["start"])
+        return (y0 if self.flavor == "harmony2" else cosine_normalize(it.sums.centroid_sums, axis=0)), it
+
+    def _plain_assignments(self, y: np.ndarray) -> _Iteration:
+        """The sums of ``R = softmax(-dist / sigma)`` (no diversity penalty) of the current cells."""
+        parts = self._attempt(self.groups.call, "initial_sums", y)
         block_s = fold(_add, *(p[0] for p in parts))
         logz = fold(_add, *(p[1] for p in parts))
         centroid_sums = fold(_add, *(p[2] for p in parts))
-        it = _Iteration(IterationSums(block_s, np.ones_like(block_s), 0.0, logz, centroid_sums), y0)
-        return cosine_normalize(centroid_sums, axis=0), it
+        return _Iteration(IterationSums(block_s, np.ones_like(block_s), 0.0, logz, centroid_sums), y)
 
     # -- iterations ----------------------------------------------------------------------------------
 
@@ -223,7 +252,7 @@ class HarmonyRun:
         s = it.sums
         kmeans_error = 2.0 * self.n - 2.0 * float((it.y * s.centroid_sums).sum())
         entropy = self.sigma * (s.logw - s.logz) - kmeans_error
-        cross = cross_entropy(s.block_s.sum(axis=0), self.terms.patterns, self.terms.pr_b, self.terms.theta, self.sigma)
+        cross = self.terms.cross_entropy(s.block_s.sum(axis=0), self.sigma)
         return kmeans_error + entropy + cross
 
     def _cluster_iteration(self, y: np.ndarray, block_s: np.ndarray) -> _Iteration:
@@ -233,19 +262,28 @@ class HarmonyRun:
         sums = self._attempt(self.groups.cluster_iteration, self._iterations, order, y, block_s)
         return _Iteration(sums, y)
 
-    def _correct(self, ridge_penalty: np.ndarray, it: _Iteration, final: bool) -> np.ndarray:
+    def _correct(self, ridge: RidgeSettings, it: _Iteration, final: bool) -> np.ndarray:
         """Ridge correction of every chunk; returns the new centroids ``Y``."""
         parts = self._attempt(self.groups.call, "ridge_sums", it.y, it.sums.penalties)
         s, t = fold(_add, *(p[0] for p in parts)), fold(_add, *(p[1] for p in parts))
-        w = solve_batch_terms(*ridge_system(s, t, self.design.patterns), ridge_penalty)
-        step = CorrectionStep(it.y, it.sums.penalties, np.einsum("pa,kad->pkd", self.design.patterns, w), final)
+        patterns = self.design.patterns
+        if self.flavor == "harmony2":
+            w, intercepts, fitted = solve_harmony2_terms(s, t, patterns, self.design.variables(), self.terms.pr_b,
+                                                         alpha=ridge.alpha, cutoff=ridge.cutoff, penalty=ridge.penalty)
+        else:
+            w = solve_batch_terms(*ridge_system(s, t, patterns), ridge.penalty)
+        step = CorrectionStep(it.y, it.sums.penalties, np.einsum("pa,kad->pkd", patterns, w), final)
         self.log.append(step)
         centroid_sums = fold(_add, *self._attempt(self.groups.call, "correct", len(self.log), step))
+        if self.flavor == "harmony2":
+            y = it.y.copy()
+            y[:, fitted] = cosine_normalize(intercepts[fitted].T, axis=0)
+            return y
         return cosine_normalize(centroid_sums, axis=0)
 
-    def harmony(self, ridge_penalty: np.ndarray, **settings: Any) -> HarmonyResult:
+    def harmony(self, ridge: RidgeSettings, **settings: Any) -> HarmonyResult:
         try:
-            return self._harmony(ridge_penalty, **settings)
+            return self._harmony(ridge, **settings)
         finally:
             self.groups.finish()
 
@@ -255,7 +293,7 @@ class HarmonyRun:
         finally:
             self.groups.finish()
 
-    def _harmony(self, ridge_penalty: np.ndarray, *, n_init: int, max_iter_harmony: int, max_iter_cluster: int,
+    def _harmony(self, ridge: RidgeSettings, *, n_init: int, max_iter_harmony: int, max_iter_cluster: int,
                  epsilon_cluster: float, epsilon_harmony: float) -> HarmonyResult:
         y, it = self._start(n_init)
         obj_kmeans = [self._objective(it)]
@@ -264,9 +302,12 @@ class HarmonyRun:
         for n_iter in range(1, max_iter_harmony + 1):
             before = dict(self.timings)
             with timed(self.timings, "clustering", log=False):
+                if self.flavor == "harmony2" and n_iter > 1:  # R restarts from the corrected cells
+                    it = self._plain_assignments(y)
                 for i in range(max_iter_cluster):
                     it = self._cluster_iteration(y, it.sums.block_s)
-                    y = cosine_normalize(it.sums.centroid_sums, axis=0)
+                    if self.flavor == "harmony1":
+                        y = cosine_normalize(it.sums.centroid_sums, axis=0)
                     obj_kmeans.append(self._objective(it))
                     if i > WINDOW and _window_converged(obj_kmeans, epsilon_cluster):
                         break
@@ -274,7 +315,7 @@ class HarmonyRun:
             old, new = obj_harmony[-2], obj_harmony[-1]
             converged = (old - new) / abs(old) < epsilon_harmony
             with timed(self.timings, "correction", log=False):
-                y = self._correct(ridge_penalty, it, final=converged or n_iter == max_iter_harmony)
+                y = self._correct(ridge, it, final=converged or n_iter == max_iter_harmony)
             spent = {k: v - before.get(k, 0.0) for k, v in self.timings.items()}
             logger.info("Harmony iteration %d: objective %.6g; clustering %.2f s (%d rounds), correction %.2f s",
                         n_iter, new, spent["clustering"], i + 1, spent["correction"])

@@ -195,44 +195,56 @@ def assign(z_corr: np.ndarray, y: np.ndarray, sigma: float, weights: np.ndarray,
 
 
 # ----------------------------------------------------------------------------------------------
-# diversity penalty and objective (harmony 0.1)
+# diversity penalty and objective (harmony 0.1, and harmony 2's stabilised form)
 # ----------------------------------------------------------------------------------------------
 
 
-def pattern_penalty(s: np.ndarray, patterns: np.ndarray, pr_b: np.ndarray, theta: np.ndarray) -> np.ndarray:
+def _observed_expected(s: np.ndarray, patterns: np.ndarray, pr_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``O = S^T Phi`` and ``E = N_k Pr_b^T`` (k x B) from the pattern sums ``S`` (p x k)."""
+    return s.T @ patterns[:, 1:], np.outer(s.sum(axis=0), pr_b)
+
+
+def pattern_penalty(s: np.ndarray, patterns: np.ndarray, pr_b: np.ndarray, theta: np.ndarray,
+                    stabilized: bool = False) -> np.ndarray:
     """Diversity penalty of each design pattern (p x k) from the pattern sums ``S`` (p x k).
 
-    ``O = S^T Phi`` and ``E = N_k Pr_b^T`` (k x B); harmony 0.1's penalty ``((E + 1) / (O + 1)) ** theta``
-    is summed over the batches of a pattern (one batch per variable), as harmony 0.1's product with
-    ``Phi`` does.
+    Per cluster and batch, harmony 0.1's ``((E + 1) / (O + 1)) ** theta``, or with ``stabilized``
+    harmony 2's ``((2 E + 1) / (O + E + 1)) ** theta`` (bounded by ``2 ** theta`` however few cells a
+    batch has in a cluster); summed over the batches of a pattern (one batch per variable), as the
+    product with ``Phi`` does.
     """
     phi = patterns[:, 1:]
     if phi.shape[1] == 0:  # no batch variable: plain soft k-means
         return np.ones_like(s)
-    o = s.T @ phi
-    e = np.outer(s.sum(axis=0), pr_b)
-    return phi @ (((e + 1.0) / (o + 1.0)) ** theta[None, :]).T
+    o, e = _observed_expected(s, patterns, pr_b)
+    ratio = (2.0 * e + 1.0) / (o + e + 1.0) if stabilized else (e + 1.0) / (o + 1.0)
+    return phi @ (ratio ** theta[None, :]).T
 
 
-def cross_entropy(s: np.ndarray, patterns: np.ndarray, pr_b: np.ndarray, theta: np.ndarray, sigma: float) -> float:
-    """Diversity term of the objective, ``sigma sum_kb theta_b log((O+1)/(E+1))_kb O_kb``."""
-    phi = patterns[:, 1:]
-    o = s.T @ phi
-    e = np.outer(s.sum(axis=0), pr_b)
-    return float(sigma * (theta[None, :] * np.log((o + 1.0) / (e + 1.0)) * o).sum())
+def cross_entropy(s: np.ndarray, patterns: np.ndarray, pr_b: np.ndarray, theta: np.ndarray, sigma: float,
+                  stabilized: bool = False) -> float:
+    """Diversity term of the objective, ``sigma sum_kb theta_b O_kb log(ratio_kb)``: harmony 0.1's
+    ``ratio = (O + 1) / (E + 1)``, or with ``stabilized`` harmony 2's ``(O + E + 1) / (2 E + 1)``."""
+    o, e = _observed_expected(s, patterns, pr_b)
+    ratio = (o + e + 1.0) / (2.0 * e + 1.0) if stabilized else (o + 1.0) / (e + 1.0)
+    return float(sigma * (theta[None, :] * np.log(ratio) * o).sum())
 
 
 @dataclass(frozen=True)
 class PenaltyTerms:
     """What the penalty of a pattern depends on besides ``S``: the design patterns, the batch
-    proportions ``Pr_b`` and the per-batch ``theta``."""
+    proportions ``Pr_b``, the per-batch ``theta``, and the form (harmony 2's ``stabilized``)."""
 
     patterns: np.ndarray
     pr_b: np.ndarray
     theta: np.ndarray
+    stabilized: bool = False
 
     def penalty(self, s: np.ndarray) -> np.ndarray:
-        return pattern_penalty(s, self.patterns, self.pr_b, self.theta)
+        return pattern_penalty(s, self.patterns, self.pr_b, self.theta, self.stabilized)
+
+    def cross_entropy(self, s: np.ndarray, sigma: float) -> float:
+        return cross_entropy(s, self.patterns, self.pr_b, self.theta, sigma, self.stabilized)
 
 
 @dataclass

@@ -33,6 +33,11 @@ class Design:
     codes: np.ndarray
     levels: list[tuple[str, str]]
 
+    def variables(self) -> np.ndarray:
+        """The batch variable (0, 1, ... in key order) of each of the B levels."""
+        keys = list(dict.fromkeys(key for key, _ in self.levels))
+        return np.array([keys.index(key) for key, _ in self.levels], dtype=np.int64)
+
     def level_counts(self) -> np.ndarray:
         """Number of cells in each of the B batch levels."""
         return np.bincount(self.codes, minlength=len(self.patterns)) @ self.patterns[:, 1:]
@@ -108,6 +113,55 @@ def solve_batch_terms(a: np.ndarray, b: np.ndarray, penalty: np.ndarray) -> np.n
     w = np.linalg.solve(a + np.diag(penalty)[None, :, :], b)
     w[:, 0, :] = 0.0
     return w
+
+
+def solve_harmony2_terms(s: np.ndarray, t: np.ndarray, patterns: np.ndarray, variables: np.ndarray,
+                        pr_b: np.ndarray, *, alpha: float, cutoff: float,
+                        penalty: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Harmony 2's ridge coefficients from the pattern sums ``s`` (p x k) and ``t`` (p x k x d).
+
+    Per cluster k, a batch takes part only if its share of the cluster, ``O_kb / N_b``, is above
+    ``cutoff`` and at least one other level of its variable's does too; cells with no such batch
+    are left out of the fit (and so not corrected by that cluster), a cluster without any is not
+    corrected at all. The penalty of batch b is ``alpha E_kb`` (``E = N_k Pr_b^T``, the cells of
+    batch b expected in cluster k), or ``penalty[1:]`` when given (``penalty[0]`` is the intercept's).
+
+    Returns
+    -------
+    w
+        Coefficients (k x (1 + B) x d), the intercept row and the batches left out zero.
+    intercepts
+        The fitted intercepts (k x d), from which harmony 2 takes its next centroids.
+    fitted
+        Whether each cluster was corrected (k,).
+    """
+    phi = patterns[:, 1:]
+    n_b = s.sum(axis=1) @ phi
+    o = s.T @ phi
+    e = np.outer(s.sum(axis=0), pr_b)
+    share = np.divide(o, n_b[None, :], out=np.zeros_like(o), where=n_b[None, :] > 0)
+    above = share > cutoff
+    k, d = s.shape[1], t.shape[2]
+    w = np.zeros((k, patterns.shape[1], d))
+    intercepts = np.zeros((k, d))
+    fitted = np.zeros(k, dtype=bool)
+    for c in range(k):
+        kept = np.zeros(phi.shape[1], dtype=bool)
+        for v in np.unique(variables):
+            levels = (variables == v) & above[c]
+            if levels.sum() > 1:
+                kept |= levels
+        if not kept.any():
+            continue
+        columns = np.r_[0, 1 + np.flatnonzero(kept)]
+        rows = phi[:, kept].any(axis=1)
+        x = patterns[np.ix_(rows, columns)]
+        lam = np.r_[0.0, alpha * e[c, kept]] if penalty is None else penalty[columns]
+        a = np.einsum("p,pa,pb->ab", s[rows, c], x, x) + np.diag(lam)
+        coef = np.linalg.solve(a, np.einsum("pd,pa->ad", t[rows, c], x))
+        intercepts[c], fitted[c] = coef[0], True
+        w[c, columns[1:]] = coef[1:]
+    return w, intercepts, fitted
 
 
 def apply_batch_terms(z: np.ndarray, r: np.ndarray, codes: np.ndarray, per_pattern: np.ndarray) -> np.ndarray:

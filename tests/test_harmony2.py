@@ -1,0 +1,159 @@
+"""Harmony 2 (``flavor="harmony2"``): against harmonypy 2.1 (the oracle), its formulas, and the
+invariances of the chunked engine."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import DATA
+
+import symphony_dask as sd
+from symphony_dask.harmony_kernels import cross_entropy, pattern_penalty
+from symphony_dask.mixture import make_design, solve_harmony2_terms
+
+harmonypy = pytest.importorskip("harmonypy", minversion="2.1")
+logging.getLogger("harmonypy").setLevel(logging.WARNING)
+
+TOL = 1e-10
+
+
+@pytest.fixture(scope="module")
+def pbmc3500():
+    root = DATA / "harmony_pbmc3500"
+    z = pd.read_csv(root / "pbmc_3500_pcs.tsv.gz", sep="\t").to_numpy()
+    meta = pd.read_csv(root / "pbmc_3500_meta.tsv.gz", sep="\t")
+    return z, meta
+
+
+def _synthetic(n: int, seed: int = 0) -> tuple[np.ndarray, pd.DataFrame]:
+    """12 cell types in 6 batches of unequal composition, each batch shifted."""
+    rng = np.random.default_rng(seed)
+    batch = rng.integers(0, 6, n)
+    weights = rng.dirichlet(np.ones(12), size=6)
+    types = (rng.random(n)[:, None] > np.cumsum(weights[batch], axis=1)).sum(axis=1).clip(0, 11)
+    z = rng.normal(size=(n, 20)) + (rng.normal(size=(12, 20)) * 3.0)[types] + rng.normal(size=(6, 20))[batch]
+    return z, pd.DataFrame({"batch": batch.astype(str)})
+
+
+def _agreement(ours: np.ndarray, theirs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per PC: Pearson r, and the RMSE relative to the PC's spread (blind spots of r: scale, offset)."""
+    r = np.array([np.corrcoef(ours[:, j], theirs[:, j])[0, 1] for j in range(ours.shape[1])])
+    rmse = np.sqrt(((ours - theirs) ** 2).mean(axis=0)) / theirs.std(axis=0)
+    return r, rmse
+
+
+def test_matches_harmonypy_with_its_defaults(pbmc3500):
+    z, meta = pbmc3500
+    ours = sd.harmonize(z, meta, "donor", flavor="harmony2")
+    theirs = harmonypy.run_harmony(z, meta, "donor", verbose=False)
+    r, rmse = _agreement(np.asarray(ours.Z_corr), np.asarray(theirs.Z_corr))
+    assert r.min() >= 0.99  # observed 0.9978 (median 0.9991)
+    assert rmse.max() <= 0.1  # observed 0.067 (median 0.042); harmony1's result is 0.95 in r
+    assert ours.n_iter == len(theirs.objective_harmony) - 1  # both converge after 5 iterations
+    assert ours.cluster_iterations == 4 * ours.n_iter  # harmony2's 4 rounds per iteration
+
+
+def test_matches_harmonypy_on_50k_synthetic_cells():
+    z, meta = _synthetic(50_000)
+    ours = sd.harmonize(z, meta, "batch", flavor="harmony2", chunk_size=12_500)
+    theirs = harmonypy.run_harmony(z, meta, "batch", verbose=False)
+    r, rmse = _agreement(np.asarray(ours.Z_corr), np.asarray(theirs.Z_corr))
+    assert r.min() >= 0.99  # observed 1.0000
+    assert rmse.max() <= 0.01  # observed < 5e-4
+
+
+def test_differs_from_harmony1(pbmc3500):
+    """The flavor changes the algorithm, not only the defaults."""
+    z, meta = pbmc3500
+    kw = dict(max_iter_harmony=2, max_iter_cluster=4, epsilon_cluster=-1.0, epsilon_harmony=-1.0, n_init=1, lamb=1.0)
+    one = sd.harmonize(z, meta, "donor", flavor="harmony1", **kw)
+    two = sd.harmonize(z, meta, "donor", flavor="harmony2", **kw)
+    assert np.abs(np.asarray(one.Z_corr) - np.asarray(two.Z_corr)).max() > 0.1
+
+
+@pytest.mark.parametrize("n_chunks", [3, 7])
+def test_chunking_does_not_change_results(pbmc3500, n_chunks):
+    z, meta = pbmc3500
+    one = sd.harmonize(z, meta, "donor", flavor="harmony2")
+    many = sd.harmonize(z, meta, "donor", flavor="harmony2", chunk_size=-(-len(z) // n_chunks))
+    assert np.abs(np.asarray(many.Z_corr) - np.asarray(one.Z_corr)).max() <= TOL
+    assert np.abs(np.asarray(many.R) - np.asarray(one.R)).max() <= TOL
+    assert many.n_iter == one.n_iter
+
+
+def test_settings_of_the_other_flavor_are_named(pbmc3500):
+    z, meta = pbmc3500
+    with pytest.warns(UserWarning, match="alpha is a harmony2 setting"):
+        sd.harmonize(z[:600], meta[:600], "donor", alpha=0.5, max_iter_harmony=1, n_clusters=5)
+    with pytest.raises(ValueError, match="'harmony1' or 'harmony2'"):
+        sd.harmonize(z, meta, "donor", flavor="harmony3")
+
+
+def test_stabilized_penalty_and_cross_entropy_formulas():
+    """Per cluster and batch ((2E + 1) / (O + E + 1)) ** theta, and sigma theta O log((O + E + 1) / (2E + 1))."""
+    rng = np.random.default_rng(1)
+    meta = pd.DataFrame({"a": rng.choice(["x", "y", "z"], 40), "b": rng.choice(["u", "v"], 40)})
+    design = make_design(meta, ["a", "b"])
+    s = rng.random((len(design.patterns), 4)) * 10
+    s[0, 2] = 0.0  # an empty pattern in a cluster
+    pr_b = design.level_counts() / 40
+    theta = np.array([1.0, 2.0, 0.5, 2.0, 1.5])
+    phi = design.patterns[:, 1:]
+    o, e = s.T @ phi, np.outer(s.sum(axis=0), pr_b)
+    for dtype in (np.float64, np.float32):
+        got = pattern_penalty(s.astype(dtype), design.patterns, pr_b, theta, stabilized=True)
+        for p in range(len(phi)):
+            for k in range(4):
+                want = sum(((2 * e[k, b] + 1) / (o[k, b] + e[k, b] + 1)) ** theta[b] for b in np.flatnonzero(phi[p]))
+                np.testing.assert_allclose(got[p, k], want, rtol=1e-6 if dtype == np.float32 else 1e-12)
+    want = 0.1 * (theta * o * np.log((o + e + 1) / (2 * e + 1))).sum()
+    np.testing.assert_allclose(cross_entropy(s, design.patterns, pr_b, theta, 0.1, stabilized=True), want, rtol=1e-12)
+    assert np.all(pattern_penalty(np.zeros_like(s), design.patterns, pr_b, theta, stabilized=True) == phi.sum(axis=1)[:, None])
+
+
+def _cellwise_fit(z, r, design, pr_b, alpha, cutoff):
+    """harmony 2's correction written cell by cell, as harmonypy does it (one batch variable here)."""
+    x = design.patterns[design.codes]
+    phi = x[:, 1:]
+    n_b, corrected, intercepts = phi.sum(axis=0), z.copy(), {}
+    for k in range(r.shape[1]):
+        o, e = r[:, k] @ phi, r[:, k].sum() * pr_b
+        kept = o / n_b > cutoff
+        if kept.sum() < 2:
+            continue
+        cells = phi[:, kept].any(axis=1)
+        xk = x[np.ix_(cells, np.r_[True, kept])]
+        a = (xk * r[cells, k, None]).T @ xk + np.diag(np.r_[0.0, alpha * e[kept]])
+        w = np.linalg.solve(a, (xk * r[cells, k, None]).T @ z[cells])
+        intercepts[k] = w[0]
+        corrected[cells] -= r[cells, k, None] * (xk[:, 1:] @ w[1:])
+    return corrected, intercepts
+
+
+def test_ridge_with_estimated_penalty_and_left_out_batches():
+    rng = np.random.default_rng(2)
+    n, k = 300, 3
+    meta = pd.DataFrame({"batch": rng.choice(["b1", "b2", "b3", "b4"], n)})
+    design = make_design(meta, ["batch"])
+    z = rng.normal(size=(n, 5))
+    r = rng.dirichlet(np.ones(k), size=n)
+    r[design.codes == 3, 1] = 1e-9  # batch b4 holds nearly none of cluster 1: left out of its fit
+    r[design.codes != 0, 2] = 1e-9  # only b1 in cluster 2: nothing to correct there
+    r /= r.sum(axis=1, keepdims=True)
+    pr_b = design.level_counts() / n
+    s = np.zeros((len(design.patterns), k))
+    t = np.zeros((len(design.patterns), k, 5))
+    np.add.at(s, design.codes, r)
+    np.add.at(t, design.codes, r[:, :, None] * z[:, None, :])
+    w, intercepts, fitted = solve_harmony2_terms(s, t, design.patterns, design.variables(), pr_b, alpha=0.2, cutoff=1e-5)
+    want, want_intercepts = _cellwise_fit(z, r, design, pr_b, 0.2, 1e-5)
+    got = z - np.einsum("nk,nkd->nd", r, np.einsum("pa,kad->pkd", design.patterns, w)[design.codes])
+    np.testing.assert_allclose(got, want, atol=1e-12)
+    assert fitted.tolist() == [True, True, False] and sorted(want_intercepts) == [0, 1]
+    for c, intercept in want_intercepts.items():
+        np.testing.assert_allclose(intercepts[c], intercept, atol=1e-12)
+    assert np.all(w[1, 4] == 0)  # b4's coefficient in cluster 1
+    assert np.all(np.abs(got[design.codes == 3] - z[design.codes == 3]) > 0)  # corrected by cluster 0
