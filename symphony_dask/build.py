@@ -32,7 +32,7 @@ from .chunked import (
     persist_now,
 )
 from .compression import CompressionSums, compression_sums
-from .harmony import default_n_clusters, harmonize, soft_kmeans
+from .harmony import Flavor, default_n_clusters, flavor_settings, harmonize, soft_kmeans
 from .io import AnnDataLike, Expression, cells_where, keep_cells, memory_per_task, read_expression
 from .neighbors import EXACT_MAX_CELLS, NeighborIndex
 from .pca import PCASolver, fit_pca, project
@@ -61,17 +61,20 @@ def build_reference(
     theta: float | Sequence[float] = 2.0,
     tau: float | Sequence[float] = 0.0,
     sigma: float = 0.1,
-    lamb: float | Sequence[float] = 1.0,
-    max_iter_harmony: int = 20,
+    lamb: float | Sequence[float] | None = None,
+    max_iter_harmony: int | None = None,
     seed: int = 111,
     chunk_size: int | None = None,
     layer: str | None = None,
     obs_filter: str | None = None,
     block_size: float = 0.05,
-    max_iter_cluster: int = 200,
-    epsilon_cluster: float = 1e-5,
-    epsilon_harmony: float = 1e-4,
-    n_init: int = 10,
+    max_iter_cluster: int | None = None,
+    epsilon_cluster: float | None = None,
+    epsilon_harmony: float | None = None,
+    n_init: int | None = None,
+    harmony_flavor: Flavor = "harmony1",
+    alpha: float | None = None,
+    batch_prop_cutoff: float | None = None,
     pca_solver: PCASolver = "auto",
     keep_embedding: bool = True,
     neighbor_index: bool = True,
@@ -100,9 +103,10 @@ def build_reference(
         Number of soft clusters ``k``; default ``min(100, round(n / 30))``.
     theta, tau, sigma, lamb
         Harmony's diversity penalty, its small-batch discount, the soft k-means entropy
-        regularization and the ridge penalty (one value, or one per batch key where allowed).
+        regularization and the ridge penalty (one value, or one per batch key where allowed;
+        ``lamb``: 1 for harmony1, estimated for harmony2, see :func:`symphony_dask.harmonize`).
     max_iter_harmony
-        Maximum Harmony iterations (Symphony uses 20).
+        Maximum Harmony iterations: 20 for harmony1 (as R Symphony), 10 for harmony2 (harmonypy's).
     seed
         Seeds the k-means start and Harmony's block order.
     chunk_size
@@ -114,8 +118,11 @@ def build_reference(
         Build from the cells for which this expression over ``obs`` columns is true (pandas
         :meth:`~pandas.DataFrame.query` syntax, e.g. ``"donor != 'd7' and n_genes > 500"``); the
         other cells are skipped chunk by chunk, never read into one array.
-    block_size, max_iter_cluster, epsilon_cluster, epsilon_harmony, n_init
-        Further Harmony settings (see :func:`symphony_dask.harmonize`).
+    block_size, max_iter_cluster, epsilon_cluster, epsilon_harmony, n_init, alpha, batch_prop_cutoff
+        Further Harmony settings (see :func:`symphony_dask.harmonize`; ``None``: the flavor's default).
+    harmony_flavor
+        ``'harmony1'`` (harmony 0.1, as the Symphony paper and R Symphony) or ``'harmony2'`` (R
+        harmony 2.0 and harmonypy 2.1, with their defaults). Queries map onto either the same way.
     pca_solver
         ``'gram'`` (exact, one pass, cost ~ genes^2 per cell), ``'krylov'`` (randomized block Krylov,
         10-20 passes, cost ~ genes per cell) or ``'auto'``: the cheaper (Gram up to ~5,000 genes).
@@ -133,7 +140,7 @@ def build_reference(
     umap
         Fit a UMAP of the corrected embedding (R Symphony's ``do_umap``: 30 neighbours, cosine,
         min_dist 0.1, seeded by ``seed``), kept as :attr:`Reference.umap`; mapped queries are placed
-        into it. Above 50,000 cells it is fitted on a seeded subsample of 50,000 and the other cells
+        into it. Above 20,000 cells it is fitted on a seeded subsample of 20,000 and the other cells
         are placed like query cells (:mod:`symphony_dask.umap_layout`). Needs ``keep_embedding``.
 
     Returns
@@ -146,8 +153,15 @@ def build_reference(
 
 def _build_reference(data, batch_keys, *, normalize, n_hvg, hvg_batch_key, n_pcs, n_clusters, theta, tau, sigma, lamb,
                      max_iter_harmony, seed, chunk_size, layer, obs_filter, block_size, max_iter_cluster, epsilon_cluster,
-                     epsilon_harmony, n_init, pca_solver, keep_embedding, neighbor_index, umap) -> Reference:
+                     epsilon_harmony, n_init, harmony_flavor, alpha, batch_prop_cutoff, pca_solver, keep_embedding,
+                     neighbor_index, umap) -> Reference:
     timings: dict[str, float] = {}
+    # resolved here, before any pass over the data, so that the reference records what was run
+    harmony_settings = flavor_settings(harmony_flavor, lamb=lamb, max_iter_cluster=max_iter_cluster,
+                                       epsilon_cluster=epsilon_cluster, epsilon_harmony=epsilon_harmony, n_init=n_init,
+                                       alpha=alpha, batch_prop_cutoff=batch_prop_cutoff)
+    if max_iter_harmony is None:
+        max_iter_harmony = 20 if harmony_flavor == "harmony1" else 10
     expr = read_expression(data, chunk_size=chunk_size, layer=layer)
     if obs_filter is not None:
         expr = keep_cells(expr, cells_where(expr.obs, obs_filter))
@@ -203,14 +217,16 @@ def _build_reference(data, batch_keys, *, normalize, n_hvg, hvg_batch_key, n_pcs
         harmony_chunks = max(max(expr.X.chunks[0]), HARMONY_CHUNK_SIZE)
     with timed(timings, "harmony"):
         if keys:
-            res = harmonize(
-                z, expr.obs, keys, n_clusters=k, theta=theta, tau=tau, sigma=sigma, lamb=lamb,
-                block_size=block_size, max_iter_harmony=max_iter_harmony, max_iter_cluster=max_iter_cluster,
-                epsilon_cluster=epsilon_cluster, epsilon_harmony=epsilon_harmony, n_init=n_init, seed=seed,
-                chunk_size=harmony_chunks,
-            )
+            with warnings.catch_warnings():  # flavor_settings warned about the settings the flavor ignores
+                warnings.filterwarnings("ignore", message=".* is a harmony2 setting")
+                res = harmonize(
+                    z, expr.obs, keys, n_clusters=k, theta=theta, tau=tau, sigma=sigma, block_size=block_size,
+                    max_iter_harmony=max_iter_harmony, seed=seed, chunk_size=harmony_chunks, flavor=harmony_flavor,
+                    **harmony_settings,
+                )
         else:
-            res = soft_kmeans(z, k, sigma=sigma, n_init=n_init, seed=seed, chunk_size=harmony_chunks)
+            res = soft_kmeans(z, k, sigma=sigma, n_init=harmony_settings["n_init"], seed=seed,
+                              chunk_size=harmony_chunks)
 
     timings.update({f"harmony {name}": seconds for name, seconds in res.timings_s.items()})
     with timed(timings, "compression"), one_blas_thread_per_task():
@@ -235,9 +251,8 @@ def _build_reference(data, batch_keys, *, normalize, n_hvg, hvg_batch_key, n_pcs
 
     params = dict(
         batch_keys=keys, normalize=normalize, n_hvg=n_hvg, hvg_batch_key=hvg_batch_key, n_pcs=n_pcs,
-        obs_filter=obs_filter, n_clusters=k, theta=theta, tau=tau, sigma=sigma, lamb=lamb, max_iter_harmony=max_iter_harmony,
-        seed=seed, block_size=block_size, max_iter_cluster=max_iter_cluster, epsilon_cluster=epsilon_cluster,
-        epsilon_harmony=epsilon_harmony, n_init=n_init, n_cells=n, n_variable_genes=len(chosen),
+        obs_filter=obs_filter, n_clusters=k, theta=theta, tau=tau, sigma=sigma, max_iter_harmony=max_iter_harmony,
+        seed=seed, block_size=block_size, harmony_flavor=harmony_flavor, **harmony_settings, n_cells=n, n_variable_genes=len(chosen),
         singular_values=singular_values, pca_solver=solver, harmony_iterations=res.n_iter, harmony_converged=res.converged,
         harmony_cluster_iterations=res.cluster_iterations,
         timings_s=timings, symphony_dask_version=__version__,

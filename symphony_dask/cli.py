@@ -134,7 +134,7 @@ def _build(args: argparse.Namespace) -> int:
     reference = build_reference(
         args.input, args.batch_key or None, normalize=not args.no_normalize, n_hvg=args.n_hvg,
         hvg_batch_key=args.hvg_batch_key, n_pcs=args.n_pcs, n_clusters=args.n_clusters, theta=args.theta,
-        max_iter_harmony=args.max_iter_harmony, seed=args.seed, chunk_size=args.chunk_size, layer=args.layer,
+        max_iter_harmony=args.max_iter_harmony, harmony_flavor=args.harmony_flavor, seed=args.seed, chunk_size=args.chunk_size, layer=args.layer,
         obs_filter=args.obs_filter, keep_embedding=not args.minimal, neighbor_index=not args.no_neighbor_index,
         umap=not args.no_umap,
     )
@@ -351,7 +351,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="Harmony's soft clusters; default: min(100, cells / 30)")
     b.add_argument("--theta", type=float, default=2.0,
                    help="Harmony's diversity penalty (0: no push to mix the batches)")
-    b.add_argument("--max-iter-harmony", type=int, default=20, metavar="N", help="most Harmony iterations")
+    b.add_argument("--harmony-flavor", choices=["harmony1", "harmony2"], default="harmony1",
+                   help="harmony1: harmony 0.1, as the Symphony paper; harmony2: R harmony 2.0 / harmonypy 2.1, "
+                        "with their defaults")
+    b.add_argument("--max-iter-harmony", type=int, default=None, metavar="N",
+                   help="most Harmony iterations (default: 20 for harmony1, as R Symphony; 10 for harmony2)")
     b.add_argument("--seed", type=int, default=111, metavar="N", help="seed of the k-means start and Harmony's block order")
     b.add_argument("--minimal", action="store_true",
                    help="save only the compressed reference, without the per-cell embedding and obs "

