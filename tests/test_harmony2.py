@@ -92,26 +92,32 @@ def test_settings_of_the_other_flavor_are_named(pbmc3500):
         sd.harmonize(z, meta, "donor", flavor="harmony3")
 
 
-def test_stabilized_penalty_and_cross_entropy_formulas():
-    """Per cluster and batch ((2E + 1) / (O + E + 1)) ** theta, and sigma theta O log((O + E + 1) / (2E + 1))."""
+@pytest.mark.parametrize("stabilized", [False, True])
+def test_penalty_and_cross_entropy_formulas(stabilized):
+    """Per cluster and batch, harmony 0.1's ((E + 1) / (O + 1)) ** theta and sigma theta O log((O + 1) / (E + 1)),
+    or harmony 2's ((2E + 1) / (O + E + 1)) ** theta and sigma theta O log((O + E + 1) / (2E + 1)), written
+    out for two batch variables, in float64 and float32, with a pattern empty in a cluster."""
     rng = np.random.default_rng(1)
     meta = pd.DataFrame({"a": rng.choice(["x", "y", "z"], 40), "b": rng.choice(["u", "v"], 40)})
     design = make_design(meta, ["a", "b"])
     s = rng.random((len(design.patterns), 4)) * 10
-    s[0, 2] = 0.0  # an empty pattern in a cluster
+    s[0, 2] = 0.0
     pr_b = design.level_counts() / 40
     theta = np.array([1.0, 2.0, 0.5, 2.0, 1.5])
     phi = design.patterns[:, 1:]
     o, e = s.T @ phi, np.outer(s.sum(axis=0), pr_b)
+    ratio = (2 * e + 1) / (o + e + 1) if stabilized else (e + 1) / (o + 1)
     for dtype in (np.float64, np.float32):
-        got = pattern_penalty(s.astype(dtype), design.patterns, pr_b, theta, stabilized=True)
+        got = pattern_penalty(s.astype(dtype), design.patterns, pr_b, theta, stabilized=stabilized)
         for p in range(len(phi)):
             for k in range(4):
-                want = sum(((2 * e[k, b] + 1) / (o[k, b] + e[k, b] + 1)) ** theta[b] for b in np.flatnonzero(phi[p]))
+                want = sum(ratio[k, b] ** theta[b] for b in np.flatnonzero(phi[p]))
                 np.testing.assert_allclose(got[p, k], want, rtol=1e-6 if dtype == np.float32 else 1e-12)
-    want = 0.1 * (theta * o * np.log((o + e + 1) / (2 * e + 1))).sum()
-    np.testing.assert_allclose(cross_entropy(s, design.patterns, pr_b, theta, 0.1, stabilized=True), want, rtol=1e-12)
-    assert np.all(pattern_penalty(np.zeros_like(s), design.patterns, pr_b, theta, stabilized=True) == phi.sum(axis=1)[:, None])
+    want = 0.1 * (theta * o * np.log(1 / ratio)).sum()
+    np.testing.assert_allclose(cross_entropy(s, design.patterns, pr_b, theta, 0.1, stabilized=stabilized), want,
+                               rtol=1e-12)
+    empty = pattern_penalty(np.zeros_like(s), design.patterns, pr_b, theta, stabilized=stabilized)
+    np.testing.assert_array_equal(empty, np.repeat(phi.sum(axis=1)[:, None], 4, axis=1))  # no cells: no push
 
 
 def _cellwise_fit(z, r, design, pr_b, alpha, cutoff):
