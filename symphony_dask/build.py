@@ -15,9 +15,11 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Sequence
+from typing import Literal
 
 import dask.array as da
 import numpy as np
+import pandas as pd
 
 from . import __version__
 from .checks import as_key_list, check_obs_keys, check_unique_genes, option, raise_on_bad_values
@@ -36,11 +38,27 @@ from .harmony import Flavor, default_n_clusters, flavor_settings, harmonize, sof
 from .io import AnnDataLike, Expression, cells_where, keep_cells, memory_per_task, read_expression
 from .neighbors import EXACT_MAX_CELLS, NeighborIndex
 from .pca import PCASolver, fit_pca, project
-from .preprocess import FirstPass, first_pass, has_counts
+from .preprocess import (
+    ColumnSums,
+    FirstPass,
+    GroupMoments,
+    column_sums,
+    first_pass,
+    has_counts,
+    inverse_document_frequency,
+)
 from .reference import Reference
 from .timing import timed
 from .umap_layout import fit_umap
-from .variable_genes import ClippedSquares, clipped_squares, expected_variance, select_top, vst_table
+from .variable_genes import (
+    ClippedSquares,
+    clipped_squares,
+    exp_moments,
+    expected_variance,
+    mvp_table,
+    select_top,
+    vst_table,
+)
 
 logger = logging.getLogger("symphony_dask")
 
@@ -53,7 +71,7 @@ def build_reference(
     data: AnnDataLike,
     batch_keys: str | Sequence[str] | None = None,
     *,
-    normalize: bool = True,
+    normalize: bool | Literal["tfidf"] = True,
     n_hvg: int | None = 2000,
     hvg_batch_key: str | None = None,
     n_pcs: int = 20,
@@ -79,6 +97,8 @@ def build_reference(
     keep_embedding: bool = True,
     neighbor_index: bool = True,
     umap: bool = True,
+    variable_genes: Literal["vst", "mvp"] = "vst",
+    additional_genes: Sequence[str] | None = None,
 ) -> Reference:
     """Build a Symphony reference from an expression matrix.
 
@@ -91,10 +111,14 @@ def build_reference(
         ``obs`` column(s) to integrate over with Harmony. With none, the reference is clustered by
         soft k-means and not corrected, as R Symphony does.
     normalize
-        Log(CP10K+1)-normalize the counts (on the fly, chunk by chunk).
+        ``True``: log(CP10K+1)-normalize the counts (on the fly, chunk by chunk). ``'tfidf'``: for
+        (binarized) peak x cell matrices, ``log(1 + TF x IDF x 1e4)`` as Signac's ``RunTFIDF``
+        (method 1), with ``TF = x / cell total`` and ``IDF = n_cells / peak total`` over the
+        reference cells (one more pass); the IDF of the chosen peaks is kept in the reference
+        (:attr:`Reference.idf`) and applied to queries. ``False``: the values are used as given.
     n_hvg
         Number of variable genes per ``hvg_batch_key`` group (R's ``topn``); ``None`` keeps every
-        gene that varies.
+        gene that varies (``'mvp'``: every gene that passes its cut-offs).
     hvg_batch_key
         ``obs`` column whose groups each contribute their top ``n_hvg`` genes (R's ``vargenes_groups``).
     n_pcs
@@ -143,6 +167,14 @@ def build_reference(
         into it. Above 20,000 cells it is fitted on a seeded subsample of 20,000 and the other cells
         are placed like query cells (:mod:`symphony_dask.umap_layout`). Needs ``keep_embedding``.
 
+    variable_genes
+        ``'vst'`` (R Symphony's default) or ``'mvp'`` (mean.var.plot with R Symphony's cut-offs:
+        20 bins of the log mean, log mean >= 0.1, dispersion >= 0; see
+        :mod:`symphony_dask.variable_genes`).
+    additional_genes
+        Genes always kept beside the variable ones (R's ``additional_genes``, e.g. markers),
+        appended in the order given.
+
     Returns
     -------
     Reference
@@ -154,8 +186,12 @@ def build_reference(
 def _build_reference(data, batch_keys, *, normalize, n_hvg, hvg_batch_key, n_pcs, n_clusters, theta, tau, sigma, lamb,
                      max_iter_harmony, seed, chunk_size, layer, obs_filter, block_size, max_iter_cluster, epsilon_cluster,
                      epsilon_harmony, n_init, harmony_flavor, alpha, batch_prop_cutoff, pca_solver, keep_embedding,
-                     neighbor_index, umap) -> Reference:
+                     neighbor_index, umap, variable_genes, additional_genes) -> Reference:
     timings: dict[str, float] = {}
+    if normalize not in (True, False, "tfidf"):
+        raise ValueError(f"{option('normalize', normalize)}: must be True, False or 'tfidf'")
+    if variable_genes not in ("vst", "mvp"):
+        raise ValueError(f"{option('variable_genes', variable_genes)}: must be 'vst' or 'mvp'")
     # resolved here, before any pass over the data, so that the reference records what was run
     harmony_settings = flavor_settings(harmony_flavor, lamb=lamb, max_iter_cluster=max_iter_cluster,
                                        epsilon_cluster=epsilon_cluster, epsilon_harmony=epsilon_harmony, n_init=n_init,
@@ -183,27 +219,45 @@ def _build_reference(data, batch_keys, *, normalize, n_hvg, hvg_batch_key, n_pcs
     group_names, codes = _groups(expr, hvg_keys)
     codes_da = as_row_chunked(codes, expr.X)
 
+    extra = _additional_genes(additional_genes, expr.genes)
+    idf = None
+    if normalize == "tfidf":  # Signac's IDF over the cells as given
+        with timed(timings, "idf"):
+            idf = inverse_document_frequency(compute(map_reduce(column_sums, expr.X, combine=ColumnSums.merge))[0])
     with timed(timings, "moments"):
         first: FirstPass = compute(
-            map_reduce(first_pass, expr.X, codes_da, combine=FirstPass.merge, normalize=normalize)
+            map_reduce(first_pass, expr.X, codes_da, combine=FirstPass.merge, normalize=bool(normalize), idf=idf)
         )[0]
-    raise_on_bad_values(first.counts, where="the reference expression", normalize=normalize, warn_empty=False,
+    raise_on_bad_values(first.counts, where="the reference expression", normalize=bool(normalize), warn_empty=False,
                         layers=expr.layers if layer is None else ())
     if normalize and first.counts.n_empty_cells:
-        expr, first = _drop_empty_cells(expr, first.counts.n_empty_cells, hvg_keys, normalize, timings)
+        expr, first = _drop_empty_cells(expr, first.counts.n_empty_cells, hvg_keys, idf, timings)
         n = expr.n_cells
         _check_sizes(n, expr.X.shape[1], n_hvg, n_pcs)
         group_names, codes = _groups(expr, hvg_keys)
         codes_da = as_row_chunked(codes, expr.X)
 
     with timed(timings, "variable_genes"):
-        chosen, table = _variable_genes(expr, first, codes_da, group_names, n_hvg, normalize)
+        if variable_genes == "mvp":
+            moments = compute(map_reduce(exp_moments, expr.X, codes_da, combine=GroupMoments.merge,
+                                         normalize=bool(normalize), idf=idf))[0]
+            table = mvp_table(moments, group_names, expr.genes)
+        else:
+            table = _vst(expr, first, codes_da, group_names, bool(normalize), idf)
+        chosen = select_top(table, n_hvg)
+        if len(chosen) <= 1:
+            raise ValueError(f"only {len(chosen)} variable gene(s) found; the data look constant")
+        chosen += [gene for gene in extra if gene not in set(chosen)]
     gene_idx = expr.genes.get_indexer(chosen)
     total = first.moments.total()
     mean = total.mean[gene_idx]
     std = np.sqrt(total.variance[gene_idx])
+    constant = [gene for gene, sd in zip(chosen, std) if sd == 0]
+    if constant:
+        raise ValueError(f"additional gene(s) {', '.join(constant[:5])} do not vary over the reference cells; "
+                         "a constant gene cannot be scaled: leave it out of additional_genes")
 
-    scaling = dict(genes=gene_idx, mean=mean, std=std, normalize=normalize)
+    scaling = dict(genes=gene_idx, mean=mean, std=std, normalize=bool(normalize), idf=idf)
     with timed(timings, "pca"):
         loadings, singular_values, solver = fit_pca(expr.X, scaling, n_pcs, solver=pca_solver, seed=seed)
         with one_blas_thread_per_task():
@@ -253,6 +307,7 @@ def _build_reference(data, batch_keys, *, normalize, n_hvg, hvg_batch_key, n_pcs
         batch_keys=keys, normalize=normalize, n_hvg=n_hvg, hvg_batch_key=hvg_batch_key, n_pcs=n_pcs,
         obs_filter=obs_filter, n_clusters=k, theta=theta, tau=tau, sigma=sigma, max_iter_harmony=max_iter_harmony,
         seed=seed, block_size=block_size, harmony_flavor=harmony_flavor, **harmony_settings, n_cells=n, n_variable_genes=len(chosen),
+        variable_genes=variable_genes, additional_genes=extra,
         singular_values=singular_values, pca_solver=solver, harmony_iterations=res.n_iter, harmony_converged=res.converged,
         harmony_cluster_iterations=res.cluster_iterations,
         timings_s=timings, symphony_dask_version=__version__,
@@ -263,7 +318,7 @@ def _build_reference(data, batch_keys, *, normalize, n_hvg, hvg_batch_key, n_pcs
         embedding=embedding, obs=expr.obs.copy() if keep_embedding else None,
         obsm=dict(expr.obsm) if keep_embedding else {},
         pca_moments=sums.pca_moments, params=params, variable_gene_table=table, neighbors=neighbors,
-        umap_layout=layout,
+        umap_layout=layout, idf=None if idf is None else idf[gene_idx],
     )
 
 
@@ -274,7 +329,7 @@ def _memory_advice(expr: Expression) -> str:
             f"(e.g. {option('chunk_size', max(rows // 4, 100))}) or give the workers more memory.")
 
 
-def _drop_empty_cells(expr: Expression, n_empty: int, hvg_keys: list[str], normalize: bool,
+def _drop_empty_cells(expr: Expression, n_empty: int, hvg_keys: list[str], idf: np.ndarray | None,
                       timings: dict[str, float]) -> tuple[Expression, FirstPass]:
     """Leave out cells with zero total counts (they cannot be normalized) and redo the first pass."""
     warnings.warn(
@@ -288,7 +343,7 @@ def _drop_empty_cells(expr: Expression, n_empty: int, hvg_keys: list[str], norma
     _, codes = _groups(expr, hvg_keys)
     with timed(timings, "moments"):
         first = compute(map_reduce(first_pass, expr.X, as_row_chunked(codes, expr.X), combine=FirstPass.merge,
-                                        normalize=normalize))[0]
+                                        normalize=True, idf=idf))[0]
     return expr, first
 
 
@@ -309,8 +364,20 @@ def _groups(expr: Expression, hvg_keys: list[str]) -> tuple[list[str], np.ndarra
     return [str(x) for x in names], codes.ravel().astype(np.int64)
 
 
-def _variable_genes(expr, first, codes_da, group_names, n_hvg, normalize):
-    """VST per group (loess on the moments, then a pass for standardized variances) and selection."""
+def _additional_genes(genes: Sequence[str] | None, available: pd.Index) -> list[str]:
+    """The additional genes, checked against the data's genes."""
+    if genes is None:
+        return []
+    genes = [genes] if isinstance(genes, str) else [str(g) for g in genes]
+    missing = [g for g in genes if g not in available]
+    if missing:
+        raise ValueError(f"additional_genes {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} "
+                         f"are not genes of the reference data (its genes look like {', '.join(available[:3])})")
+    return list(dict.fromkeys(genes))
+
+
+def _vst(expr, first, codes_da, group_names, normalize, idf):
+    """VST per group (loess on the moments, then a pass for standardized variances): its table."""
     expected, mean, sd = {}, {}, {}
     for code, name in enumerate(group_names):
         m = first.moments.groups[code]
@@ -322,11 +389,7 @@ def _variable_genes(expr, first, codes_da, group_names, n_hvg, normalize):
     squares: ClippedSquares = compute(
         map_reduce(
             clipped_squares, expr.X, codes_da, combine=ClippedSquares.merge,
-            mean=mean, sd=sd, clip=float(np.sqrt(expr.n_cells)), normalize=normalize,
+            mean=mean, sd=sd, clip=float(np.sqrt(expr.n_cells)), normalize=normalize, idf=idf,
         )
     )[0]
-    table = vst_table(first.moments, squares, expected, group_names, expr.genes)
-    chosen = select_top(table, n_hvg)
-    if len(chosen) <= 1:
-        raise ValueError(f"only {len(chosen)} variable gene(s) found; the data look constant")
-    return chosen, table
+    return vst_table(first.moments, squares, expected, group_names, expr.genes)

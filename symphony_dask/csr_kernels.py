@@ -58,11 +58,12 @@ def value_counts(indptr: np.ndarray, data: np.ndarray) -> tuple[int, int, int, i
 @numba.njit(cache=True, nogil=True)
 def project_rows(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, position: np.ndarray,
                  mean: np.ndarray, std: np.ndarray, loadings: np.ndarray, clip: float,
-                 scale_factor: float) -> np.ndarray:
+                 scale_factor: float, gene_factors: np.ndarray) -> np.ndarray:
     """``clip((x - mean) / std, -clip, clip) @ loadings`` of the chosen genes of each row.
 
     ``position[c]`` is the row of ``mean``/``std``/``loadings`` of column ``c`` (-1: not chosen).
-    With ``scale_factor > 0`` a value ``x`` is first ``log1p(x / total * scale_factor)``, with
+    With ``scale_factor > 0`` a value ``x`` of gene ``g`` is first
+    ``log1p(x / total * scale_factor * gene_factors[g])`` (ones: log CP10K; the IDF: TF-IDF), with
     ``total`` the row's sum over all columns. An unstored zero of gene ``g`` scales to
     ``zero_g = clip(-mean_g / std_g)``, so a row is ``sum_g zero_g u_g`` plus, for each stored value,
     ``(scaled - zero_g) u_g``.
@@ -93,7 +94,7 @@ def project_rows(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, posi
                 continue
             x = np.float64(data[j])
             if scale_factor > 0.0:
-                x = np.log1p(x * factor)
+                x = np.log1p(x * factor * gene_factors[g])
             weight = min(max((x - mean[g]) / std[g], -clip), clip) - zero[g]
             if weight != 0.0:
                 for c in range(d):

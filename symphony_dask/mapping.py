@@ -90,7 +90,8 @@ def map_query(
     batch_keys
         Query ``obs`` column(s) whose batch effects are removed. With none, all query cells are one batch.
     normalize
-        Log(CP10K+1)-normalize the query counts.
+        Normalize the query counts as the reference's were: log(CP10K+1), or for a TF-IDF reference
+        (``normalize='tfidf'`` at build) ``log(1 + TF x IDF x 1e4)`` with the reference's IDF.
     sigma
         Soft-assignment bandwidth. As in R Symphony, it is rounded to float32 (0.1 -> 0.10000000149).
     lamb
@@ -248,7 +249,7 @@ def _map_in_memory(reference, expr, matched, design, terms, sigma32, values: _Va
     """The kernels on the whole query (the one-chunk case)."""
     block = expr.X.blocks[0].compute(scheduler="sync")  # one task: no thread pool
     values(count_bad_values(block))
-    zq = project(block, **_projection(reference, matched, values.normalize))
+    zq = project(block, **_projection(reference, matched, values.normalize, block.shape[1]))
     rq = soft_assign(cosine_normalize(zq), reference.centroids, sigma32)
     per_pattern = terms.per_pattern(*ridge_statistics(zq, rq, design.codes, len(design.patterns)))
     return apply_batch_terms(zq, rq, design.codes, per_pattern), zq, rq
@@ -258,7 +259,7 @@ def _map_chunked(reference, exprs, matched, design, terms, sigma32, values: _Val
     """The same kernels over the chunks of every shard: projection and assignment, one tree-reduced
     ridge for all shards, correction."""
     zq = da.concatenate([map_rows(_project_checked_later, e.X, n_out=reference.n_pcs,
-                                  **_projection(reference, m, values.normalize))
+                                  **_projection(reference, m, values.normalize, e.X.shape[1]))
                          for e, m in zip(exprs, matched)], axis=0)
     counts = [map_reduce(count_bad_values, e.X, combine=ValueCounts.__add__) for e in exprs]
     rq = map_rows(_assign, zq, n_out=reference.n_clusters, centroids=reference.centroids, sigma=sigma32)
@@ -281,10 +282,15 @@ def _project_checked_later(block, **kwargs) -> np.ndarray:
         return project(block, **kwargs)
 
 
-def _projection(reference: Reference, matched, normalize: bool) -> dict:
+def _projection(reference: Reference, matched, normalize: bool, n_columns: int) -> dict:
+    """The projection kernel's settings; a TF-IDF reference's IDF goes to the matched query columns."""
     query_cols, ref_rows = matched
+    idf = None
+    if normalize and reference.idf is not None:
+        idf = np.ones(n_columns)
+        idf[query_cols] = reference.idf[ref_rows]
     return dict(genes=query_cols, mean=reference.mean[ref_rows], std=reference.std[ref_rows],
-                loadings=reference.loadings[ref_rows], normalize=normalize)
+                loadings=reference.loadings[ref_rows], normalize=normalize, idf=idf)
 
 
 def _assign(zq: np.ndarray, *, centroids: np.ndarray, sigma: float) -> np.ndarray:

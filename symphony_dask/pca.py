@@ -49,15 +49,17 @@ KRYLOV_TYPICAL_PASSES = 15
 DENSIFY_COST = 200
 
 
-def gram(block: Block, genes: np.ndarray, mean: np.ndarray, std: np.ndarray, *, normalize: bool) -> np.ndarray:
+def gram(block: Block, genes: np.ndarray, mean: np.ndarray, std: np.ndarray, *, normalize: bool,
+         idf: np.ndarray | None = None) -> np.ndarray:
     """Kernel: ``S^T S`` of the scaled chosen genes ``S`` of one chunk (genes x genes)."""
-    s = scale(block, genes, mean, std, normalize=normalize)
+    s = scale(block, genes, mean, std, normalize=normalize, idf=idf)
     return s.T @ s
 
 
 def project(block: Block, genes: np.ndarray, mean: np.ndarray, std: np.ndarray, loadings: np.ndarray, *,
-            normalize: bool) -> np.ndarray:
-    """Kernel: PC embedding ``scale(block) @ loadings`` of one chunk (cells x d).
+            normalize: bool, idf: np.ndarray | None = None) -> np.ndarray:
+    """Kernel: PC embedding ``scale(block) @ loadings`` of one chunk (cells x d); ``idf`` (one value
+    per column of the block) makes the normalization TF-IDF.
 
     A sparse chunk is never densified: each cell is the scaled zero of every gene times its loadings
     plus, for each stored value of a chosen gene, the difference it makes (one pass over the stored
@@ -65,19 +67,20 @@ def project(block: Block, genes: np.ndarray, mean: np.ndarray, std: np.ndarray, 
     round-off.
     """
     if not sp.issparse(block):
-        return scale(block, genes, mean, std, normalize=normalize) @ loadings
+        return scale(block, genes, mean, std, normalize=normalize, idf=idf) @ loadings
     block = as_csr(block)
     position = np.full(block.shape[1], -1, dtype=np.int64)
     position[genes] = np.arange(len(genes))
+    gene_factors = np.ones(len(genes)) if idf is None else np.asarray(idf, dtype=np.float64)[genes]
     return project_rows(block.indptr, block.indices, block.data, position, np.asarray(mean, dtype=np.float64),
                         np.asarray(std, dtype=np.float64), np.ascontiguousarray(loadings, dtype=np.float64),
-                        float(SCALE_CLIP), float(SCALE_FACTOR) if normalize else 0.0)
+                        float(SCALE_CLIP), float(SCALE_FACTOR) if normalize else 0.0, gene_factors)
 
 
 def apply_gram(block: Block, genes: np.ndarray, mean: np.ndarray, std: np.ndarray, w: np.ndarray, *,
-               normalize: bool) -> np.ndarray:
+               normalize: bool, idf: np.ndarray | None = None) -> np.ndarray:
     """Kernel: ``S^T (S W)`` for one chunk (genes x l), without forming ``S^T S``."""
-    s = scale(block, genes, mean, std, normalize=normalize)
+    s = scale(block, genes, mean, std, normalize=normalize, idf=idf)
     return s.T @ (s @ w)
 
 

@@ -3,7 +3,9 @@
 Kernels take one row chunk of cells (a scipy CSR matrix or a dense array, all genes) and return
 either transformed values for those cells or small statistics that merge exactly across chunks.
 
-- :func:`log_normalize`: ``log(1 + x / total * 1e4)`` on stored values (log CP10K).
+- :func:`log_normalize`: ``log(1 + x / total * 1e4)`` on stored values (log CP10K), or with a
+  per-gene ``idf`` ``log(1 + x / total * idf * 1e4)``, the TF-IDF of Signac's ``RunTFIDF`` (method 1)
+  for peak x cell matrices, with :func:`inverse_document_frequency` from :func:`column_sums`.
 - :class:`Moments` / :func:`group_moments`: count, mean and sum of squared deviations per gene and
   per group of cells, merged with the pairwise update of Chan et al. (1979) so that constant genes
   get a variance of exactly zero and the result does not depend on how cells are chunked.
@@ -28,24 +30,51 @@ SCALE_CLIP = 10.0
 Block = np.ndarray | sp.csr_matrix
 
 
-def log_normalize(block: Block, scale_factor: float = SCALE_FACTOR) -> Block:
-    """Kernel: ``log1p(x / cell_total * scale_factor)`` for one chunk of raw counts.
+def log_normalize(block: Block, scale_factor: float = SCALE_FACTOR, idf: np.ndarray | None = None) -> Block:
+    """Kernel: ``log1p(x / cell_total * scale_factor)`` for one chunk of raw counts, or with ``idf``
+    (one value per column) ``log1p(x / cell_total * idf * scale_factor)`` (TF-IDF).
 
     Cells whose total is zero are left at zero (callers exclude or reject them).
     """
     values = sp.csr_matrix(block, dtype=np.float64, copy=True) if sp.issparse(block) else block
-    return _log_scaled(values, cell_totals(block), scale_factor)
+    return _log_scaled(values, cell_totals(block), scale_factor, idf)
 
 
-def _log_scaled(values: Block, totals: np.ndarray, scale_factor: float) -> Block:
-    """``log1p(values / total * scale_factor)`` row by row; a sparse ``values`` must be a matrix of
-    the caller's own (float64 CSR), whose stored values are changed in place."""
+def _log_scaled(values: Block, totals: np.ndarray, scale_factor: float, idf: np.ndarray | None = None) -> Block:
+    """``log1p(values / total * scale_factor)`` row by row (times ``idf`` per column when given); a
+    sparse ``values`` must be a matrix of the caller's own (float64 CSR), changed in place."""
     factor = _safe_inverse(totals) * scale_factor
     if sp.issparse(values):
         values.data *= np.repeat(factor, np.diff(values.indptr))
+        if idf is not None:
+            values.data *= idf[values.indices]
         np.log1p(values.data, out=values.data)
         return values
-    return np.log1p(np.asarray(values, dtype=np.float64) * factor[:, None])
+    scaled = np.asarray(values, dtype=np.float64) * factor[:, None]
+    if idf is not None:
+        scaled *= idf[None, :]
+    return np.log1p(scaled)
+
+
+@dataclass
+class ColumnSums:
+    """Number of cells and per-column totals of a set of cells."""
+
+    n: int
+    sums: np.ndarray
+
+    def merge(self, other: ColumnSums) -> ColumnSums:
+        return ColumnSums(self.n + other.n, self.sums + other.sums)
+
+
+def column_sums(block: Block) -> ColumnSums:
+    """Kernel: the cells of one chunk and the total of each column over them."""
+    return ColumnSums(block.shape[0], np.asarray(block.sum(axis=0), dtype=np.float64).ravel())
+
+
+def inverse_document_frequency(totals: ColumnSums) -> np.ndarray:
+    """Signac's IDF, ``n_cells / column total`` (0 for a column that is never nonzero)."""
+    return totals.n * _safe_inverse(totals.sums)
 
 
 def _safe_inverse(totals: np.ndarray) -> np.ndarray:
@@ -155,11 +184,11 @@ class FirstPass:
         return FirstPass(self.counts + other.counts, self.moments.merge(other.moments))
 
 
-def first_pass(block: Block, codes: np.ndarray, *, normalize: bool) -> FirstPass:
+def first_pass(block: Block, codes: np.ndarray, *, normalize: bool, idf: np.ndarray | None = None) -> FirstPass:
     """Kernel: value checks on the raw values, then moments of the (normalized) values per group."""
     counts = count_bad_values(block)
     with np.errstate(invalid="ignore", over="ignore"):  # bad values are reported from `counts`
-        values = log_normalize(block) if normalize else block
+        values = log_normalize(block, idf=idf) if normalize else block
         return FirstPass(counts, group_moments(values, codes))
 
 
@@ -168,24 +197,27 @@ def has_counts(block: Block) -> np.ndarray:
     return cell_totals(block) != 0
 
 
-def normalized_genes(block: Block, genes: np.ndarray, *, normalize: bool) -> Block:
+def normalized_genes(block: Block, genes: np.ndarray, *, normalize: bool, idf: np.ndarray | None = None) -> Block:
     """Kernel: the chosen genes (columns) of one chunk, log-normalized by each cell's total over
-    *all* genes when ``normalize`` (only the chosen genes' values are transformed)."""
+    *all* genes when ``normalize`` (only the chosen genes' values are transformed; ``idf``, one
+    value per column of the block, makes it TF-IDF)."""
     if not normalize:
         return block[:, genes]
     sub = block[:, genes]  # a new matrix already
     if sp.issparse(sub):
         sub = sp.csr_matrix(sub, dtype=np.float64)
-    return _log_scaled(sub, cell_totals(block), SCALE_FACTOR)
+    return _log_scaled(sub, cell_totals(block), SCALE_FACTOR, None if idf is None else idf[genes])
 
 
-def scale(block: Block, genes: np.ndarray, mean: np.ndarray, std: np.ndarray, *, normalize: bool) -> np.ndarray:
+def scale(block: Block, genes: np.ndarray, mean: np.ndarray, std: np.ndarray, *, normalize: bool,
+          idf: np.ndarray | None = None) -> np.ndarray:
     """Kernel: dense ``clip((x - mean) / std, -10, 10)`` of the chosen genes of one chunk.
 
     ``genes`` are column indices into the block; ``mean`` and ``std`` belong to those genes. The
-    values are normalized first when ``normalize`` is set. Only this chunk is ever densified.
+    values are normalized first when ``normalize`` is set (TF-IDF with ``idf``, one value per
+    column of the block). Only this chunk is ever densified.
     """
-    sub = normalized_genes(block, genes, normalize=normalize)
+    sub = normalized_genes(block, genes, normalize=normalize, idf=idf)
     dense = sub.toarray() if sp.issparse(sub) else np.array(sub, dtype=np.float64)
     if dense.dtype != np.float64:
         dense = dense.astype(np.float64)

@@ -97,6 +97,9 @@ class Reference:
     neighbors: NeighborIndex | None = field(default=None, repr=False, compare=False)
     #: The reference UMAP (coordinates, fitted rows, parameters); see :attr:`umap`.
     umap_layout: UmapModel | None = field(default=None, repr=False)
+    #: Inverse document frequency of each gene (peak) of a TF-IDF reference (``normalize='tfidf'``),
+    #: applied to queries; ``None`` for log-normalized references.
+    idf: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.genes = pd.Index(np.asarray(self.genes, dtype=object).astype(str), name=None)
@@ -120,6 +123,7 @@ class Reference:
         obsm: dict | None = None,
         pca_moments: ClusterMoments | None = None,
         params: dict[str, Any] | None = None,
+        idf: np.ndarray | None = None,
     ) -> Reference:
         """Make a reference from given elements (e.g. exported from R Symphony).
 
@@ -141,6 +145,9 @@ class Reference:
             Corrected reference embedding (cells x d), optional.
         obs
             Reference cell annotations, one row per embedding row, optional.
+        idf
+            Per-gene inverse document frequency of a TF-IDF reference (queries are then normalized
+            with it), optional.
         """
         return cls(
             genes=pd.Index(genes),
@@ -155,6 +162,7 @@ class Reference:
             obsm=dict(obsm or {}),
             pca_moments=pca_moments,
             params=dict(params or {}),
+            idf=idf,
         )
 
     @property
@@ -279,6 +287,8 @@ def _write_store(ref: Reference, path: Path) -> None:
         ad.io.write_elem(group, "genes", np.asarray(ref.genes, dtype=object))
         for name in ("mean", "std", "loadings", "centroids", "cluster_sizes", "compression"):
             ad.io.write_elem(group, name, getattr(ref, name))
+        if ref.idf is not None:
+            ad.io.write_elem(group, "idf", np.asarray(ref.idf, dtype=np.float64))
         if ref.pca_moments is not None:
             moments = group.create_group("pca_moments")
             for name in ("weight_sq", "first", "second"):
@@ -381,6 +391,7 @@ def load_reference(path: str | os.PathLike, *, lazy_embedding: bool = False) -> 
             node = group["embedding"]
             embedding = ad.experimental.read_elem_lazy(node) if lazy_embedding else ad.io.read_elem(node)
         obs = ad.io.read_elem(group["obs"]) if "obs" in group else None
+        idf = ad.io.read_elem(group["idf"]) if "idf" in group else None
         obsm = dict(ad.io.read_elem(group["obsm"])) if "obsm" in group else {}
         layout = None
         if "umap" in group:
@@ -413,6 +424,7 @@ def load_reference(path: str | os.PathLike, *, lazy_embedding: bool = False) -> 
         params=dict(group.attrs.get("params", {})),
         neighbors=neighbors,
         umap_layout=layout,
+        idf=idf,
     )
 
 
@@ -470,6 +482,10 @@ def _check_elements(ref: Reference) -> None:
         raise ValueError("a reference centroid is the zero vector")
     if np.abs(norms - 1.0).max() > 1e-12:  # Y_cos columns must be unit vectors
         ref.centroids = ref.centroids / norms
+    if ref.idf is not None:
+        ref.idf = np.ascontiguousarray(ref.idf, dtype=np.float64)
+        if ref.idf.shape != (g,) or not np.all(np.isfinite(ref.idf)) or np.any(ref.idf < 0):
+            raise ValueError(f"idf must hold one finite, non-negative value per gene ({g}), got shape {ref.idf.shape}")
     if ref.embedding is not None:
         if ref.embedding.ndim != 2 or ref.embedding.shape[1] != d:
             raise ValueError(f"embedding must be cells x {d}, got shape {ref.embedding.shape}")

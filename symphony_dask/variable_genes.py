@@ -12,6 +12,13 @@ For each group of cells (e.g. each donor), on log-normalized values:
    to 12 significant digits, go to the first gene), pooled as a union in group order.
 
 Genes with zero variance in a group are never ranked in that group.
+
+Or by mean and dispersion (``"mvp"``, Seurat's mean.var.plot as R Symphony runs it through
+singlecellmethods' ``findVariableGenes`` with ``num.bin = 20``): per group, the mean ``m`` and
+unbiased variance ``v`` of ``expm1`` of the values (:func:`exp_moments`, one pass); dispersion
+``log(v / m)`` (0 where it is 0/0); genes binned by ``log1p(m)`` into 20 equal-width bins (R's
+``cut``) and the dispersion z-scored within each bin; genes with ``log1p(m) >= 0.1`` and dispersion
+``>= 0`` ranked by the z-score (:func:`mvp_table`); the top ``n_top`` per group pooled as above.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import pandas as pd
 import scipy.sparse as sp
 from skmisc.loess import loess
 
-from .preprocess import Block, GroupMoments, log_normalize, rows_by_group
+from .preprocess import Block, GroupMoments, group_moments, log_normalize, rows_by_group
 
 #: Loess span of the mean-variance fit (Seurat's and Symphony's default).
 LOESS_SPAN = 0.3
@@ -65,14 +72,14 @@ class ClippedSquares:
 
 def clipped_squares(
     block: Block, codes: np.ndarray, *, mean: dict[int, np.ndarray], sd: dict[int, np.ndarray], clip: float,
-    normalize: bool,
+    normalize: bool, idf: np.ndarray | None = None,
 ) -> ClippedSquares:
     """Kernel: per group, sum of ``min(clip, (x - mean) / sd)**2`` over stored values and their count.
 
     Genes with ``sd == 0`` contribute nothing. Zeros of a sparse block are accounted for after the
     reduction, from the counts, exactly as the original does.
     """
-    values = log_normalize(block) if normalize else block
+    values = log_normalize(block, idf=idf) if normalize else block
     out = {}
     for code, rows in rows_by_group(codes).items():
         m, s = mean[code], sd[code]
@@ -124,6 +131,73 @@ def vst_table(
         t.insert(2, "rank", np.arange(1, len(t) + 1))
         tables.append(t)
     return pd.concat(tables, ignore_index=True)
+
+
+def exp_moments(block: Block, codes: np.ndarray, *, normalize: bool, idf: np.ndarray | None = None) -> GroupMoments:
+    """Kernel: per group, moments of ``expm1`` of the (normalized) values of one chunk."""
+    values = log_normalize(block, idf=idf) if normalize else block
+    if sp.issparse(values):
+        values = sp.csr_matrix(values, dtype=np.float64, copy=not normalize)
+        np.expm1(values.data, out=values.data)
+    else:
+        values = np.expm1(np.asarray(values, dtype=np.float64))
+    return group_moments(values, codes)
+
+
+#: mean.var.plot's settings in R Symphony: bins of the log mean, and the cut-offs of singlecellmethods.
+MVP_BINS = 20
+MVP_MIN_MEAN = 0.1
+MVP_MIN_DISPERSION = 0.0
+
+
+def mvp_table(moments: GroupMoments, group_names: list[str], genes: pd.Index) -> pd.DataFrame:
+    """Per-group mean.var.plot table (group, symbol, rank, mean, variance, dispersion and its z-score
+    within the mean bin) of the genes that pass the cut-offs, best first."""
+    tables = []
+    for code, name in enumerate(group_names):
+        m = moments.groups[code]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            dispersion = np.log(m.variance / m.mean)
+        dispersion[np.isnan(dispersion)] = 0.0
+        log_mean = np.log1p(m.mean)
+        scaled = _scaled_within_bins(dispersion, _equal_width_bins(log_mean, MVP_BINS))
+        t = pd.DataFrame({"group": name, "symbol": genes, "mean": log_mean, "variance": m.variance,
+                          "dispersion": dispersion, "dispersion_scaled": scaled})
+        t = t[(log_mean >= MVP_MIN_MEAN) & (dispersion >= MVP_MIN_DISPERSION)]
+        # best z-score first (NaN last), ties by dispersion, then gene order (as R's stable sorts)
+        key_scaled = np.where(np.isnan(t["dispersion_scaled"]), -np.inf, _tie_key(t["dispersion_scaled"].to_numpy()))
+        order = np.lexsort((-_tie_key(t["dispersion"].to_numpy()), -key_scaled))
+        t = t.iloc[order].reset_index(drop=True)
+        t.insert(2, "rank", np.arange(1, len(t) + 1))
+        tables.append(t)
+    return pd.concat(tables, ignore_index=True)
+
+
+def _equal_width_bins(x: np.ndarray, n_bins: int) -> np.ndarray:
+    """Bin of each value among ``n_bins`` equal-width right-closed intervals over its range, with
+    the outer limits moved out by 0.1% of the range (R's ``cut(x, n_bins)``)."""
+    low, high = float(x.min()), float(x.max())
+    width = high - low
+    if width == 0:
+        width = abs(low) if low != 0 else 1.0
+        breaks = np.linspace(low - width / 1000, high + width / 1000, n_bins + 1)
+    else:
+        breaks = np.linspace(low, high, n_bins + 1)
+        breaks[0], breaks[-1] = low - width / 1000, high + width / 1000
+    return np.searchsorted(breaks, x, side="left") - 1
+
+
+def _scaled_within_bins(x: np.ndarray, bins: np.ndarray) -> np.ndarray:
+    """``x`` z-scored within each bin (R's ``scale``: SD with n - 1; NaN for a bin of one gene)."""
+    out = np.empty_like(x)
+    for b in np.unique(bins):
+        members = bins == b
+        with np.errstate(invalid="ignore", divide="ignore"):
+            centered = x[members] - x[members].mean()
+            finite = centered[~np.isnan(centered)]
+            sd = np.sqrt((finite**2).sum() / max(1, len(finite) - 1))
+            out[members] = centered / sd
+    return out
 
 
 def _tie_key(x: np.ndarray, digits: int = RANK_DIGITS) -> np.ndarray:
