@@ -126,13 +126,16 @@ def _check_build(args: argparse.Namespace) -> None:
         raise UsageError(f"--out {args.out}: a reference is a zarr store; name it with .zarr (e.g. --out ref.zarr)")
     _refuse_existing(out, args.overwrite)
     _check_positive(args, "n_hvg", "n_pcs", "n_clusters", "max_iter_harmony", "chunk_size")
+    if args.tfidf and args.no_normalize:
+        raise UsageError("--tfidf and --no-normalize contradict each other: --tfidf normalizes raw peak counts")
 
 
 def _build(args: argparse.Namespace) -> int:
     from .build import build_reference
 
     reference = build_reference(
-        args.input, args.batch_key or None, normalize=not args.no_normalize, n_hvg=args.n_hvg,
+        args.input, args.batch_key or None, normalize="tfidf" if args.tfidf else not args.no_normalize, n_hvg=args.n_hvg,
+        variable_genes=args.variable_genes, additional_genes=args.additional_genes,
         hvg_batch_key=args.hvg_batch_key, n_pcs=args.n_pcs, n_clusters=args.n_clusters, theta=args.theta,
         max_iter_harmony=args.max_iter_harmony, harmony_flavor=args.harmony_flavor, seed=args.seed, chunk_size=args.chunk_size, layer=args.layer,
         obs_filter=args.obs_filter, keep_embedding=not args.minimal, neighbor_index=not args.no_neighbor_index,
@@ -346,6 +349,13 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--hvg-batch-key", default=None, metavar="COLUMN",
                    help="obs column whose groups each contribute their top --n-hvg genes; default: all cells "
                         "as one group")
+    b.add_argument("--variable-genes", choices=["vst", "mvp"], default="vst",
+                   help="variable-gene method: vst (R Symphony's default) or mvp (mean.var.plot)")
+    b.add_argument("--additional-genes", nargs="+", default=None, metavar="GENE",
+                   help="genes always kept beside the variable ones (e.g. markers)")
+    b.add_argument("--tfidf", action="store_true",
+                   help="the input is a (binarized) peak x cell matrix: TF-IDF-normalize it as Signac's RunTFIDF "
+                        "instead of log(CP10K+1); queries are normalized with the reference's IDF")
     b.add_argument("--n-pcs", type=int, default=20, metavar="N", help="principal components of the embedding")
     b.add_argument("--n-clusters", type=int, default=None, metavar="K",
                    help="Harmony's soft clusters; default: min(100, cells / 30)")

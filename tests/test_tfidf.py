@@ -80,3 +80,26 @@ def test_tfidf_does_not_depend_on_chunks(peaks):
 def test_bad_normalize_is_named(peaks):
     with pytest.raises(ValueError, match="must be True, False or 'tfidf'"):
         sd.build_reference(peaks, "donor", normalize="log")
+
+
+def test_command_line_tfidf_build_and_map(peaks, tmp_path, capsys):
+    from symphony_dask.cli import main
+
+    ref_cells, query = peaks[peaks.obs.donor != "3pv1"].copy(), peaks[peaks.obs.donor == "3pv1"].copy()
+    ref_cells.write_h5ad(tmp_path / "ref.h5ad")
+    query.write_h5ad(tmp_path / "query.h5ad")
+    marker = str(ref_cells.var_names[0])
+    build = ["build", str(tmp_path / "ref.h5ad"), "--out", str(tmp_path / "ref.zarr"), "--batch-key", "donor",
+             "--tfidf", "--variable-genes", "mvp", "--additional-genes", marker, "--n-hvg", "500", "--no-umap", "-q"]
+    assert main(build) == 0
+    ref = sd.load_reference(tmp_path / "ref.zarr")
+    assert ref.params["normalize"] == "tfidf" and ref.params["variable_genes"] == "mvp" and ref.idf is not None
+    assert marker in set(ref.genes)
+    code = main(["map", "--reference", str(tmp_path / "ref.zarr"), "--query", str(tmp_path / "query.h5ad"),
+                 "--batch-key", "donor", "--transfer", "cell_type", "--out", str(tmp_path / "mapped.h5ad"), "-q"])
+    assert code == 0
+    mapped = ad.read_h5ad(tmp_path / "mapped.h5ad")
+    expected = sd.map_query(ref, query.copy(), "donor").obsm["X_symphony"]
+    np.testing.assert_allclose(mapped.obsm["X_symphony"], expected, atol=1e-12)
+    assert main(build[:-1] + ["--no-normalize", "--overwrite", "-q"]) == 2
+    assert "--tfidf and --no-normalize contradict each other" in capsys.readouterr().err
