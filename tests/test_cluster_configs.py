@@ -36,7 +36,12 @@ def test_kubernetes_config_names_a_daskcluster_resource():
     assert spec["apiVersion"] == "kubernetes.dask.org/v1" and spec["kind"] == "DaskCluster"
     worker = spec["spec"]["worker"]
     assert worker["replicas"] == 4
-    assert worker["spec"]["containers"][0]["env"][0] == {"name": "EXTRA_PIP_PACKAGES", "value": "symphony_dask"}
+    scheduler = spec["spec"]["scheduler"]["spec"]["containers"][0]
+    image = worker["spec"]["containers"][0]["image"]
+    assert image == scheduler["image"] and "symphony-dask" in image  # built by cluster_configs/Dockerfile
+    assert "EXTRA_PIP_PACKAGES" not in str(spec)  # symphony_dask is not on PyPI
+    dockerfile = (CONFIGS / "Dockerfile").read_text()
+    assert "pip install --no-cache-dir /src" in dockerfile and "COPY symphony_dask /src/symphony_dask" in dockerfile
     assert spec["spec"]["scheduler"]["service"]["selector"]["dask.org/cluster-name"] == spec["metadata"]["name"]
     if importlib.util.find_spec("dask_kubernetes") is None:
         with pytest.raises(ValueError, match=r'pip install "\.\[kubernetes\]" from the symphony_dask repository root'):
