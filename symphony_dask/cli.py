@@ -350,9 +350,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="obs column whose groups each contribute their top --n-hvg genes; default: all cells "
                         "as one group")
     b.add_argument("--variable-genes", choices=["vst", "mvp"], default="vst",
-                   help="variable-gene method: vst (R Symphony's default) or mvp (mean.var.plot)")
+                   help="variable-gene method: vst (as R Symphony) or mvp (mean.var.plot)")
     b.add_argument("--additional-genes", nargs="+", default=None, metavar="GENE",
-                   help="genes always kept beside the variable ones (e.g. markers)")
+                   help="genes always kept beside the variable ones (e.g. markers); default: none")
     b.add_argument("--tfidf", action="store_true",
                    help="the input is a (binarized) peak x cell matrix: TF-IDF-normalize it as Signac's RunTFIDF "
                         "instead of log(CP10K+1); queries are normalized with the reference's IDF")
