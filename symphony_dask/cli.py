@@ -363,7 +363,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="Harmony's diversity penalty (0: no push to mix the batches)")
     b.add_argument("--harmony-flavor", choices=["harmony1", "harmony2"], default="harmony1",
                    help="harmony1: harmony 0.1, as the Symphony paper; harmony2: R harmony 2.0 / harmonypy 2.1, "
-                        "with their defaults")
+                        "with their settings")
     b.add_argument("--max-iter-harmony", type=int, default=None, metavar="N",
                    help="most Harmony iterations (default: 20 for harmony1, as R Symphony; 10 for harmony2)")
     b.add_argument("--seed", type=int, default=111, metavar="N", help="seed of the k-means start and Harmony's block order")
