@@ -134,8 +134,10 @@ def build_reference(
     seed
         Seeds the k-means start and Harmony's block order.
     chunk_size
-        Cells per chunk of the expression matrix; ``None``: one chunk for in-memory data, 10,000
-        cells for data on disk. The result does not depend on it beyond round-off.
+        Cells per chunk of the expression matrix; ``None``: in-memory data of up to 10,000 cells is
+        one chunk, larger in-memory data chunks of 10,000 cells (never densified whole, every core
+        busy), data on disk as many cells as a task's memory holds (at most 10,000). The result
+        does not depend on it beyond round-off.
     layer
         Use this AnnData layer instead of ``X``.
     obs_filter

@@ -30,6 +30,8 @@ logger = logging.getLogger("symphony_dask")
 #: Most cells per chunk by default (a dense scaled chunk of 10,000 cells x 2,000 genes is 160 MB);
 #: fewer where the memory of a task would not hold them (:func:`default_chunk_size`).
 DEFAULT_CHUNK_SIZE = 10_000
+#: An in-memory matrix of more cells than this is read in chunks of this many cells by default.
+IN_MEMORY_CHUNK = 10_000
 #: Fewest cells per chunk chosen by default.
 MIN_DEFAULT_CHUNK_SIZE = 1_000
 #: Peak memory of a pass per cell of a chunk, measured on a 20,000-gene store (first pass): about
@@ -76,9 +78,10 @@ def read_expression(data: AnnDataLike, *, chunk_size: int | None = None, layer: 
     data
         AnnData (in memory or backed) or a path to ``.h5ad`` / ``.zarr``.
     chunk_size
-        Cells per chunk; ``None`` keeps an in-memory matrix as one chunk and, for data on disk, takes
-        as many cells (at most :data:`DEFAULT_CHUNK_SIZE`) as the memory of a task holds
-        (:func:`default_chunk_size`).
+        Cells per chunk; ``None`` keeps an in-memory matrix of up to :data:`IN_MEMORY_CHUNK` cells
+        as one chunk and splits a larger one into chunks of that many (views, not copies: never
+        the whole matrix in one task, and every core busy), and for data on disk takes as many cells
+        (at most :data:`DEFAULT_CHUNK_SIZE`) as the memory of a task holds (:func:`default_chunk_size`).
     layer
         Read this layer instead of ``X``.
     """
@@ -203,7 +206,7 @@ def _from_memory(adata: ad.AnnData, chunk_size: int | None, layer: str | None) -
         arr = arr.map_blocks(_checked_chunk, dtype=arr.dtype, meta=meta)
         return Expression(arr, adata.obs, adata.var, "AnnData (dask)", dict(adata.obsm), _layer_names(adata))
     n = adata.n_obs
-    rows = n if chunk_size is None else chunk_size
+    rows = chunk_size or (n if n <= IN_MEMORY_CHUNK else IN_MEMORY_CHUNK)
     if sp.issparse(x):
         x = sp.csr_matrix(x)
         meta = sp.csr_matrix((0, 0), dtype=x.dtype)

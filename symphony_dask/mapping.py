@@ -55,9 +55,6 @@ logger = logging.getLogger("symphony_dask")
 
 #: Below this fraction of reference genes found in the query, mapping warns.
 MIN_GENE_FRACTION = 0.5
-#: In-memory queries above this many cells are mapped in chunks of IN_MEMORY_CHUNK cells.
-ONE_CHUNK_MAX_CELLS = 20_000
-IN_MEMORY_CHUNK = 10_000
 
 QueryLike = AnnDataLike | Sequence[AnnDataLike]
 
@@ -107,8 +104,8 @@ def map_query(
         Fit the batch terms of each query batch on its own, as if each were mapped alone (the paper
         notes that mapping batches together couples them slightly).
     chunk_size
-        Cells per chunk; ``None``: one chunk for an in-memory query of up to 20,000 cells (NumPy),
-        10,000 otherwise (in memory) or 10,000 (on disk).
+        Cells per chunk; ``None``: one chunk for an in-memory query of up to 10,000 cells (NumPy),
+        chunks of 10,000 above, and for data on disk as many as a task's memory holds (at most 10,000).
     layer
         Use this layer of the query instead of ``X``.
     copy
@@ -129,7 +126,7 @@ def map_query(
         raise TypeError(f"reference must be a Reference or the path of a reference store, got {type(reference).__name__}")
     shards = query_shards(query)
     keys = as_key_list(batch_keys)
-    exprs = [_read(shard, chunk_size, layer) for shard in shards]
+    exprs = [read_expression(shard, chunk_size=chunk_size, layer=layer) for shard in shards]
     matched = [_match(reference, expr, keys, gene_key, where=_name(shard, i, len(shards)))
                for i, (shard, expr) in enumerate(zip(shards, exprs))]
     obs = exprs[0].obs if len(exprs) == 1 else pd.concat([e.obs for e in exprs])
@@ -321,12 +318,6 @@ def query_shards(query: QueryLike) -> list[AnnDataLike]:
             raise ValueError("the list of query shards is empty")
         return list(query)
     return [query]
-
-
-def _read(shard: AnnDataLike, chunk_size: int | None, layer: str | None) -> Expression:
-    if chunk_size is None and isinstance(shard, ad.AnnData) and not shard.isbacked and shard.n_obs > ONE_CHUNK_MAX_CELLS:
-        chunk_size = IN_MEMORY_CHUNK
-    return read_expression(shard, chunk_size=chunk_size, layer=layer)
 
 
 def _match(reference: Reference, expr: Expression, keys: list[str], gene_key: str | None, *, where: str):

@@ -168,3 +168,15 @@ def test_unsupported_values_and_chunks_are_refused(split):
                                                                                 dtype=np.float64, meta=np.empty((0, 0)))
     with pytest.raises(TypeError, match="a chunk of the expression matrix is a builtins.dict"):
         sd.build_reference(odd, "donor", normalize=False, n_hvg=500, n_clusters=20)
+
+
+def test_large_in_memory_data_is_read_in_chunks():
+    """Above 10,000 cells an in-memory matrix is split (never one task over the whole matrix, which
+    building would densify after scaling); up to 10,000 it stays one chunk."""
+    from symphony_dask.io import IN_MEMORY_CHUNK
+
+    x = sp.random(25_000, 40, density=0.1, format="csr", random_state=0)
+    big = ad.AnnData(x)
+    assert read_expression(big).X.chunks[0] == (10_000, 10_000, 5_000) and IN_MEMORY_CHUNK == 10_000
+    assert read_expression(big[:10_000].copy()).X.chunks[0] == (10_000,)
+    assert read_expression(big, chunk_size=7_000).X.chunks[0] == (7_000, 7_000, 7_000, 4_000)
