@@ -28,7 +28,9 @@ def test_worker_with_less_memory_than_the_data_builds_the_reference(synthetic_at
             with Client(cluster) as client:
                 pids = client.run(os.getpid)
                 # default chunk size: as many cells as 3/4 of the worker's memory holds
-                ref = sd.build_reference(path, "donor", n_hvg=1000, max_iter_harmony=2, max_iter_cluster=5)
+                # no UMAP: this test is about the passes over the matrix (placement on workers: test_umap.py)
+                ref = sd.build_reference(path, "donor", n_hvg=1000, max_iter_harmony=2, max_iter_cluster=5,
+                                         umap=False)
                 ref.save(tmp_path / "ref.zarr")
                 assert client.run(os.getpid) == pids, "the worker was restarted"
     loaded = sd.load_reference(tmp_path / "ref.zarr")
