@@ -180,7 +180,8 @@ def test_workers_with_less_memory_than_the_query_map_its_shards(synthetic_atlas,
     for i in range(2):
         write_synthetic_atlas(tmp_path / f"extra_{i}.zarr", 10_000, **model)
         shards.append(tmp_path / f"extra_{i}.zarr")
-    ref = sd.build_reference(tmp_path / "ref.zarr", "donor", n_hvg=1000, max_iter_harmony=2)
+    # no UMAP: this test is about reading and mapping shards (placement on workers: test_umap.py)
+    ref = sd.build_reference(tmp_path / "ref.zarr", "donor", n_hvg=1000, max_iter_harmony=2, umap=False)
     memory = {"distributed.worker.memory.target": False, "distributed.worker.memory.spill": False,
               "distributed.worker.memory.pause": False, "distributed.worker.memory.terminate": 0.95}
     with dask.config.set(memory):
