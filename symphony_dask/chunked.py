@@ -16,6 +16,7 @@ The in-memory path is the one-chunk case: a kernel applied to the whole matrix.
 from __future__ import annotations
 
 import contextvars
+import operator
 import threading
 import time
 import uuid
@@ -64,6 +65,12 @@ def fold(combine: Callable[[Any, Any], Any], *parts: Any) -> Any:
     for p in parts[1:]:
         out = combine(out, p)
     return out
+
+
+def total(*parts: Any) -> Any:
+    """The parts added left to right: a fixed order, so that a sum does not depend on which part
+    arrived first."""
+    return fold(operator.add, *parts)
 
 
 def map_reduce(

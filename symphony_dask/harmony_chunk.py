@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from .chunked import fold
+from .chunked import total
 from .harmony_kernels import (
     BlockKernel,
     Ledger,
@@ -389,7 +389,7 @@ class ChunkGroup:
 
     def initial_sums(self, y: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
         parts = self._each(lambda p: p.initial_sums(y, self.spec.sigma, self.spec.n_patterns))
-        return fold(_add, *(p[0] for p in parts)), fold(_add, *(p[1] for p in parts)), fold(_add, *(p[2] for p in parts))
+        return total(*(p[0] for p in parts)), total(*(p[1] for p in parts)), total(*(p[2] for p in parts))
 
     # -- a clustering iteration, block by block ------------------------------------------------------
 
@@ -453,7 +453,7 @@ class ChunkGroup:
         last block, also the iteration's sums (see :meth:`block_prepared` for ``start``)."""
         for future in self.block_prepared(number, position, start):
             future.result()
-        s = fold(_add, *(f.result() for f in self.weigh_block(penalty)))
+        s = total(*(f.result() for f in self.weigh_block(penalty)))
         if not self.after_block():
             return BlockResult(s, None)
         self._settle()
@@ -463,7 +463,7 @@ class ChunkGroup:
         """The iteration's entropy part and centroid sums, once every block is done."""
         it = self._iteration
         self._iteration = None
-        return fold(_add, *it.logz), fold(_add, *it.centroid_sums)
+        return total(*it.logz), total(*it.centroid_sums)
 
     def cluster_iteration(self, number: int, order: Sequence[int], y: np.ndarray, block_s: np.ndarray) -> IterationSums:
         """A whole clustering iteration when this group holds every cell (no reduction across groups)."""
@@ -474,7 +474,7 @@ class ChunkGroup:
 
     def ridge_sums(self, y: np.ndarray, penalties: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         parts = self._each(lambda p: p.ridge_sums(y, self.spec.sigma, penalties))
-        return fold(_add, *(p[0] for p in parts)), fold(_add, *(p[1] for p in parts))
+        return total(*(p[0] for p in parts)), total(*(p[1] for p in parts))
 
     def correct(self, version: int, step: CorrectionStep) -> np.ndarray:
         """Apply correction number ``version`` (counted from 1); the new centroid sums.
@@ -490,7 +490,7 @@ class ChunkGroup:
         for piece, (z_corr, z_clustered, _) in zip(self.pieces, states):
             piece.z_corr, piece.z_clustered = z_corr, z_clustered
         self.version = version
-        self._last_centroid_sums = fold(_add, *(s[2] for s in states))
+        self._last_centroid_sums = total(*(s[2] for s in states))
         return self._last_centroid_sums
 
     def replay(self, log: Sequence[CorrectionStep]) -> None:
@@ -572,10 +572,6 @@ def block_steps(order: list[int], y: np.ndarray, block_s: np.ndarray, terms: Pen
     for position, b in enumerate(order):
         parts = yield position, ledger.penalty, ((y, order) if position == 0 else None)
         following = order[position + 1] if position + 1 < len(order) else None
-        ledger.advance(b, fold(_add, *(p.s for p in parts)), following, terms)
-    return IterationSums(ledger.new, ledger.penalties, ledger.logw, fold(_add, *(p.end[0] for p in parts)),
-                         fold(_add, *(p.end[1] for p in parts)))
-
-
-def _add(a: Any, b: Any) -> Any:
-    return a + b
+        ledger.advance(b, total(*(p.s for p in parts)), following, terms)
+    return IterationSums(ledger.new, ledger.penalties, ledger.logw, total(*(p.end[0] for p in parts)),
+                         total(*(p.end[1] for p in parts)))

@@ -33,7 +33,7 @@ import dask.array as da
 import numpy as np
 
 from . import harmony_groups
-from .chunked import distributed_client, fold
+from .chunked import distributed_client, total
 from .harmony_chunk import CorrectionStep, IterationSums, RunSpec, chunk_output
 from .harmony_groups import GroupsLost, LocalGroups, local_threads
 from .harmony_kernels import PenaltyTerms, cosine_normalize
@@ -240,9 +240,9 @@ class HarmonyRun:
     def _plain_assignments(self, y: np.ndarray) -> _Iteration:
         """The sums of ``R = softmax(-dist / sigma)`` (no diversity penalty) of the current cells."""
         parts = self._attempt(self.groups.call, "initial_sums", y)
-        block_s = fold(_add, *(p[0] for p in parts))
-        logz = fold(_add, *(p[1] for p in parts))
-        centroid_sums = fold(_add, *(p[2] for p in parts))
+        block_s = total(*(p[0] for p in parts))
+        logz = total(*(p[1] for p in parts))
+        centroid_sums = total(*(p[2] for p in parts))
         return _Iteration(IterationSums(block_s, np.ones_like(block_s), 0.0, logz, centroid_sums), y)
 
     # -- iterations ----------------------------------------------------------------------------------
@@ -265,7 +265,7 @@ class HarmonyRun:
     def _correct(self, ridge: RidgeSettings, it: _Iteration, final: bool) -> np.ndarray:
         """Ridge correction of every chunk; returns the new centroids ``Y``."""
         parts = self._attempt(self.groups.call, "ridge_sums", it.y, it.sums.penalties)
-        s, t = fold(_add, *(p[0] for p in parts)), fold(_add, *(p[1] for p in parts))
+        s, t = total(*(p[0] for p in parts)), total(*(p[1] for p in parts))
         patterns = self.design.patterns
         if self.flavor == "harmony2":
             w, intercepts, fitted = solve_harmony2_terms(s, t, patterns, self.design.variables(), self.terms.pr_b,
@@ -274,7 +274,7 @@ class HarmonyRun:
             w = solve_batch_terms(*ridge_system(s, t, patterns), ridge.penalty)
         step = CorrectionStep(it.y, it.sums.penalties, np.einsum("pa,kad->pkd", patterns, w), final)
         self.log.append(step)
-        centroid_sums = fold(_add, *self._attempt(self.groups.call, "correct", len(self.log), step))
+        centroid_sums = total(*self._attempt(self.groups.call, "correct", len(self.log), step))
         if self.flavor == "harmony2":
             y = it.y.copy()
             y[:, fitted] = cosine_normalize(intercepts[fitted].T, axis=0)
@@ -366,9 +366,6 @@ class HarmonyRun:
         return HarmonyResult(z_corr, r, it.y, n_iter, objective, converged, dict(self.timings), self.groups,
                              self._iterations)
 
-
-def _add(a: Any, b: Any) -> Any:
-    return a + b
 
 
 def _window_converged(obj: list[float], epsilon: float) -> bool:

@@ -29,7 +29,7 @@ import dask
 import numpy as np
 from distributed.protocol import to_serialize
 
-from .chunked import fold
+from .chunked import total
 from .harmony_channel import TOKEN_BYTES, Channel, serve
 from .harmony_chunk import BlockResult, ChunkGroup, CorrectionStep, IterationSums, RunSpec, block_steps
 
@@ -52,9 +52,6 @@ class GroupsLost(Exception):
         self.slots = slots
         self.causes = causes
 
-
-def _add(a: Any, b: Any) -> Any:
-    return a + b
 
 
 class LocalGroups:
@@ -99,7 +96,7 @@ class ActorChunkGroup(ChunkGroup):
                                  start: tuple[np.ndarray, Sequence[int]] | None = None) -> BlockResult:
         """:meth:`~ChunkGroup.update_block`, waiting on the event loop instead of in a thread."""
         await _all(self.block_prepared(number, position, start))
-        s = fold(_add, *await _all(self.weigh_block(penalty)))
+        s = total(*await _all(self.weigh_block(penalty)))
         if not self.after_block():
             return BlockResult(s, None)
         await _all([tail for tail in self._tails if tail is not None])

@@ -82,6 +82,16 @@ def built_reference(pbmcs, oracle) -> sd.Reference:
 
 
 @pytest.fixture(scope="session")
+def pbmc3500() -> tuple[np.ndarray, pd.DataFrame, np.ndarray]:
+    """Harmony's PBMC example: 3,500 cells' PCs, their donors, and R Harmony's corrected PCs."""
+    root = DATA / "harmony_pbmc3500"
+    z = pd.read_csv(root / "pbmc_3500_pcs.tsv.gz", sep="\t").to_numpy()
+    meta = pd.read_csv(root / "pbmc_3500_meta.tsv.gz", sep="\t")
+    r_corrected = pd.read_csv(root / "pbmc_3500_pcs_harmonized.tsv.gz", sep="\t").to_numpy()
+    return z, meta, r_corrected
+
+
+@pytest.fixture(scope="session")
 def raw_pbmcs() -> ad.AnnData:
     """240 PBMCs from three 10x chemistries, raw counts."""
     return ad.read_h5ad(DATA / "pbmc10x_3chem_small.h5ad")

@@ -12,7 +12,6 @@ import dask.array as da
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import DATA
 from distributed import Client, LocalCluster
 
 import symphony_dask as sd
@@ -23,15 +22,6 @@ from symphony_dask.harmony_kernels import PenaltyTerms
 from symphony_dask.metrics import lisi
 
 TOL = 1e-10
-
-
-@pytest.fixture(scope="module")
-def pbmc3500():
-    root = DATA / "harmony_pbmc3500"
-    z = pd.read_csv(root / "pbmc_3500_pcs.tsv.gz", sep="\t").to_numpy()
-    meta = pd.read_csv(root / "pbmc_3500_meta.tsv.gz", sep="\t")
-    r_corrected = pd.read_csv(root / "pbmc_3500_pcs_harmonized.tsv.gz", sep="\t").to_numpy()
-    return z, meta, r_corrected
 
 
 def test_matches_r_harmony_per_pc(pbmc3500):

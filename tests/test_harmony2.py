@@ -8,7 +8,6 @@ import logging
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import DATA
 
 import symphony_dask as sd
 from symphony_dask.harmony_kernels import cross_entropy, pattern_penalty
@@ -18,14 +17,6 @@ harmonypy = pytest.importorskip("harmonypy", minversion="2.1")
 logging.getLogger("harmonypy").setLevel(logging.WARNING)
 
 TOL = 1e-10
-
-
-@pytest.fixture(scope="module")
-def pbmc3500():
-    root = DATA / "harmony_pbmc3500"
-    z = pd.read_csv(root / "pbmc_3500_pcs.tsv.gz", sep="\t").to_numpy()
-    meta = pd.read_csv(root / "pbmc_3500_meta.tsv.gz", sep="\t")
-    return z, meta
 
 
 def _synthetic(n: int, seed: int = 0) -> tuple[np.ndarray, pd.DataFrame]:
@@ -46,7 +37,7 @@ def _agreement(ours: np.ndarray, theirs: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 def test_matches_harmonypy_with_its_defaults(pbmc3500):
-    z, meta = pbmc3500
+    z, meta, _ = pbmc3500
     ours = sd.harmonize(z, meta, "donor", flavor="harmony2")
     theirs = harmonypy.run_harmony(z, meta, "donor", verbose=False)
     r, rmse = _agreement(np.asarray(ours.Z_corr), np.asarray(theirs.Z_corr))
@@ -67,7 +58,7 @@ def test_matches_harmonypy_on_50k_synthetic_cells():
 
 def test_differs_from_harmony1(pbmc3500):
     """The flavor changes the algorithm, not only the defaults."""
-    z, meta = pbmc3500
+    z, meta, _ = pbmc3500
     kw = dict(max_iter_harmony=2, max_iter_cluster=4, epsilon_cluster=-1.0, epsilon_harmony=-1.0, n_init=1, lamb=1.0)
     one = sd.harmonize(z, meta, "donor", flavor="harmony1", **kw)
     two = sd.harmonize(z, meta, "donor", flavor="harmony2", **kw)
@@ -76,7 +67,7 @@ def test_differs_from_harmony1(pbmc3500):
 
 @pytest.mark.parametrize("n_chunks", [3, 7])
 def test_chunking_does_not_change_results(pbmc3500, n_chunks):
-    z, meta = pbmc3500
+    z, meta, _ = pbmc3500
     one = sd.harmonize(z, meta, "donor", flavor="harmony2")
     many = sd.harmonize(z, meta, "donor", flavor="harmony2", chunk_size=-(-len(z) // n_chunks))
     assert np.abs(np.asarray(many.Z_corr) - np.asarray(one.Z_corr)).max() <= TOL
@@ -85,7 +76,7 @@ def test_chunking_does_not_change_results(pbmc3500, n_chunks):
 
 
 def test_settings_of_the_other_flavor_are_named(pbmc3500):
-    z, meta = pbmc3500
+    z, meta, _ = pbmc3500
     with pytest.warns(UserWarning, match="alpha is a harmony2 setting"):
         sd.harmonize(z[:600], meta[:600], "donor", alpha=0.5, max_iter_harmony=1, n_clusters=5)
     with pytest.raises(ValueError, match="'harmony1' or 'harmony2'"):
@@ -191,7 +182,7 @@ def test_harmony2_reference_from_the_command_line_maps_splitA(split, tmp_path, c
 def test_objective_equals_its_formula(pbmc3500, flavor):
     """After one iteration the recorded objective is, from the final R, the centroids and the PCs:
     sum R dist + sigma sum R log R + sigma sum_kb theta O_kb log(ratio_kb), each flavor's ratio."""
-    z, meta = pbmc3500
+    z, meta, _ = pbmc3500
     z, meta = z[:1500], meta[:1500]
     res = sd.harmonize(z, meta, "donor", flavor=flavor, max_iter_harmony=1, n_clusters=20)
     r, y = np.asarray(res.R), res.centroids
