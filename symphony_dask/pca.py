@@ -38,10 +38,11 @@ from .preprocess import SCALE_CLIP, SCALE_FACTOR, Block, scale
 logger = logging.getLogger("symphony_dask")
 
 PCASolver = Literal["auto", "gram", "krylov"]
-#: Krylov block width beyond the number of components; iterations stop when the top Ritz values
-#: change by less than KRYLOV_TOLERANCE (relative), or after KRYLOV_MAX_ITERATIONS passes.
+#: Krylov block width beyond the number of components; iterations stop when every top Ritz pair's
+#: residual norm ||M u - theta u|| is below KRYLOV_TOLERANCE times the top Ritz value (the error of
+#: a loading vector is about its residual over the eigengap), or after KRYLOV_MAX_ITERATIONS passes.
 KRYLOV_OVERSAMPLING = 20
-KRYLOV_TOLERANCE = 1e-12
+KRYLOV_TOLERANCE = 1e-9
 KRYLOV_MAX_ITERATIONS = 40
 #: Passes the cost model assumes (typical to reach the tolerance on scRNA-seq data).
 KRYLOV_TYPICAL_PASSES = 15
@@ -140,24 +141,26 @@ def fit_pca(x: da.Array, scaling: dict, n_components: int, *, solver: PCASolver 
 
 
 def _block_krylov(x: da.Array, scaling: dict, n_genes: int, n_components: int, seed: int):
-    """Block Krylov iterations on ``M = S^T S`` until the top Ritz values settle.
+    """Block Krylov iterations on ``M = S^T S`` until the top Ritz pairs are eigenpairs to
+    :data:`KRYLOV_TOLERANCE` (largest residual norm relative to the top Ritz value).
 
     Pass j computes ``T_j = M W_j`` for the newest basis block ``W_j``; with the basis
     ``V = [W_0 .. W_j]`` and ``T = [T_0 .. T_j]``, ``V^T T = V^T M V`` is the Rayleigh-Ritz matrix,
-    so the Ritz values are known after every pass without one of their own. The next block is
-    ``T_j`` orthonormalized against ``V``.
+    so the Ritz pairs, and their residuals ``T y - theta V y``, are known after every pass without
+    one of their own. The next block is ``T_j`` orthonormalized against ``V``.
     """
     block = min(n_components + KRYLOV_OVERSAMPLING, n_genes)
     w = np.linalg.qr(np.random.default_rng(seed).normal(size=(n_genes, block)))[0]
-    basis, images, previous = [w], [], None
+    basis, images = [w], []
     for _ in range(KRYLOV_MAX_ITERATIONS):
         images.append(compute(map_reduce(apply_gram, x, combine=operator.add, w=w, **scaling))[0])
         v, t = np.hstack(basis), np.hstack(images)
         h = v.T @ t
         evals, evecs = top_eigenpairs((h + h.T) / 2.0, n_components)
-        if previous is not None and np.max(np.abs(evals - previous) / evals.clip(1e-300)) < KRYLOV_TOLERANCE:
+        # residuals ||M u - theta u|| of the Ritz pairs (u = V y, M u = T y): no pass of their own
+        residual = np.linalg.norm(t @ evecs - (v @ evecs) * evals, axis=0).max() / max(evals[0], 1e-300)
+        if residual < KRYLOV_TOLERANCE:
             break
-        previous = evals
         if v.shape[1] + block > n_genes:  # the Krylov space is the whole gene space
             break
         w = images[-1]
