@@ -261,7 +261,8 @@ def _build_reference(data, batch_keys, *, normalize, n_hvg, hvg_batch_key, n_pcs
 
     scaling = dict(genes=gene_idx, mean=mean, std=std, normalize=bool(normalize), idf=idf)
     with timed(timings, "pca"):
-        loadings, singular_values, solver = fit_pca(expr.X, scaling, n_pcs, solver=pca_solver, seed=seed)
+        pca = fit_pca(expr.X, scaling, n_pcs, solver=pca_solver, seed=seed)
+        loadings = pca.loadings
         with one_blas_thread_per_task():
             z = persist_now(map_rows(project, expr.X, n_out=n_pcs, loadings=loadings, **scaling))
 
@@ -310,7 +311,7 @@ def _build_reference(data, batch_keys, *, normalize, n_hvg, hvg_batch_key, n_pcs
         obs_filter=obs_filter, n_clusters=k, theta=theta, tau=tau, sigma=sigma, max_iter_harmony=max_iter_harmony,
         seed=seed, block_size=block_size, harmony_flavor=harmony_flavor, **harmony_settings, n_cells=n, n_variable_genes=len(chosen),
         variable_genes=variable_genes, additional_genes=extra,
-        singular_values=singular_values, pca_solver=solver, harmony_iterations=res.n_iter, harmony_converged=res.converged,
+        singular_values=pca.singular_values, pca_solver=pca.solver, pca_passes=pca.passes, harmony_iterations=res.n_iter, harmony_converged=res.converged,
         harmony_cluster_iterations=res.cluster_iterations,
         timings_s=timings, symphony_dask_version=__version__,
     )

@@ -25,7 +25,7 @@ process, or on the workers of a distributed cluster.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import dask
@@ -49,6 +49,7 @@ WINDOW = 3
 MAX_RECOVERIES = 10
 
 
+@dataclass(eq=False, repr=False)
 class HarmonyResult:
     """Output of :func:`~symphony_dask.harmonize`.
 
@@ -74,23 +75,23 @@ class HarmonyResult:
         Wall time of the k-means start, the clustering and the correction.
     """
 
-    def __init__(self, Z_corr, R, centroids, n_iter, objective, converged, timings_s, groups=None,
-                 cluster_iterations: int = 0) -> None:
-        self.Z_corr = Z_corr
-        self.cluster_iterations = cluster_iterations
-        self._R = R
-        self.centroids = centroids
-        self.n_iter = n_iter
-        self.objective = objective
-        self.converged = converged
-        self.timings_s = timings_s
-        self._groups = groups  # keeps the chunk groups (and so a cheap R) alive with the result
+    Z_corr: np.ndarray | da.Array
+    centroids: np.ndarray
+    n_iter: int
+    objective: list[float]
+    converged: bool
+    timings_s: dict[str, float]
+    cluster_iterations: int = 0
+    #: ``R``, or until first asked for, the function that computes it
+    _assignments: Any = field(default=None, repr=False)
+    #: keeps the chunk groups (and so a cheap ``R``) alive with the result
+    _groups: Any = field(default=None, repr=False)
 
     @property
     def R(self) -> np.ndarray | da.Array:
-        if callable(self._R):
-            self._R = self._R()
-        return self._R
+        if callable(self._assignments):
+            self._assignments = self._assignments()
+        return self._assignments
 
     def __repr__(self) -> str:
         return (f"HarmonyResult({self.Z_corr.shape[0]} cells, k={self.centroids.shape[1]}, n_iter={self.n_iter}, "
@@ -363,8 +364,8 @@ class HarmonyRun:
             z_corr = self._outputs("corrected", self.d)
             z_corr = z_corr.persist(optimize_graph=False) if self.lazy else z_corr.compute(optimize_graph=False)
         r = assignments if self.lazy else (lambda: assignments.compute(optimize_graph=False))
-        return HarmonyResult(z_corr, r, it.y, n_iter, objective, converged, dict(self.timings), self.groups,
-                             self._iterations)
+        return HarmonyResult(z_corr, it.y, n_iter, objective, converged, dict(self.timings),
+                             cluster_iterations=self._iterations, _assignments=r, _groups=self.groups)
 
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import operator
+from dataclasses import dataclass
 from typing import Literal
 
 import dask.array as da
@@ -118,9 +119,21 @@ def choose_solver(n_genes: int, n_components: int) -> Literal["gram", "krylov"]:
     return "gram" if gram_cost <= krylov_cost else "krylov"
 
 
+@dataclass(frozen=True)
+class FittedPCA:
+    """A PCA fitted by passes over the cells: ``loadings`` (genes x d, each column oriented so its
+    largest entry is positive), the ``singular_values`` of the scaled matrix, the ``solver`` used
+    and the number of ``passes`` over the data it took."""
+
+    loadings: np.ndarray
+    singular_values: np.ndarray
+    solver: str
+    passes: int
+
+
 def fit_pca(x: da.Array, scaling: dict, n_components: int, *, solver: PCASolver = "auto",
-            seed: int = 0) -> tuple[np.ndarray, np.ndarray, str]:
-    """Loadings (genes x d, oriented), singular values and the solver used, from passes over ``x``.
+            seed: int = 0) -> FittedPCA:
+    """The top ``n_components`` principal axes of the scaled chosen genes, from passes over ``x``.
 
     ``scaling`` holds the :func:`~symphony_dask.preprocess.scale` arguments (chosen genes, their
     means and SDs, whether to normalize).
@@ -136,8 +149,9 @@ def fit_pca(x: da.Array, scaling: dict, n_components: int, *, solver: PCASolver 
     with one_blas_thread_per_task():
         if solver == "gram":
             gram_matrix = compute(map_reduce(gram, x, combine=operator.add, **scaling))[0]
-            return (*svd_from_gram(gram_matrix, n_components), solver)
-        return (*_block_krylov(x, scaling, n_genes, n_components, seed), solver)
+            return FittedPCA(*svd_from_gram(gram_matrix, n_components), solver, 1)
+        loadings, singular_values, passes = _block_krylov(x, scaling, n_genes, n_components, seed)
+        return FittedPCA(loadings, singular_values, solver, passes)
 
 
 def _block_krylov(x: da.Array, scaling: dict, n_genes: int, n_components: int, seed: int):
@@ -171,4 +185,4 @@ def _block_krylov(x: da.Array, scaling: dict, n_genes: int, n_components: int, s
         w = np.linalg.qr(w)[0]
         basis.append(w)
     logger.info("block Krylov PCA: %d passes", len(images))
-    return orient(v @ evecs), np.sqrt(evals)
+    return orient(v @ evecs), np.sqrt(evals), len(images)
