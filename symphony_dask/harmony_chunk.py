@@ -48,6 +48,7 @@ from .harmony_kernels import (
     normalize_rows,
     normalize_rows_into,
 )
+from .mixture import add_weighted_sums, subtract_batch_terms
 
 logger = logging.getLogger("symphony_dask")
 
@@ -191,8 +192,7 @@ class Piece:
         for b in range(self.n_blocks()):
             z = self._block_pcs(b)
             kernel, _ = self._assign(b, self.z_corr, y, sigma, penalties[b], s)
-            for p, start, stop in self.runs[b]:
-                t[p] += kernel.e[start:stop].T @ z[start:stop]
+            add_weighted_sums(t, z, kernel.e, self.runs[b])
         return s, t
 
     def corrected_state(self, step: CorrectionStep, sigma: float) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
@@ -207,8 +207,7 @@ class Piece:
             sl = self.block(b)
             corrected = new[sl]
             kernel, _ = self._assign(b, old, step.y, sigma, step.penalties[b], pattern_sums)
-            for p, start, stop in self.runs[b]:
-                corrected[start:stop] -= kernel.e[start:stop] @ step.per_pattern[p]
+            subtract_batch_terms(corrected, kernel.e, step.per_pattern, self.runs[b])
             z_cos = normalize_rows_into(corrected, self.buffers[0].get("z_cos", len(corrected), corrected.shape[1]))
             centroid_sums += z_cos.T @ kernel.e
         return new, (old if step.final else None), centroid_sums

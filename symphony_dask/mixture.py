@@ -97,8 +97,21 @@ def ridge_statistics(z: np.ndarray, r: np.ndarray, codes: np.ndarray, n_patterns
         z, r = z[order], r[order]
     for p, a, b in runs:
         s[p] += r[a:b].sum(axis=0)
-        t[p] += r[a:b].T @ z[a:b]
+    add_weighted_sums(t, z, r, runs)
     return s, t
+
+
+def add_weighted_sums(t: np.ndarray, z: np.ndarray, r: np.ndarray, runs: list[tuple[int, int, int]]) -> None:
+    """Kernel: ``t[p] += R^T z`` over each run ``(p, start, stop)`` of cells of pattern ``p``."""
+    for p, a, b in runs:
+        t[p] += r[a:b].T @ z[a:b]
+
+
+def subtract_batch_terms(z: np.ndarray, r: np.ndarray, per_pattern: np.ndarray,
+                         runs: list[tuple[int, int, int]]) -> None:
+    """Kernel: in place ``z_i -= R_i M[p]`` over each run ``(p, start, stop)`` of cells of pattern ``p``."""
+    for p, a, b in runs:
+        z[a:b] -= r[a:b] @ per_pattern[p]
 
 
 def ridge_system(s: np.ndarray, t: np.ndarray, patterns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -166,13 +179,13 @@ def solve_harmony2_terms(s: np.ndarray, t: np.ndarray, patterns: np.ndarray, var
 
 def apply_batch_terms(z: np.ndarray, r: np.ndarray, codes: np.ndarray, per_pattern: np.ndarray) -> np.ndarray:
     """Kernel: ``z_i - R_i M[pattern_i]`` with ``M[p] = x_p^T W`` (p x k x d) given per pattern."""
-    out = np.array(z, dtype=np.float64, copy=True)
     order, runs = _grouped(codes)
     if order is None:
-        for p, a, b in runs:
-            out[a:b] -= r[a:b] @ per_pattern[p]
-    else:
-        for p, a, b in runs:
-            rows = order[a:b]
-            out[rows] -= r[rows] @ per_pattern[p]
+        out = np.array(z, dtype=np.float64, copy=True)
+        subtract_batch_terms(out, r, per_pattern, runs)
+        return out
+    grouped = np.asarray(z, dtype=np.float64)[order]
+    subtract_batch_terms(grouped, r[order], per_pattern, runs)
+    out = np.empty_like(grouped)
+    out[order] = grouped
     return out
