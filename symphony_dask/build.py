@@ -34,7 +34,7 @@ from .chunked import (
     persist_now,
 )
 from .compression import CompressionSums, compression_sums
-from .harmony import Flavor, default_n_clusters, flavor_settings, harmonize, soft_kmeans
+from .harmony import Flavor, check_clusters, default_n_clusters, flavor_settings, harmonize, soft_kmeans
 from .io import AnnDataLike, Expression, cells_where, keep_cells, memory_per_task, read_expression
 from .neighbors import EXACT_MAX_CELLS, NeighborIndex
 from .pca import PCASolver, fit_pca, project
@@ -214,9 +214,7 @@ def _build_reference(data, batch_keys, *, normalize, n_hvg, hvg_batch_key, n_pcs
     n = expr.n_cells
     _check_sizes(n, expr.X.shape[1], n_hvg, n_pcs)
     k = default_n_clusters(n) if n_clusters is None else int(n_clusters)
-    if not 1 <= k <= n:
-        raise ValueError(f"{option('n_clusters', k)} is impossible with {n} cells; try "
-                         f"{option('n_clusters', default_n_clusters(n))}")
+    check_clusters(k, n)
 
     group_names, codes = _groups(expr, hvg_keys)
     codes_da = as_row_chunked(codes, expr.X)

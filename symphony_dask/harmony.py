@@ -141,7 +141,7 @@ def harmonize(
     if max_iter_harmony < 1 or settings["max_iter_cluster"] < 1:
         raise ValueError("max_iter_harmony and max_iter_cluster must be at least 1")
     k = default_n_clusters(n) if n_clusters is None else int(n_clusters)
-    _check_clusters(k, n)
+    check_clusters(k, n)
     theta_k, tau_k = (_per_key(v, keys, name) for v, name in ((theta, "theta"), (tau, "tau")))
     lamb_k = None if settings["lamb"] is None else _per_key(settings["lamb"], keys, "lamb")
     varying = [key for key in keys if meta[key].nunique() > 1]
@@ -192,7 +192,7 @@ def soft_kmeans(Z: np.ndarray | da.Array, n_clusters: int, *, sigma: float = 0.1
     a k-means start, as R Symphony's ``soft_kmeans``; ``Z_corr`` is ``Z``.
     """
     n = int(Z.shape[0])
-    _check_clusters(int(n_clusters), n)
+    check_clusters(int(n_clusters), n)
     with one_blas_thread_per_task():
         return _soft_kmeans(Z, make_design(pd.DataFrame(index=range(n)), []), int(n_clusters), sigma=sigma,
                             seed=seed, chunk_size=chunk_size, n_init=n_init, max_iter=max_iter)
@@ -204,7 +204,8 @@ def _soft_kmeans(Z, design: Design, k: int, *, sigma, seed, chunk_size, n_init, 
     return run.soft_kmeans(n_init, max_iter)
 
 
-def _check_clusters(k: int, n: int) -> None:
+def check_clusters(k: int, n: int) -> None:
+    """Raise, naming a number that works, unless ``1 <= k <= n``."""
     if not 1 <= k <= n:
         raise ValueError(f"{option('n_clusters', k)} is impossible with {n} cells; try "
                          f"{option('n_clusters', default_n_clusters(n))}")

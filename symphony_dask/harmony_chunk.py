@@ -48,7 +48,7 @@ from .harmony_kernels import (
     normalize_rows,
     normalize_rows_into,
 )
-from .mixture import add_weighted_sums, subtract_batch_terms
+from .mixture import add_weighted_sums, pattern_runs, subtract_batch_terms
 
 logger = logging.getLogger("symphony_dask")
 
@@ -129,12 +129,7 @@ class Piece:
         perm = np.lexsort((codes, block))
         codes, block = codes[perm].astype(np.int64), block[perm]
         bounds = np.searchsorted(block, np.arange(spec.n_blocks + 1))
-        runs = []
-        for b in range(spec.n_blocks):
-            c = codes[bounds[b] : bounds[b + 1]]
-            starts = np.flatnonzero(np.r_[True, c[1:] != c[:-1]]) if len(c) else np.array([], dtype=np.int64)
-            stops = np.r_[starts[1:], len(c)]
-            runs.append([(int(c[s]), int(s), int(e)) for s, e in zip(starts, stops)])
+        runs = [pattern_runs(codes[bounds[b] : bounds[b + 1]]) for b in range(spec.n_blocks)]
         return Piece(offset, z, perm, codes, bounds, runs, z[perm])
 
     def block(self, b: int) -> slice:
