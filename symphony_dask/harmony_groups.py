@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -313,18 +314,7 @@ class ClusterGroups:
 
     def recover(self, slots: list[int], log: Sequence[CorrectionStep]) -> None:
         """Create the groups of ``slots`` again on live workers and replay ``log`` on them."""
-        try:  # a nanny restarts a killed worker within seconds: wait a little for it
-            self.client.wait_for_workers(self.n_workers, timeout=REPLACEMENT_WAIT)
-        except (TimeoutError, asyncio.TimeoutError):
-            pass
-        try:
-            self.client.wait_for_workers(1, timeout=RECOVERY_TIMEOUT)
-        except (TimeoutError, asyncio.TimeoutError) as err:
-            raise RuntimeError(
-                f"Harmony lost {len(slots)} worker(s) and no worker came back within {RECOVERY_TIMEOUT:.0f} s; "
-                "check the cluster (its workers may have run out of memory: try a smaller chunk_size)"
-            ) from err
-        workers = self.client.scheduler_info(n_workers=-1)["workers"]
+        workers = self._live_workers(dead={self.workers[slot] for slot in slots}, n_lost=len(slots))
         for slot in slots:
             self.futures[slot].release()
             taken = {self.workers[s] for s in range(len(self)) if s not in slots}
@@ -340,6 +330,25 @@ class ClusterGroups:
         if lost:
             raise GroupsLost(lost, [r.cause for r in results if isinstance(r, _Lost)])
         self._open_channels(slots)
+
+    def _live_workers(self, dead: set[str], n_lost: int) -> dict[str, dict]:
+        """The workers to rebuild lost groups on, never one of the ``dead`` addresses (the scheduler
+        may still list a killed worker for a moment, and a group pinned to it would wait forever):
+        as many as before if a nanny restarts them within REPLACEMENT_WAIT seconds, else whichever
+        live workers there are within RECOVERY_TIMEOUT."""
+        start = time.monotonic()
+        while True:
+            info = self.client.scheduler_info(n_workers=-1)["workers"]
+            live = {address: meta for address, meta in info.items() if address not in dead}
+            waited = time.monotonic() - start
+            if len(live) >= self.n_workers or (live and waited >= REPLACEMENT_WAIT):
+                return live
+            if waited >= RECOVERY_TIMEOUT:
+                raise RuntimeError(
+                    f"Harmony lost {n_lost} worker(s) and no worker came back within {RECOVERY_TIMEOUT:.0f} s; "
+                    "check the cluster (its workers may have run out of memory: try a smaller chunk_size)"
+                )
+            time.sleep(0.1)
 
     async def _replay(self, slots: list[int], log: list[CorrectionStep]) -> list[Any]:
         return await asyncio.gather(*(self._call(s, "replay", log) for s in slots))
