@@ -7,7 +7,8 @@ Each build runs in its own process; its peak RSS is sampled over the whole proce
         --peer-python /path/to/venv-with-symphonypy/bin/python
 
 symphony_dask: ``build_reference(store, "donor", n_hvg=2000, n_pcs=20, chunk_size=10_000)`` (with its UMAP; and
-without, ``--without-umap``) on the
+without, ``--without-umap``; and with the peer's work only, ``--peer-work``: Harmony 2 with harmonypy's
+defaults as symphonypy runs it, no UMAP and no neighbour index) on the
 threaded scheduler (raw counts, log-normalized on the fly). symphonypy: the same steps in memory
 (read the whole AnnData, ``normalize_total`` + ``log1p``, 2,000 Seurat-flavor variable genes,
 ``scale(max_value=10)``, 20 PCs, ``symphonypy.pp.harmony_integrate`` over ``donor``) with its
@@ -34,7 +35,9 @@ OURS = """
 import json, sys, time
 import symphony_dask as sd
 start = time.perf_counter()
-ref = sd.build_reference(sys.argv[1], "donor", n_hvg=2000, n_pcs=20, chunk_size=10_000, umap=sys.argv[2] == "umap")
+mode = sys.argv[2]
+peer_work = dict(neighbor_index=False, harmony_flavor="harmony2") if mode == "peer-work" else {}
+ref = sd.build_reference(sys.argv[1], "donor", n_hvg=2000, n_pcs=20, chunk_size=10_000, umap=mode == "umap", **peer_work)
 wall = time.perf_counter() - start
 p = ref.params
 print(json.dumps({"seconds": round(wall, 1), "stages_s": {k: round(v, 1) for k, v in p["timings_s"].items()},
@@ -106,6 +109,9 @@ def main() -> None:
     parser.add_argument("--peer-max-cells", type=int, default=500_000, help="largest dataset the peer is run on")
     parser.add_argument("--without-umap", action="store_true",
                         help="also build each reference with umap=False, to show what the UMAP costs")
+    parser.add_argument("--peer-work", action="store_true",
+                        help="also build each reference doing the peer's work only: Harmony 2 with harmonypy's "
+                             "defaults (harmony_flavor='harmony2'), no UMAP, no neighbour index")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "build_scale.json")
     args = parser.parse_args()
 
@@ -115,6 +121,8 @@ def main() -> None:
         runs = [("symphony_dask", [sys.executable, "-c", OURS, str(path), "umap"])]
         if args.without_umap:
             runs.append(("symphony_dask, umap=False", [sys.executable, "-c", OURS, str(path), "no-umap"]))
+        if args.peer_work:
+            runs.append(("symphony_dask, peer's work", [sys.executable, "-c", OURS, str(path), "peer-work"]))
         if args.peer_python and n <= args.peer_max_cells:
             runs.append(("symphonypy", [args.peer_python, "-c", PEER, str(path)]))
         for method, cmd in runs:
@@ -122,11 +130,11 @@ def main() -> None:
             rows.append(row)
             print(_row(row), flush=True)
     for n in args.cells:
-        ours = next((r for r in rows if r["cells"] == n and r["method"] == "symphony_dask" and "error" not in r), None)
         peer = next((r for r in rows if r["cells"] == n and r["method"] == "symphonypy"), None)
-        if ours and peer and "error" not in peer:
-            print(f"{n:>9} cells: time ratio symphony_dask / symphonypy = {ours['seconds'] / peer['seconds']:.2f}, "
-                  f"peak RSS ratio = {ours['peak_rss_gb'] / peer['peak_rss_gb']:.2f}")
+        for ours in (r for r in rows if r["cells"] == n and r["method"] != "symphonypy" and "error" not in r):
+            if peer and "error" not in peer:
+                print(f"{n:>9} cells: time ratio {ours['method']} / symphonypy = {ours['seconds'] / peer['seconds']:.2f}, "
+                      f"peak RSS ratio = {ours['peak_rss_gb'] / peer['peak_rss_gb']:.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     setup = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, "
                         f"{round(psutil.virtual_memory().total / 2**30)} GiB", "python": platform.python_version()}
