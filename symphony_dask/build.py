@@ -272,13 +272,11 @@ def _build_reference(data, batch_keys, *, normalize, n_hvg, hvg_batch_key, n_pcs
         harmony_chunks = max(max(expr.X.chunks[0]), HARMONY_CHUNK_SIZE)
     with timed(timings, "harmony"):
         if keys:
-            with warnings.catch_warnings():  # flavor_settings warned about the settings the flavor ignores
-                warnings.filterwarnings("ignore", message=".* is a harmony2 setting")
-                res = harmonize(
-                    z, expr.obs, keys, n_clusters=k, theta=theta, tau=tau, sigma=sigma, block_size=block_size,
-                    max_iter_harmony=max_iter_harmony, seed=seed, chunk_size=harmony_chunks, flavor=harmony_flavor,
-                    **harmony_settings,
-                )
+            res = harmonize(
+                z, expr.obs, keys, n_clusters=k, theta=theta, tau=tau, sigma=sigma, block_size=block_size,
+                max_iter_harmony=max_iter_harmony, seed=seed, chunk_size=harmony_chunks, flavor=harmony_flavor,
+                **harmony_settings,
+            )
         else:
             res = soft_kmeans(z, k, sigma=sigma, n_init=harmony_settings["n_init"], seed=seed,
                               chunk_size=harmony_chunks)

@@ -1,6 +1,6 @@
 """Harmony integration (Korsunsky et al. 2019) as in harmony 0.1, the version Symphony was built on,
-or as in Harmony 2 (R harmony 2.0, harmonypy 2.1, scanpy 1.13's default): the public functions. The loop lives in :mod:`symphony_dask.harmony_driver`, the work on chunks of
-cells in :mod:`symphony_dask.harmony_chunk` and :mod:`symphony_dask.harmony_groups`, and the
+or as in Harmony 2 (R harmony 2.0, harmonypy 2.1, scanpy 1.13's default): the public functions.
+The loop lives in :mod:`symphony_dask.harmony_driver`, the work on chunks of cells in :mod:`symphony_dask.harmony_chunk` and :mod:`symphony_dask.harmony_groups`, and the
 pure kernels (also used by mapping and compression) in :mod:`symphony_dask.harmony_kernels`.
 """
 
@@ -37,13 +37,14 @@ SOFT_KMEANS_ITERATIONS = 20
 
 def flavor_settings(flavor: str, **given: float | Sequence[float] | None) -> dict:
     """The settings in ``given`` with those left ``None`` set to the flavor's defaults
-    (:data:`FLAVOR_DEFAULTS`); warns about the settings the flavor does not use."""
+    (:data:`FLAVOR_DEFAULTS`); the settings the flavor does not use are warned about and ``None``."""
     if flavor not in FLAVOR_DEFAULTS:
         raise ValueError(f"flavor must be 'harmony1' or 'harmony2', got {flavor!r}")
     for name in IGNORED[flavor]:
         if given.get(name) is not None:
             warnings.warn(f"{name} is a harmony2 setting; flavor={flavor!r} ignores it", UserWarning, stacklevel=3)
-    return {name: FLAVOR_DEFAULTS[flavor].get(name) if value is None else value for name, value in given.items()}
+    return {name: None if name in IGNORED[flavor] else FLAVOR_DEFAULTS[flavor].get(name) if value is None else value
+            for name, value in given.items()}
 
 
 def default_n_clusters(n_cells: int) -> int:
@@ -174,7 +175,7 @@ def _integrate(Z, meta, varying, k, theta_k, tau_k, lamb_k, *, sigma, seed, flav
         discount = 1.0 - np.exp(-((n_b / (k * np.where(tau_b > 0, tau_b, 1.0))) ** 2))
         theta_b = np.where(tau_b > 0, theta_b * discount, theta_b)
     penalty = None if lamb_k is None else np.concatenate([[0.0], [lamb_k[key] for key, _ in design.levels]])
-    ridge = RidgeSettings(penalty, *(() if flavor == "harmony1" else (float(alpha), float(batch_prop_cutoff))))
+    ridge = RidgeSettings(penalty) if flavor == "harmony1" else RidgeSettings(penalty, alpha, batch_prop_cutoff)
     run = HarmonyRun(Z, design, n_b / n, theta_b, n_clusters=k, sigma=sigma, seed=seed,
                      n_blocks=int(np.ceil(1.0 / block_size)), chunk_size=chunk_size, flavor=flavor)
     return run.harmony(

@@ -269,7 +269,7 @@ class HarmonyRun:
         s, t = total(*(p[0] for p in parts)), total(*(p[1] for p in parts))
         patterns = self.design.patterns
         if self.flavor == "harmony2":
-            w, intercepts, fitted = solve_harmony2_terms(s, t, patterns, self.design.variables(), self.terms.pr_b,
+            w, intercepts, fitted = solve_harmony2_terms(s, t, patterns, self.design.variables(),
                                                          alpha=ridge.alpha, cutoff=ridge.cutoff, penalty=ridge.penalty)
         else:
             w = solve_batch_terms(*ridge_system(s, t, patterns), ridge.penalty)

@@ -46,7 +46,15 @@ from .checks import (
 from .chunked import as_row_chunked, compute, map_reduce, map_rows, one_blas_thread_per_task
 from .harmony_kernels import cosine_normalize, soft_assign
 from .io import AnnDataLike, Expression, read_expression
-from .mixture import Design, apply_batch_terms, make_design, ridge_statistics, ridge_system, solve_batch_terms
+from .mixture import (
+    Design,
+    apply_batch_terms,
+    expected_cells,
+    make_design,
+    ridge_statistics,
+    ridge_system,
+    solve_batch_terms,
+)
 from .pca import project
 from .reference import Reference, load_reference
 from .umap_layout import Placement
@@ -223,10 +231,8 @@ class _BatchTerms:
         b[:, 0, :] += self.reference.compression
         if self.lamb is not None:
             return solve_batch_terms(a, b, np.concatenate([[0.0], np.full(patterns.shape[1] - 1, self.lamb)]))
-        n_b = s.sum(axis=1) @ patterns[:, 1:]  # query cells per batch; each variable's levels hold them all
-        expected = np.outer(s.sum(axis=0), n_b / s.sum())
         levels = np.arange(1, patterns.shape[1])
-        a[:, levels, levels] += self.alpha * expected
+        a[:, levels, levels] += self.alpha * expected_cells(s, patterns)
         return solve_batch_terms(a, b, np.zeros(patterns.shape[1]))
 
 

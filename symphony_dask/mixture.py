@@ -128,16 +128,22 @@ def solve_batch_terms(a: np.ndarray, b: np.ndarray, penalty: np.ndarray) -> np.n
     return w
 
 
+def expected_cells(s: np.ndarray, patterns: np.ndarray) -> np.ndarray:
+    """``E = N_k Pr_b^T`` (k x B): the cells of batch b expected in cluster k, from the pattern sums
+    ``s`` (p x k) of soft assignments whose rows sum to one (so that ``s`` also counts the cells)."""
+    n_b = s.sum(axis=1) @ patterns[:, 1:]  # each batch variable's levels hold all the cells
+    return np.outer(s.sum(axis=0), n_b / s.sum())
+
+
 def solve_harmony2_terms(s: np.ndarray, t: np.ndarray, patterns: np.ndarray, variables: np.ndarray,
-                        pr_b: np.ndarray, *, alpha: float, cutoff: float,
+                        *, alpha: float, cutoff: float,
                         penalty: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Harmony 2's ridge coefficients from the pattern sums ``s`` (p x k) and ``t`` (p x k x d).
 
     Per cluster k, a batch takes part only if its share of the cluster, ``O_kb / N_b``, is above
     ``cutoff`` and at least one other level of its variable's does too; cells with no such batch
     are left out of the fit (and so not corrected by that cluster), a cluster without any is not
-    corrected at all. The penalty of batch b is ``alpha E_kb`` (``E = N_k Pr_b^T``, the cells of
-    batch b expected in cluster k), or ``penalty[1:]`` when given (``penalty[0]`` is the intercept's).
+    corrected at all. The penalty of batch b is ``alpha E_kb`` (:func:`expected_cells`), or ``penalty[1:]`` when given (``penalty[0]`` is the intercept's).
 
     Returns
     -------
@@ -151,7 +157,7 @@ def solve_harmony2_terms(s: np.ndarray, t: np.ndarray, patterns: np.ndarray, var
     phi = patterns[:, 1:]
     n_b = s.sum(axis=1) @ phi
     o = s.T @ phi
-    e = np.outer(s.sum(axis=0), pr_b)
+    e = expected_cells(s, patterns)
     share = np.divide(o, n_b[None, :], out=np.zeros_like(o), where=n_b[None, :] > 0)
     above = share > cutoff
     k, d = s.shape[1], t.shape[2]

@@ -145,7 +145,7 @@ def test_ridge_with_estimated_penalty_and_left_out_batches():
     t = np.zeros((len(design.patterns), k, 5))
     np.add.at(s, design.codes, r)
     np.add.at(t, design.codes, r[:, :, None] * z[:, None, :])
-    w, intercepts, fitted = solve_harmony2_terms(s, t, design.patterns, design.variables(), pr_b, alpha=0.2, cutoff=1e-5)
+    w, intercepts, fitted = solve_harmony2_terms(s, t, design.patterns, design.variables(), alpha=0.2, cutoff=1e-5)
     want, want_intercepts = _cellwise_fit(z, r, design, pr_b, 0.2, 1e-5)
     got = z - np.einsum("nk,nkd->nd", r, np.einsum("pa,kad->pkd", design.patterns, w)[design.codes])
     np.testing.assert_allclose(got, want, atol=1e-12)
