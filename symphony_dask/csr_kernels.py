@@ -100,3 +100,101 @@ def project_rows(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, posi
                 for c in range(d):
                     out[i, c] += weight * loadings[g, c]
     return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _stored_value(x, factor: float, gene_factor: float, transform: bool) -> float:
+    """A stored value as the moments see it: ``log1p(x * factor * gene_factor)`` when ``transform``
+    (log-normalization, the same operations in the same order as
+    :func:`~symphony_dask.preprocess.log_normalize`), else ``x`` in float64."""
+    v = np.float64(x)
+    if transform:
+        v = np.log1p(v * factor * gene_factor)
+    return v
+
+
+@numba.njit(cache=True, nogil=True)
+def group_moment_sums(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, group: np.ndarray, n_groups: int,
+                      n_genes: int, row_factors: np.ndarray, gene_factors: np.ndarray,
+                      transform: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per group (``group[i]`` in ``0..n_groups-1`` for row ``i``): its number of rows, and per gene
+    the mean and the sum of squared deviations of the values, zeros included (two passes over the
+    stored values, as ``bincount`` sums them: row by row in order).
+
+    Values are transformed on the fly (:func:`_stored_value`, ``row_factors`` one per row), so the
+    chunk is never copied.
+    """
+    sizes = np.zeros(n_groups, dtype=np.int64)
+    sums = np.zeros((n_groups, n_genes))
+    stored = np.zeros((n_groups, n_genes), dtype=np.int64)
+    for i in range(len(indptr) - 1):
+        c = group[i]
+        sizes[c] += 1
+        for j in range(indptr[i], indptr[i + 1]):
+            g = indices[j]
+            sums[c, g] += _stored_value(data[j], row_factors[i], gene_factors[g], transform)
+            stored[c, g] += 1
+    mean = np.zeros((n_groups, n_genes))
+    for c in range(n_groups):
+        if sizes[c] > 0:
+            for g in range(n_genes):
+                mean[c, g] = sums[c, g] / sizes[c]
+    m2 = np.zeros((n_groups, n_genes))
+    for i in range(len(indptr) - 1):
+        c = group[i]
+        for j in range(indptr[i], indptr[i + 1]):
+            g = indices[j]
+            dev = _stored_value(data[j], row_factors[i], gene_factors[g], transform) - mean[c, g]
+            m2[c, g] += dev * dev
+    for c in range(n_groups):
+        for g in range(n_genes):
+            m2[c, g] += (sizes[c] - stored[c, g]) * mean[c, g] * mean[c, g]
+    return sizes, mean, m2
+
+
+@numba.njit(cache=True, nogil=True)
+def group_clipped_squares(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, group: np.ndarray,
+                          mean: np.ndarray, inverse_sd: np.ndarray, clip: float, row_factors: np.ndarray,
+                          gene_factors: np.ndarray, transform: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per group and gene: the sum over stored values of ``min(clip, (v - mean) * inverse_sd)**2``
+    and the number of stored values (``mean``/``inverse_sd``: groups x genes; ``v`` as in
+    :func:`group_moment_sums`)."""
+    n_groups, n_genes = mean.shape
+    squares = np.zeros((n_groups, n_genes))
+    stored = np.zeros((n_groups, n_genes), dtype=np.int64)
+    for i in range(len(indptr) - 1):
+        c = group[i]
+        for j in range(indptr[i], indptr[i + 1]):
+            g = indices[j]
+            v = _stored_value(data[j], row_factors[i], gene_factors[g], transform)
+            z = min((v - mean[c, g]) * inverse_sd[c, g], clip)
+            squares[c, g] += z * z
+            stored[c, g] += 1
+    return squares, stored
+
+
+@numba.njit(cache=True, nogil=True)
+def scaled_rows(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, position: np.ndarray, mean: np.ndarray,
+                std: np.ndarray, clip: float, row_factors: np.ndarray, gene_factors: np.ndarray,
+                transform: bool) -> np.ndarray:
+    """Dense ``clip((v - mean) / std, -clip, clip)`` of the chosen genes of each row (rows x chosen).
+
+    ``position[c]`` is the chosen gene of column ``c`` (-1: not chosen); ``v`` is a stored value
+    normalized as in :func:`group_moment_sums` (``gene_factors`` per column of the block). Every
+    entry starts as the scaled zero of its gene and stored values overwrite theirs: the only array
+    made is the output.
+    """
+    n_rows = len(indptr) - 1
+    n_genes = len(mean)
+    zero = np.empty(n_genes)
+    for g in range(n_genes):
+        zero[g] = min(max((0.0 - mean[g]) / std[g], -clip), clip)
+    out = np.empty((n_rows, n_genes))
+    for i in range(n_rows):
+        out[i, :] = zero
+        for j in range(indptr[i], indptr[i + 1]):
+            g = position[indices[j]]
+            if g >= 0:
+                v = _stored_value(data[j], row_factors[i], gene_factors[indices[j]], transform)
+                out[i, g] = min(max((v - mean[g]) / std[g], -clip), clip)
+    return out

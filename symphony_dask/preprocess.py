@@ -20,7 +20,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .checks import ValueCounts, count_bad_values
-from .csr_kernels import as_csr, row_totals
+from .csr_kernels import as_csr, group_moment_sums, row_totals, scaled_rows
 
 #: Library size that counts are scaled to before the log (counts per 10,000).
 SCALE_FACTOR = 1e4
@@ -168,9 +168,34 @@ def rows_by_group(codes: np.ndarray) -> dict[int, np.ndarray]:
     return {int(c): order[s:e] for c, s, e in zip(present, starts, bounds)}
 
 
-def group_moments(block: Block, codes: np.ndarray) -> GroupMoments:
-    """Kernel: per-group gene moments of one chunk; ``codes`` gives each cell's group."""
-    return GroupMoments({c: Moments.of(block[rows]) for c, rows in rows_by_group(codes).items()})
+def group_moments(block: Block, codes: np.ndarray, *, normalize: bool = False,
+                  idf: np.ndarray | None = None) -> GroupMoments:
+    """Kernel: per-group gene moments of one chunk (of its log-normalized values when ``normalize``,
+    TF-IDF with ``idf``); ``codes`` gives each cell's group.
+
+    A sparse chunk is walked once per statistic by :func:`~symphony_dask.csr_kernels.group_moment_sums`,
+    which normalizes each stored value on the fly: neither the chunk nor a group's rows are copied.
+    """
+    if not sp.issparse(block):
+        values = log_normalize(block, idf=idf) if normalize else block
+        return GroupMoments({c: Moments.of(values[rows]) for c, rows in rows_by_group(codes).items()})
+    block = as_csr(block)
+    present, group = np.unique(np.asarray(codes), return_inverse=True)
+    row_factors, gene_factors = stored_value_factors(block, normalize=normalize, idf=idf)
+    sizes, mean, m2 = group_moment_sums(block.indptr, block.indices, block.data, group.ravel(), len(present),
+                                        block.shape[1], row_factors, gene_factors, bool(normalize))
+    return GroupMoments({int(c): Moments(int(sizes[i]), mean[i], m2[i]) for i, c in enumerate(present)})
+
+
+def stored_value_factors(block: sp.csr_matrix, *, normalize: bool,
+                         idf: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The factors a CSR kernel normalizes a stored value ``x`` of row ``i`` and column ``g`` with,
+    ``log1p(x * row_factors[i] * gene_factors[g])`` (:func:`log_normalize`): ``1e4 / cell total``
+    per row (0 for an empty cell) and the ``idf`` (or ones) per column."""
+    n_cells, n_genes = block.shape
+    row_factors = _safe_inverse(cell_totals(block)) * SCALE_FACTOR if normalize else np.ones(n_cells)
+    gene_factors = np.ones(n_genes) if idf is None else np.asarray(idf, dtype=np.float64)
+    return row_factors, gene_factors
 
 
 @dataclass
@@ -188,8 +213,7 @@ def first_pass(block: Block, codes: np.ndarray, *, normalize: bool, idf: np.ndar
     """Kernel: value checks on the raw values, then moments of the (normalized) values per group."""
     counts = count_bad_values(block)
     with np.errstate(invalid="ignore", over="ignore"):  # bad values are reported from `counts`
-        values = log_normalize(block, idf=idf) if normalize else block
-        return FirstPass(counts, group_moments(values, codes))
+        return FirstPass(counts, group_moments(block, codes, normalize=normalize, idf=idf))
 
 
 def has_counts(block: Block) -> np.ndarray:
@@ -217,6 +241,14 @@ def scale(block: Block, genes: np.ndarray, mean: np.ndarray, std: np.ndarray, *,
     values are normalized first when ``normalize`` is set (TF-IDF with ``idf``, one value per
     column of the block). Only this chunk is ever densified.
     """
+    if sp.issparse(block):
+        block = as_csr(block)
+        position = np.full(block.shape[1], -1, dtype=np.int64)
+        position[genes] = np.arange(len(genes))
+        row_factors, gene_factors = stored_value_factors(block, normalize=normalize, idf=idf)
+        return scaled_rows(block.indptr, block.indices, block.data, position, np.asarray(mean, dtype=np.float64),
+                           np.asarray(std, dtype=np.float64), float(SCALE_CLIP), row_factors, gene_factors,
+                           bool(normalize))
     sub = normalized_genes(block, genes, normalize=normalize, idf=idf)
     dense = sub.toarray() if sp.issparse(sub) else np.array(sub, dtype=np.float64)
     if dense.dtype != np.float64:

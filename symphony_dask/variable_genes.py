@@ -30,7 +30,8 @@ import pandas as pd
 import scipy.sparse as sp
 from skmisc.loess import loess
 
-from .preprocess import Block, GroupMoments, group_moments, log_normalize, rows_by_group
+from .csr_kernels import as_csr, group_clipped_squares
+from .preprocess import Block, GroupMoments, group_moments, log_normalize, rows_by_group, stored_value_factors
 
 #: Loess span of the mean-variance fit (Seurat's and Symphony's default).
 LOESS_SPAN = 0.3
@@ -79,25 +80,28 @@ def clipped_squares(
     Genes with ``sd == 0`` contribute nothing. Zeros of a sparse block are accounted for after the
     reduction, from the counts, exactly as the original does.
     """
+    if sp.issparse(block):
+        block = as_csr(block)
+        present, group = np.unique(np.asarray(codes), return_inverse=True)
+        means = np.stack([mean[int(c)] for c in present])
+        inverse = _inverse(np.stack([sd[int(c)] for c in present]))
+        row_factors, gene_factors = stored_value_factors(block, normalize=normalize, idf=idf)
+        squares, stored = group_clipped_squares(block.indptr, block.indices, block.data, group.ravel(), means, inverse,
+                                                float(clip), row_factors, gene_factors, bool(normalize))
+        return ClippedSquares({int(c): (squares[i], stored[i]) for i, c in enumerate(present)})
     values = log_normalize(block, idf=idf) if normalize else block
     out = {}
     for code, rows in rows_by_group(codes).items():
-        m, s = mean[code], sd[code]
-        inv = np.zeros_like(s)
-        np.divide(1.0, s, out=inv, where=s > 0)
-        sub = values[rows]
-        g = sub.shape[1]
-        if sp.issparse(sub):
-            sub = sp.csr_matrix(sub)
-            z = np.minimum((sub.data - m[sub.indices]) * inv[sub.indices], clip)
-            out[code] = (
-                np.bincount(sub.indices, weights=z * z, minlength=g),
-                np.bincount(sub.indices, minlength=g).astype(np.int64),
-            )
-        else:
-            z = np.minimum((np.asarray(sub, dtype=np.float64) - m) * inv, clip)
-            out[code] = (np.einsum("ij,ij->j", z, z), np.full(g, sub.shape[0], dtype=np.int64))
+        z = np.minimum((np.asarray(values[rows], dtype=np.float64) - mean[code]) * _inverse(sd[code]), clip)
+        out[code] = (np.einsum("ij,ij->j", z, z), np.full(z.shape[1], len(rows), dtype=np.int64))
     return ClippedSquares(out)
+
+
+def _inverse(sd: np.ndarray) -> np.ndarray:
+    """``1 / sd``, 0 where ``sd`` is 0 (such genes contribute nothing)."""
+    out = np.zeros_like(sd, dtype=np.float64)
+    np.divide(1.0, sd, out=out, where=sd > 0)
+    return out
 
 
 def vst_table(

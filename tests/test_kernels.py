@@ -104,6 +104,43 @@ def test_sparse_projection_equals_dense_scaled_product(rng, normalize, dtype):
     np.testing.assert_array_equal(project(block[:40], genes, mean, std, loadings, normalize=normalize), out[:40])
 
 
+@pytest.mark.parametrize("normalize", [False, True, "tfidf"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int32])
+def test_csr_kernels_equal_the_dense_formulas(rng, normalize, dtype):
+    """The CSR walks (moments, clipped squares, scaled chunk) normalize each stored value on the
+    fly; they equal the dense kernels, which normalize the whole chunk first, to round-off."""
+    x = rng.poisson(1.5, size=(80, 40)) * (rng.random((80, 40)) < 0.3)
+    x[5] = 0  # a cell without counts
+    x[:, 9] = 0  # a gene without counts
+    x[7, 2] = 400  # a value scaled beyond the clip
+    block, dense = sp.csr_matrix(x.astype(dtype)), x.astype(np.float64)
+    codes = rng.integers(0, 3, 80) * 2  # group codes 0, 2, 4: not the positions 0..2
+    idf = rng.random(40) + 0.5 if normalize == "tfidf" else None
+    settings = dict(normalize=bool(normalize), idf=idf)
+    sparse_m, dense_m = group_moments(block, codes, **settings), group_moments(dense, codes, **settings)
+    assert sorted(sparse_m.groups) == [0, 2, 4]
+    for c, m in dense_m.groups.items():
+        assert sparse_m.groups[c].n == m.n == (codes == c).sum()
+        # a mean of n <= 80 values summed in another order: relative error below 80 * 2**-53 ~ 1e-14
+        np.testing.assert_allclose(sparse_m.groups[c].mean, m.mean, rtol=1e-13, atol=1e-15)
+        np.testing.assert_allclose(sparse_m.groups[c].m2, m.m2, rtol=1e-12, atol=1e-13)
+        assert sparse_m.groups[c].m2[9] == 0.0
+    sd = {c: np.sqrt(m.variance) * 0.7 for c, m in dense_m.groups.items()}
+    mean = {c: m.mean for c, m in dense_m.groups.items()}
+    sparse_s = clipped_squares(block, codes, mean=mean, sd=sd, clip=4.0, **settings)
+    dense_s = clipped_squares(dense, codes, mean=mean, sd=sd, clip=4.0, **settings)
+    for c in (0, 2, 4):
+        total = sparse_s.groups[c][0] + (dense_m.groups[c].n - sparse_s.groups[c][1]) * np.divide(
+            mean[c], sd[c], out=np.zeros(40), where=sd[c] > 0) ** 2
+        np.testing.assert_allclose(total, dense_s.groups[c][0], rtol=1e-12, atol=1e-13)
+    genes = rng.choice(40, size=25, replace=False)
+    g_mean, g_std = rng.random(25) + 0.2, rng.random(25) * 0.5 + 0.1
+    g_mean[:2], g_std[:2] = 3.0, 0.2  # genes whose zeros are clipped (mean / std > 10)
+    # log1p of numba (libm) and of NumPy may differ by an ulp: values <= 10 over SDs >= 0.1
+    np.testing.assert_allclose(scale(block, genes, g_mean, g_std, **settings),
+                               scale(dense, genes, g_mean, g_std, **settings), rtol=0, atol=1e-13)
+
+
 def test_value_counts_of_sparse_and_dense_blocks_agree():
     x = np.array([[1.0, 0.0, np.nan], [np.inf, -2.0, 0.5], [0.0, 0.0, 0.0], [-np.inf, 3.0, 0.0]])
     for block in (x, sp.csr_matrix(x), x.astype(np.float32)):
