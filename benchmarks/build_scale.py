@@ -3,13 +3,13 @@
 Each build runs in its own process; its peak RSS is sampled over the whole process tree (every
 0.2 s, with psutil). Datasets come from ``symphony_dask.datasets.synthetic`` (written first if missing).
 
-    python benchmarks/build_scale.py --cells 100000 500000 1400000 \\
+    python benchmarks/build_scale.py --cells 100000 500000 1400000 --builds default peer-work \\
         --peer-python /path/to/venv-with-symphonypy/bin/python
 
-symphony_dask: ``build_reference(store, "donor", n_hvg=2000, n_pcs=20, chunk_size=10_000)`` (with its UMAP; and
-without, ``--without-umap``; and with the peer's work only, ``--peer-work``: Harmony 2 with harmonypy's
-defaults as symphonypy runs it, no UMAP and no neighbour index) on the
-threaded scheduler (raw counts, log-normalized on the fly). symphonypy: the same steps in memory
+symphony_dask: ``build_reference(store, "donor", n_hvg=2000, n_pcs=20, chunk_size=10_000)`` as ``--builds``
+asks (``default``: UMAP and neighbour index included; ``no-umap``; ``no-index``: no UMAP and no
+neighbour index; ``peer-work``: Harmony 2 with harmonypy's defaults as symphonypy runs it, no UMAP and
+no neighbour index) on the threaded scheduler (raw counts, log-normalized on the fly). symphonypy: the same steps in memory
 (read the whole AnnData, ``normalize_total`` + ``log1p``, 2,000 Seurat-flavor variable genes,
 ``scale(max_value=10)``, 20 PCs, ``symphonypy.pp.harmony_integrate`` over ``donor``) with its
 defaults for Harmony (harmonypy 2.1). Prints a table and writes JSON.
@@ -36,8 +36,9 @@ import json, sys, time
 import symphony_dask as sd
 start = time.perf_counter()
 mode = sys.argv[2]
-peer_work = dict(neighbor_index=False, harmony_flavor="harmony2") if mode == "peer-work" else {}
-ref = sd.build_reference(sys.argv[1], "donor", n_hvg=2000, n_pcs=20, chunk_size=10_000, umap=mode == "umap", **peer_work)
+settings = {"default": {}, "no-umap": dict(umap=False), "no-index": dict(umap=False, neighbor_index=False),
+            "peer-work": dict(umap=False, neighbor_index=False, harmony_flavor="harmony2")}[mode]
+ref = sd.build_reference(sys.argv[1], "donor", n_hvg=2000, n_pcs=20, chunk_size=10_000, **settings)
 wall = time.perf_counter() - start
 p = ref.params
 print(json.dumps({"seconds": round(wall, 1), "stages_s": {k: round(v, 1) for k, v in p["timings_s"].items()},
@@ -62,6 +63,16 @@ sc.tl.pca(adata, n_comps=20); t = stage("pca", t)
 sp.pp.harmony_integrate(adata, key="donor", verbose=False); t = stage("harmony", t)
 print(json.dumps({"seconds": round(time.perf_counter() - start, 1), "stages_s": stages}))
 """
+
+
+#: Our builds (``--builds``): their labels in the table and what each leaves out.
+BUILDS = {
+    "default": ("symphony_dask", "the defaults (UMAP and neighbour index included)"),
+    "no-umap": ("symphony_dask, umap=False", "no UMAP"),
+    "no-index": ("symphony_dask, no UMAP, no index", "no UMAP and no neighbour index: the build's own work"),
+    "peer-work": ("symphony_dask, peer's work", "the peer's work only: Harmony 2 with harmonypy's defaults, no UMAP, "
+                                                "no neighbour index"),
+}
 
 
 def run_measured(cmd: list[str]) -> dict:
@@ -107,22 +118,15 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=HERE / "data")
     parser.add_argument("--peer-python", help="a Python with symphonypy installed; omit to skip the peer")
     parser.add_argument("--peer-max-cells", type=int, default=500_000, help="largest dataset the peer is run on")
-    parser.add_argument("--without-umap", action="store_true",
-                        help="also build each reference with umap=False, to show what the UMAP costs")
-    parser.add_argument("--peer-work", action="store_true",
-                        help="also build each reference doing the peer's work only: Harmony 2 with harmonypy's "
-                             "defaults (harmony_flavor='harmony2'), no UMAP, no neighbour index")
+    parser.add_argument("--builds", nargs="+", choices=list(BUILDS), default=["default"],
+                        help="our builds to run: " + "; ".join(f"{k}: {what}" for k, (_, what) in BUILDS.items()))
     parser.add_argument("--out", type=Path, default=HERE / "results" / "build_scale.json")
     args = parser.parse_args()
 
     rows = []
     for n in args.cells:
         path = dataset(n, args.data_dir)
-        runs = [("symphony_dask", [sys.executable, "-c", OURS, str(path), "umap"])]
-        if args.without_umap:
-            runs.append(("symphony_dask, umap=False", [sys.executable, "-c", OURS, str(path), "no-umap"]))
-        if args.peer_work:
-            runs.append(("symphony_dask, peer's work", [sys.executable, "-c", OURS, str(path), "peer-work"]))
+        runs = [(BUILDS[b][0], [sys.executable, "-c", OURS, str(path), b]) for b in args.builds]
         if args.peer_python and n <= args.peer_max_cells:
             runs.append(("symphonypy", [args.peer_python, "-c", PEER, str(path)]))
         for method, cmd in runs:

@@ -52,6 +52,7 @@ from .timing import timed
 from .umap_layout import fit_umap
 from .variable_genes import (
     ClippedSquares,
+    clip_reached,
     clipped_squares,
     exp_moments,
     expected_variance,
@@ -376,7 +377,8 @@ def _additional_genes(genes: Sequence[str] | None, available: pd.Index) -> list[
 
 
 def _vst(expr, first, codes_da, group_names, normalize, idf):
-    """VST per group (loess on the moments, then a pass for standardized variances): its table."""
+    """VST per group (loess on the moments; then, only if some value reaches the clip, a pass for
+    the clipped standardized variances): its table."""
     expected, mean, sd = {}, {}, {}
     for code, name in enumerate(group_names):
         m = first.moments.groups[code]
@@ -385,10 +387,16 @@ def _vst(expr, first, codes_da, group_names, normalize, idf):
         except ValueError as err:
             raise ValueError(f"variable genes of group {name!r}: {err}") from err
         mean[code], sd[code] = m.mean, np.sqrt(expected[code])
-    squares: ClippedSquares = compute(
-        map_reduce(
-            clipped_squares, expr.X, codes_da, combine=ClippedSquares.merge,
-            mean=mean, sd=sd, clip=float(np.sqrt(expr.n_cells)), normalize=normalize, idf=idf,
-        )
-    )[0]
+    clip = float(np.sqrt(expr.n_cells))
+    squares = None
+    if any(clip_reached(first.moments.groups[code], sd[code], clip) for code in sd):
+        squares = compute(
+            map_reduce(
+                clipped_squares, expr.X, codes_da, combine=ClippedSquares.merge,
+                mean=mean, sd=sd, clip=clip, normalize=normalize, idf=idf,
+            )
+        )[0]
+    else:
+        logger.info("variable genes: no value reaches the clip of sqrt(%d cells); standardized variances from "
+                    "the moments, without a pass of their own", expr.n_cells)
     return vst_table(first.moments, squares, expected, group_names, expr.genes)

@@ -116,24 +116,29 @@ def _stored_value(x, factor: float, gene_factor: float, transform: bool) -> floa
 @numba.njit(cache=True, nogil=True)
 def group_moment_sums(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, group: np.ndarray, n_groups: int,
                       n_genes: int, row_factors: np.ndarray, gene_factors: np.ndarray,
-                      transform: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                      transform: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per group (``group[i]`` in ``0..n_groups-1`` for row ``i``): its number of rows, and per gene
-    the mean and the sum of squared deviations of the values, zeros included (two passes over the
-    stored values, as ``bincount`` sums them: row by row in order).
+    the mean, the sum of squared deviations and the largest of the values, zeros included (two
+    passes over the stored values, as ``bincount`` sums them: row by row in order).
 
-    Values are transformed on the fly (:func:`_stored_value`, ``row_factors`` one per row), so the
-    chunk is never copied.
+    Values are transformed on the fly (:func:`_stored_value`, ``row_factors`` one per row) and kept
+    for the second pass in one float64 array: the chunk itself is never copied.
     """
     sizes = np.zeros(n_groups, dtype=np.int64)
     sums = np.zeros((n_groups, n_genes))
     stored = np.zeros((n_groups, n_genes), dtype=np.int64)
+    largest = np.full((n_groups, n_genes), -np.inf)
+    values = np.empty(indptr[-1] - indptr[0])  # the transformed values, for the second pass
     for i in range(len(indptr) - 1):
         c = group[i]
         sizes[c] += 1
         for j in range(indptr[i], indptr[i + 1]):
             g = indices[j]
-            sums[c, g] += _stored_value(data[j], row_factors[i], gene_factors[g], transform)
+            v = _stored_value(data[j], row_factors[i], gene_factors[g], transform)
+            values[j - indptr[0]] = v
+            sums[c, g] += v
             stored[c, g] += 1
+            largest[c, g] = max(largest[c, g], v)
     mean = np.zeros((n_groups, n_genes))
     for c in range(n_groups):
         if sizes[c] > 0:
@@ -144,12 +149,14 @@ def group_moment_sums(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray,
         c = group[i]
         for j in range(indptr[i], indptr[i + 1]):
             g = indices[j]
-            dev = _stored_value(data[j], row_factors[i], gene_factors[g], transform) - mean[c, g]
+            dev = values[j - indptr[0]] - mean[c, g]
             m2[c, g] += dev * dev
     for c in range(n_groups):
         for g in range(n_genes):
             m2[c, g] += (sizes[c] - stored[c, g]) * mean[c, g] * mean[c, g]
-    return sizes, mean, m2
+            if stored[c, g] < sizes[c]:  # an unstored zero
+                largest[c, g] = max(largest[c, g], 0.0)
+    return sizes, mean, m2, largest
 
 
 @numba.njit(cache=True, nogil=True)

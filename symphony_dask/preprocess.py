@@ -93,11 +93,13 @@ def cell_totals(block: Block) -> np.ndarray:
 
 @dataclass
 class Moments:
-    """Count ``n``, per-gene ``mean`` and sum of squared deviations ``m2`` of a set of cells."""
+    """Count ``n``, per-gene ``mean``, sum of squared deviations ``m2`` and largest value
+    ``maximum`` of a set of cells (-inf for no cells)."""
 
     n: int
     mean: np.ndarray
     m2: np.ndarray
+    maximum: np.ndarray
 
     def merge(self, other: Moments) -> Moments:
         """Exact pairwise combination (Chan, Golub and LeVeque 1979)."""
@@ -109,7 +111,7 @@ class Moments:
         delta = other.mean - self.mean
         mean = self.mean + delta * (other.n / n)
         m2 = self.m2 + other.m2 + delta * delta * (self.n * other.n / n)
-        return Moments(n, mean, m2)
+        return Moments(n, mean, m2, np.maximum(self.maximum, other.maximum))
 
     @property
     def variance(self) -> np.ndarray:
@@ -121,21 +123,18 @@ class Moments:
     @staticmethod
     def of(block: Block) -> Moments:
         """Moments of all cells of one block (zeros of a sparse block included)."""
-        n = block.shape[0]
+        n, g = block.shape
         if n == 0:
-            return Moments(0, np.zeros(block.shape[1]), np.zeros(block.shape[1]))
+            return Moments(0, np.zeros(g), np.zeros(g), np.full(g, -np.inf))
         if sp.issparse(block):
             block = as_csr(block)
-            g = block.shape[1]
-            mean = np.bincount(block.indices, weights=block.data, minlength=g) / n
-            nnz = np.bincount(block.indices, minlength=g)
-            dev = block.data - mean[block.indices]
-            m2 = np.bincount(block.indices, weights=dev * dev, minlength=g) + (n - nnz) * mean * mean
-            return Moments(n, mean, m2)
+            _, mean, m2, maximum = group_moment_sums(block.indptr, block.indices, block.data,
+                                                     np.zeros(n, dtype=np.int64), 1, g, np.ones(n), np.ones(g), False)
+            return Moments(n, mean[0], m2[0], maximum[0])
         block = np.asarray(block, dtype=np.float64)
         mean = block.mean(axis=0)
         dev = block - mean
-        return Moments(n, mean, np.einsum("ij,ij->j", dev, dev))
+        return Moments(n, mean, np.einsum("ij,ij->j", dev, dev), block.max(axis=0))
 
 
 @dataclass
@@ -182,9 +181,10 @@ def group_moments(block: Block, codes: np.ndarray, *, normalize: bool = False,
     block = as_csr(block)
     present, group = np.unique(np.asarray(codes), return_inverse=True)
     row_factors, gene_factors = stored_value_factors(block, normalize=normalize, idf=idf)
-    sizes, mean, m2 = group_moment_sums(block.indptr, block.indices, block.data, group.ravel(), len(present),
-                                        block.shape[1], row_factors, gene_factors, bool(normalize))
-    return GroupMoments({int(c): Moments(int(sizes[i]), mean[i], m2[i]) for i, c in enumerate(present)})
+    sizes, mean, m2, maximum = group_moment_sums(block.indptr, block.indices, block.data, group.ravel(),
+                                                 len(present), block.shape[1], row_factors, gene_factors,
+                                                 bool(normalize))
+    return GroupMoments({int(c): Moments(int(sizes[i]), mean[i], m2[i], maximum[i]) for i, c in enumerate(present)})
 
 
 def stored_value_factors(block: sp.csr_matrix, *, normalize: bool,

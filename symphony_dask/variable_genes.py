@@ -6,8 +6,9 @@ For each group of cells (e.g. each donor), on log-normalized values:
 2. a loess fit (span 0.3, degree 2) of log10(variance) on log10(mean) over genes with
    variance > 0; expected variance = 10 ** fitted;
 3. standardized variance = sum over the group's cells of ``min(z, sqrt(N))**2 / (n_group - 1)``
-   with ``z = (x - mean) / sqrt(expected)`` and ``N`` the number of cells of the whole data
-   (a second pass over the matrix, one tree-reduced statistic);
+   with ``z = (x - mean) / sqrt(expected)`` and ``N`` the number of cells of the whole data: a
+   second pass over the matrix (one tree-reduced statistic) when some gene's largest value reaches
+   the clip; otherwise it is ``variance / expected`` (the first pass keeps each gene's largest value);
 4. the top ``n_top`` genes of each group by standardized variance (stable order: ties, compared
    to 12 significant digits, go to the first gene), pooled as a union in group order.
 
@@ -31,7 +32,15 @@ import scipy.sparse as sp
 from skmisc.loess import loess
 
 from .csr_kernels import as_csr, group_clipped_squares
-from .preprocess import Block, GroupMoments, group_moments, log_normalize, rows_by_group, stored_value_factors
+from .preprocess import (
+    Block,
+    GroupMoments,
+    Moments,
+    group_moments,
+    log_normalize,
+    rows_by_group,
+    stored_value_factors,
+)
 
 #: Loess span of the mean-variance fit (Seurat's and Symphony's default).
 LOESS_SPAN = 0.3
@@ -104,21 +113,35 @@ def _inverse(sd: np.ndarray) -> np.ndarray:
     return out
 
 
+def clip_reached(moments: Moments, sd: np.ndarray, clip: float) -> bool:
+    """Whether any value of a group reaches the clip, ``(x - mean) / sd > clip`` for a gene with
+    ``sd > 0`` (only its largest value can: zeros are below the mean)."""
+    varying = sd > 0
+    return bool(np.any(moments.maximum[varying] - moments.mean[varying] > clip * sd[varying]))
+
+
 def vst_table(
-    moments: GroupMoments, squares: ClippedSquares, expected: dict[int, np.ndarray], group_names: list[str],
+    moments: GroupMoments, squares: ClippedSquares | None, expected: dict[int, np.ndarray], group_names: list[str],
     genes: pd.Index,
 ) -> pd.DataFrame:
-    """Per-group VST table (group, symbol, rank, mean, variance, expected and standardized variance)."""
+    """Per-group VST table (group, symbol, rank, mean, variance, expected and standardized variance).
+
+    ``squares``: the clipped squares of a pass (:func:`clipped_squares`), or ``None`` when no value
+    reaches the clip (:func:`clip_reached`); the standardized variance is then the variance over
+    the expected, ``sum (x - mean)**2 / sd**2 / (n - 1)``, the same sum unclipped.
+    """
     tables = []
     for code, name in enumerate(group_names):
         m = moments.groups[code]
-        s, nnz = squares.groups[code]
         exp_var = expected[code]
         sd = np.sqrt(exp_var)
-        ratio = np.zeros_like(sd)
-        np.divide(m.mean, sd, out=ratio, where=sd > 0)
         std_var = np.zeros_like(sd)
-        if m.n > 1:
+        if m.n > 1 and squares is None:
+            np.divide(m.variance, exp_var, out=std_var, where=sd > 0)
+        elif m.n > 1:
+            s, nnz = squares.groups[code]
+            ratio = np.zeros_like(sd)
+            np.divide(m.mean, sd, out=ratio, where=sd > 0)
             std_var = (s + (m.n - nnz) * ratio * ratio) / (m.n - 1)
         std_var[sd == 0] = 0.0
         t = pd.DataFrame(

@@ -19,7 +19,7 @@ from symphony_dask.mapping import query_design
 from symphony_dask.mixture import apply_batch_terms, make_design, ridge_statistics, ridge_system, solve_batch_terms
 from symphony_dask.pca import orient, project, svd_from_gram
 from symphony_dask.preprocess import Moments, cell_totals, group_moments, log_normalize, rows_by_group, scale
-from symphony_dask.variable_genes import clipped_squares
+from symphony_dask.variable_genes import clip_reached, clipped_squares, expected_variance, vst_table
 
 
 @pytest.fixture()
@@ -125,6 +125,7 @@ def test_csr_kernels_equal_the_dense_formulas(rng, normalize, dtype):
         np.testing.assert_allclose(sparse_m.groups[c].mean, m.mean, rtol=1e-13, atol=1e-15)
         np.testing.assert_allclose(sparse_m.groups[c].m2, m.m2, rtol=1e-12, atol=1e-13)
         assert sparse_m.groups[c].m2[9] == 0.0
+        np.testing.assert_allclose(sparse_m.groups[c].maximum, m.maximum, rtol=1e-14)
     sd = {c: np.sqrt(m.variance) * 0.7 for c, m in dense_m.groups.items()}
     mean = {c: m.mean for c, m in dense_m.groups.items()}
     sparse_s = clipped_squares(block, codes, mean=mean, sd=sd, clip=4.0, **settings)
@@ -139,6 +140,27 @@ def test_csr_kernels_equal_the_dense_formulas(rng, normalize, dtype):
     # log1p of numba (libm) and of NumPy may differ by an ulp: values <= 10 over SDs >= 0.1
     np.testing.assert_allclose(scale(block, genes, g_mean, g_std, **settings),
                                scale(dense, genes, g_mean, g_std, **settings), rtol=0, atol=1e-13)
+
+
+def test_standardized_variances_without_the_clip_pass_equal_the_pass(rng):
+    """When no value reaches the clip, VST's standardized variance is the variance over the
+    expected one: the table without the second pass equals the table from it."""
+    x = sp.csr_matrix(rng.poisson(rng.gamma(0.5, 2.0, 60), size=(300, 60)).astype(np.float32))
+    codes = rng.integers(0, 2, 300)
+    first = group_moments(x, codes, normalize=True)
+    expected = {c: expected_variance(m.mean, m.variance) for c, m in first.groups.items()}
+    sd = {c: np.sqrt(e) for c, e in expected.items()}
+    mean = {c: m.mean for c, m in first.groups.items()}
+    genes = pd.Index([f"g{j}" for j in range(60)])
+    clip = np.sqrt(300.0)
+    assert not any(clip_reached(first.groups[c], sd[c], clip) for c in sd)
+    squares = clipped_squares(x, codes, mean=mean, sd=sd, clip=clip, normalize=True)
+    with_pass, without = (vst_table(first, s, expected, ["a", "b"], genes) for s in (squares, None))
+    assert list(with_pass["symbol"]) == list(without["symbol"])  # the same ranking
+    np.testing.assert_allclose(without["variance_standardized"], with_pass["variance_standardized"], rtol=1e-13)
+    # a clip below some gene's largest z-score is reached: the pass is needed
+    z_max = max(((first.groups[c].maximum - mean[c]) / np.where(sd[c] > 0, sd[c], np.inf)).max() for c in sd)
+    assert clip_reached(first.groups[0], sd[0], 0.9 * z_max) or clip_reached(first.groups[1], sd[1], 0.9 * z_max)
 
 
 def test_value_counts_of_sparse_and_dense_blocks_agree():
