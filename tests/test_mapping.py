@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
-
 import anndata as ad
-import dask
 import numpy as np
 import pandas as pd
 import pytest
@@ -14,7 +11,6 @@ from distributed import Client, LocalCluster
 
 import symphony_dask as sd
 from symphony_dask.compression import compression_sums
-from symphony_dask.datasets.synthetic import write_synthetic_atlas
 
 TOL = 1e-10
 
@@ -169,31 +165,6 @@ def test_transfer_bad_input(built_reference, pbmcs, oracle):
         sd.transfer_values(built_reference, query, "height")
     with pytest.raises(FileNotFoundError, match=r"no query shard matches '/nonexistent/shard_\*.h5ad'"):
         sd.map_query(built_reference, "/nonexistent/shard_*.h5ad")
-
-
-def test_workers_with_less_memory_than_the_query_map_its_shards(synthetic_atlas, tmp_path):
-    """Shards are read and mapped on the workers: 1.3 GB of query matrices, 1 GiB per worker."""
-    atlas, _ = synthetic_atlas
-    model = dict(n_genes=10_000, n_types=15, n_donors=6, seed=1)  # the atlas's cell types and donors
-    write_synthetic_atlas(tmp_path / "ref.zarr", 20_000, **model)
-    shards = [atlas]
-    for i in range(2):
-        write_synthetic_atlas(tmp_path / f"extra_{i}.zarr", 10_000, **model)
-        shards.append(tmp_path / f"extra_{i}.zarr")
-    # no UMAP: this test is about reading and mapping shards (placement on workers: test_umap.py)
-    ref = sd.build_reference(tmp_path / "ref.zarr", "donor", n_hvg=1000, max_iter_harmony=2, umap=False)
-    memory = {"distributed.worker.memory.target": False, "distributed.worker.memory.spill": False,
-              "distributed.worker.memory.pause": False, "distributed.worker.memory.terminate": 0.95}
-    with dask.config.set(memory):
-        with LocalCluster(n_workers=2, threads_per_worker=1, memory_limit=2**30, dashboard_address=":0") as cluster:
-            with Client(cluster) as client:
-                client.wait_for_workers(2)
-                pids = client.run(os.getpid)
-                mapped = sd.map_query(ref, shards, "donor", chunk_size=10_000)
-                assert client.run(os.getpid) == pids, "a worker was restarted"
-    assert mapped.n_obs == 120_000 and np.isfinite(mapped.obsm["X_symphony"]).all()
-    sd.transfer_labels(ref, mapped, "cell_type")
-    assert (mapped.obs["cell_type_pred"] == mapped.obs["cell_type"]).mean() > 0.9
 
 
 def test_map_query_takes_the_path_of_a_reference_store(split, built_reference, tmp_path):

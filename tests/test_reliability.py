@@ -1,9 +1,8 @@
-"""What a user can rely on when a cluster misbehaves: workers that run out of memory, a cluster
-left without workers, a cluster that closes after the build."""
+"""What a user can rely on when a cluster misbehaves: a cluster left without workers, a cluster
+that closes after the build (workers that run out of memory: test_out_of_core.py)."""
 
 from __future__ import annotations
 
-import dask
 import numpy as np
 import pytest
 from conftest import R_BUILD
@@ -19,20 +18,6 @@ NO_SPILL = {
     "distributed.worker.memory.pause": False,
     "distributed.worker.memory.terminate": 0.95,
 }
-
-
-def test_worker_killed_for_memory_names_the_chunk_size(synthetic_atlas):
-    """A chunk too big for the worker: the worker is killed, and the error says which chunk size
-    and how much memory, and what to do (it used to be dask's KilledWorker text, or a hang)."""
-    path, _ = synthetic_atlas
-    with dask.config.set({**NO_SPILL, "distributed.scheduler.allowed-failures": 0}):
-        with LocalCluster(n_workers=1, threads_per_worker=1, memory_limit="600MiB", dashboard_address=":0") as cluster:
-            with Client(cluster):
-                with pytest.raises(WorkerFailure, match=(r"workers died running .* most likely out of memory\. The matrix "
-                                                         r"is read in chunks of 50,000 cells x 10,000 genes, with 0\.6 GiB "
-                                                         r"of memory per task: pass a smaller chunk size \(e\.g\. "
-                                                         r"chunk_size=12500")):
-                    sd.build_reference(path, "donor", chunk_size=50_000)
 
 
 def test_cluster_without_workers_fails_instead_of_hanging(split, monkeypatch):
