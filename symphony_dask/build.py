@@ -287,8 +287,9 @@ def _build_reference(data, batch_keys, *, normalize, n_hvg, hvg_batch_key, n_pcs
         if expr.in_memory:
             sums = compression_sums(z, res.Z_corr, res.R)
         else:
-            z = z.rechunk({0: res.Z_corr.chunks[0]})
-            sums = compute(map_reduce(compression_sums, z, res.Z_corr, res.R, combine=CompressionSums.merge))[0]
+            r = res.piecewise_R()  # R of one Harmony piece at a time, not of a whole chunk
+            z, z_corr = z.rechunk({0: r.chunks[0]}), res.Z_corr.rechunk({0: r.chunks[0]})
+            sums = compute(map_reduce(compression_sums, z, z_corr, r, combine=CompressionSums.merge))[0]
     embedding = None
     if keep_embedding:  # brought here once (d floats per cell), so the reference outlives a cluster
         embedding = np.asarray(res.Z_corr)

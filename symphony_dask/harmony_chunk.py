@@ -495,10 +495,11 @@ class ChunkGroup:
     # -- outputs -----------------------------------------------------------------------------------
 
     def output(self, chunk: int, what: str, y: np.ndarray | None = None, penalties: np.ndarray | None = None,
-               out: np.ndarray | None = None) -> np.ndarray:
+               out: np.ndarray | None = None, piece: int | None = None) -> np.ndarray:
         """Chunk ``chunk``'s corrected PCs (``what='corrected'``) or assignments (``'assignments'``),
-        in the original cell order (written into ``out`` if given)."""
-        pieces = self.chunk_pieces[chunk]
+        in the original cell order (written into ``out`` if given); only its ``piece``-th piece
+        (:func:`piece_bounds`) if given."""
+        pieces = self.chunk_pieces[chunk] if piece is None else [self.chunk_pieces[chunk][piece]]
         first = self.pieces[pieces[0]].offset
         n = sum(len(self.pieces[i].z) for i in pieces)
         if out is None:
@@ -517,8 +518,9 @@ class ChunkGroup:
 
 def chunk_output(z: np.ndarray, codes: np.ndarray, offset: int, chunk: int, spec: RunSpec,
                  log: Sequence[CorrectionStep], group_id: str, what: str, y: np.ndarray | None = None,
-                 penalties: np.ndarray | None = None) -> np.ndarray:
-    """An output chunk of a Harmony run, as a pure function of the chunk's PCs and the run's log.
+                 penalties: np.ndarray | None = None, piece: int | None = None) -> np.ndarray:
+    """An output chunk of a Harmony run (or one ``piece`` of it), as a pure function of the chunk's
+    PCs and the run's log.
 
     Taken from the run's group when it is alive in this process (the usual case); otherwise, as
     when dask recomputes a lost output chunk, recomputed from ``z`` by replaying the corrections.
@@ -529,10 +531,10 @@ def chunk_output(z: np.ndarray, codes: np.ndarray, offset: int, chunk: int, spec
         group = ChunkGroup(None, [(chunk, offset, z, codes)], spec, n_threads=1)
         group.replay(log)
         try:
-            return group.output(chunk, what, y, penalties)
+            return group.output(chunk, what, y, penalties, piece=piece)
         finally:
             group.close()
-    return group.output(chunk, what, y, penalties)
+    return group.output(chunk, what, y, penalties, piece=piece)
 
 
 @dataclass

@@ -52,6 +52,16 @@ def test_chunking_does_not_change_results(pbmc3500, n_chunks):
         assert res.n_iter == one.n_iter
 
 
+def test_piecewise_assignments_equal_r(pbmc3500, monkeypatch):
+    """``piecewise_R`` (the build's compression reads R one piece at a time) is R, in pieces."""
+    monkeypatch.setattr("symphony_dask.harmony_chunk.PIECE_CELLS", 400)
+    z, meta, _ = pbmc3500
+    lazy = sd.harmonize(da.from_array(z, chunks=(1200, -1)), meta, "donor", max_iter_harmony=2, seed=3)
+    pieces = lazy.piecewise_R()
+    assert pieces.chunks[0] == (400,) * 6 + (367, 366, 367)  # chunks of 1200, 1200 and 1100 cells, 3 pieces each
+    assert np.array_equal(pieces.compute(), lazy.R.compute())
+
+
 @pytest.fixture()
 def small_groups(monkeypatch):
     """Let a few thousand cells fill several chunk groups (one per worker)."""
