@@ -32,6 +32,7 @@ from .chunked import (
     map_rows,
     one_blas_thread_per_task,
     persist_now,
+    tree_reduce,
 )
 from .compression import CompressionSums, compression_sums
 from .harmony import Flavor, check_clusters, default_n_clusters, flavor_settings, harmonize, soft_kmeans
@@ -287,9 +288,9 @@ def _build_reference(data, batch_keys, *, normalize, n_hvg, hvg_batch_key, n_pcs
         if expr.in_memory:
             sums = compression_sums(z, res.Z_corr, res.R)
         else:
-            r = res.piecewise_R()  # R of one Harmony piece at a time, not of a whole chunk
-            z, z_corr = z.rechunk({0: r.chunks[0]}), res.Z_corr.rechunk({0: r.chunks[0]})
-            sums = compute(map_reduce(compression_sums, z, z_corr, r, combine=CompressionSums.merge))[0]
+            # each task sums one Harmony piece, its R made in the task: never a whole chunk's R
+            parts = res.map_assignment_pieces(compression_sums, z, res.Z_corr)
+            sums = compute(tree_reduce(parts, CompressionSums.merge))[0]
     embedding = None
     if keep_embedding:  # brought here once (d floats per cell), so the reference outlives a cluster
         embedding = np.asarray(res.Z_corr)

@@ -24,13 +24,16 @@ process, or on the workers of a distributed cluster.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import dask
 import dask.array as da
 import numpy as np
+from dask.delayed import Delayed
 
 from . import harmony_groups
 from .chunked import distributed_client, total
@@ -47,6 +50,28 @@ logger = logging.getLogger("symphony_dask")
 WINDOW = 3
 #: Times a run rebuilds lost groups before it gives up.
 MAX_RECOVERIES = 10
+
+
+@dataclass(frozen=True)
+class _OutputCall:
+    """One call of :func:`~symphony_dask.harmony_chunk.chunk_output`: its positional arguments (some
+    of them delayed), the piece it asks for (``None``: the whole chunk), the worker holding the
+    chunk's group (``None``: this process) and the rows it gives."""
+
+    args: tuple
+    piece: int | None
+    worker: str | None
+    rows: int
+
+    def placement(self) -> contextlib.AbstractContextManager:
+        """Annotations that run the call beside its group, where the group lives on a worker."""
+        if self.worker:
+            return dask.annotate(workers=[self.worker], allow_other_workers=True)
+        return contextlib.nullcontext()
+
+
+def _with_assignments(kernel: Callable[..., Any], args: tuple, piece: int | None, *blocks: np.ndarray) -> Any:
+    return kernel(*blocks, chunk_output(*args, piece=piece))
 
 
 @dataclass(eq=False, repr=False)
@@ -86,8 +111,8 @@ class HarmonyResult:
     _assignments: Any = field(default=None, repr=False)
     #: keeps the chunk groups (and so a cheap ``R``) alive with the result
     _groups: Any = field(default=None, repr=False)
-    #: for a dask result, ``R`` chunked by pieces
-    _piece_assignments: Any = field(default=None, repr=False)
+    #: for a dask result, the calls that give ``R`` one Harmony piece at a time
+    _assignment_pieces: list[_OutputCall] | None = field(default=None, repr=False)
 
     @property
     def R(self) -> np.ndarray | da.Array:
@@ -95,11 +120,26 @@ class HarmonyResult:
             self._assignments = self._assignments()
         return self._assignments
 
-    def piecewise_R(self) -> np.ndarray | da.Array:
-        """``R`` of a dask result in chunks of at most 32,768 cells (Harmony's pieces) rather than
-        Harmony's chunks (up to 250,000 cells, 200 MB of ``R`` at k = 100): for reductions over
-        cells that need not hold a whole chunk of ``R`` at once. ``R`` itself for a NumPy result."""
-        return self.R if self._piece_assignments is None else self._piece_assignments
+    def map_assignment_pieces(self, kernel: Callable[..., Any], *aligned: da.Array) -> list[Delayed]:
+        """``kernel(*aligned_rows, R_rows)`` over Harmony's pieces of at most 32,768 cells, as
+        delayed results in cell order.
+
+        Each task computes its piece of ``R`` and hands it straight to ``kernel``, so a running task
+        holds no more than a piece of ``R``. (``R`` itself is chunked by Harmony's chunks of up to
+        250,000 cells, 200 MB at k = 100, and dask computes many of them before their consumers
+        run.) ``aligned`` are per-cell dask arrays. Only for a result of dask input: a NumPy
+        result has ``R`` in memory.
+        """
+        if self._assignment_pieces is None:
+            raise ValueError("map_assignment_pieces needs a result of dask input; use R for a NumPy result")
+        rows = tuple(call.rows for call in self._assignment_pieces)
+        blocks = [a.rechunk({0: rows, **({1: -1} if a.ndim == 2 else {})}).to_delayed().ravel() for a in aligned]
+        out = []
+        for i, call in enumerate(self._assignment_pieces):
+            with call.placement():
+                out.append(dask.delayed(_with_assignments, pure=False)(kernel, call.args, call.piece,
+                                                                      *(b[i] for b in blocks)))
+        return out
 
     def __repr__(self) -> str:
         return (f"HarmonyResult({self.Z_corr.shape[0]} cells, k={self.centroids.shape[1]}, n_iter={self.n_iter}, "
@@ -344,27 +384,34 @@ class HarmonyRun:
 
     # -- outputs -------------------------------------------------------------------------------------
 
-    def _outputs(self, what: str, width: int, *args: Any, by_piece: bool = False) -> da.Array:
-        """A per-cell output as a dask array over the chunks (or, ``by_piece``, over the chunks'
-        pieces of at most 32,768 cells): each taken from its group, or recomputed from its PCs and
-        the log if the group is gone (see :func:`~symphony_dask.harmony_chunk.chunk_output`)."""
+    def _calls(self, what: str, *args: Any, by_piece: bool = False) -> list[_OutputCall]:
+        """The :func:`~symphony_dask.harmony_chunk.chunk_output` calls that give a per-cell output,
+        one per chunk (or, ``by_piece``, one per piece of at most 32,768 cells), in cell order."""
         log = dask.delayed(list(self.log), traverse=False)
-        parts = []
+        calls = []
         for i, (a, s) in enumerate(zip(self.offsets, self.sizes)):
             group_id, worker = self.groups.location(i)
             z = dask.delayed(self.z_chunks[i]) if self.lazy or worker else self.z_chunks[i]
             pieces = list(enumerate(piece_bounds(s))) if by_piece else [(None, (0, s))]
-            for piece, (start, stop) in pieces:
-                with dask.annotate(**({"workers": [worker], "allow_other_workers": True} if worker else {})):
-                    part = dask.delayed(chunk_output, pure=False)(z, self.codes[i], int(a), i, self.spec, log,
-                                                                 group_id, what, *args, piece=piece)
-                parts.append(da.from_delayed(part, shape=(stop - start, width), dtype=np.float64))
+            calls += [_OutputCall((z, self.codes[i], int(a), i, self.spec, log, group_id, what, *args), piece, worker,
+                                  stop - start) for piece, (start, stop) in pieces]
+        return calls
+
+    def _outputs(self, what: str, width: int, *args: Any) -> da.Array:
+        """A per-cell output as a dask array over the chunks: each taken from its group, or
+        recomputed from its PCs and the log if the group is gone (see
+        :func:`~symphony_dask.harmony_chunk.chunk_output`)."""
+        parts = []
+        for call in self._calls(what, *args):
+            with call.placement():
+                part = dask.delayed(chunk_output, pure=False)(*call.args, piece=call.piece)
+            parts.append(da.from_delayed(part, shape=(call.rows, width), dtype=np.float64))
         return da.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
 
     def _result(self, it: _Iteration, n_iter: int, objective: list[float], converged: bool) -> HarmonyResult:
         assignments = self._outputs("assignments", self.k, it.y, it.sums.penalties)
         # built now: a closure over the run would keep its chunk groups alive with the result
-        by_piece = self._outputs("assignments", self.k, it.y, it.sums.penalties, by_piece=True) if self.lazy else None
+        pieces = self._calls("assignments", it.y, it.sums.penalties, by_piece=True) if self.lazy else None
         if isinstance(self.groups, LocalGroups):
             group = self.groups.group
             z_corr = np.empty((self.n, self.d))
@@ -378,7 +425,7 @@ class HarmonyRun:
         r = assignments if self.lazy else (lambda: assignments.compute(optimize_graph=False))
         return HarmonyResult(z_corr, it.y, n_iter, objective, converged, dict(self.timings),
                              cluster_iterations=self._iterations, _assignments=r, _groups=self.groups,
-                             _piece_assignments=by_piece)
+                             _assignment_pieces=pieces)
 
 
 

@@ -52,14 +52,20 @@ def test_chunking_does_not_change_results(pbmc3500, n_chunks):
         assert res.n_iter == one.n_iter
 
 
-def test_piecewise_assignments_equal_r(pbmc3500, monkeypatch):
-    """``piecewise_R`` (the build's compression reads R one piece at a time) is R, in pieces."""
+def test_assignment_pieces_are_r(pbmc3500, monkeypatch):
+    """``map_assignment_pieces`` (the build's compression sums R one piece at a time) hands each
+    kernel call its rows of the aligned arrays and of R."""
     monkeypatch.setattr("symphony_dask.harmony_chunk.PIECE_CELLS", 400)
     z, meta, _ = pbmc3500
     lazy = sd.harmonize(da.from_array(z, chunks=(1200, -1)), meta, "donor", max_iter_harmony=2, seed=3)
-    pieces = lazy.piecewise_R()
-    assert pieces.chunks[0] == (400,) * 6 + (367, 366, 367)  # chunks of 1200, 1200 and 1100 cells, 3 pieces each
-    assert np.array_equal(pieces.compute(), lazy.R.compute())
+    rows = da.arange(len(z), chunks=500)
+    parts = dask.compute(*lazy.map_assignment_pieces(lambda i, r: (i, r), rows))
+    # chunks of 1200, 1200 and 1100 cells, three pieces each
+    assert [len(i) for i, _ in parts] == [400] * 6 + [367, 366, 367]
+    assert np.array_equal(np.concatenate([i for i, _ in parts]), np.arange(len(z)))
+    assert np.array_equal(np.vstack([r for _, r in parts]), lazy.R.compute())
+    with pytest.raises(ValueError, match="dask input"):
+        sd.harmonize(z, meta, "donor", max_iter_harmony=1, seed=3).map_assignment_pieces(lambda r: r)
 
 
 @pytest.fixture()
