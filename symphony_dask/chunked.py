@@ -88,10 +88,10 @@ def map_reduce(
     not once per task.
     """
     blocks = row_blocks(x)
-    aligned_blocks = [_aligned_blocks(a, x) for a in aligned]
+    lined_up = [aligned_blocks(a, x.chunks[0]) for a in aligned]
     shared = dask.delayed(kwargs, traverse=False)  # one copy in the graph, not one per task
     apply = dask.delayed(_apply, pure=True)
-    parts = [apply(kernel, b, *(ab[i] for ab in aligned_blocks), shared) for i, b in enumerate(blocks)]
+    parts = [apply(kernel, b, *(ab[i] for ab in lined_up), shared) for i, b in enumerate(blocks)]
     return tree_reduce(parts, combine, split_every)
 
 
@@ -100,9 +100,11 @@ def _apply(kernel: Callable[..., Any], *args: Any) -> Any:
     return kernel(*blocks, **kwargs)
 
 
-def _aligned_blocks(a: da.Array, x: da.Array) -> list[Any]:
-    if a.chunks[0] != x.chunks[0]:
-        a = a.rechunk({0: x.chunks[0]})
+def aligned_blocks(a: da.Array, rows: tuple[int, ...]) -> list[Any]:
+    """One delayed object per block of ``a`` rechunked to the row chunks ``rows`` (and one column
+    chunk): a per-cell array lined up with another array's chunks."""
+    if a.chunks[0] != rows:
+        a = a.rechunk({0: rows})
     if a.ndim == 2 and a.numblocks[1] != 1:
         a = a.rechunk({1: -1})
     return list(a.to_delayed().ravel())

@@ -36,7 +36,7 @@ import numpy as np
 from dask.delayed import Delayed
 
 from . import harmony_groups
-from .chunked import distributed_client, total
+from .chunked import aligned_blocks, distributed_client, total
 from .harmony_chunk import CorrectionStep, IterationSums, RunSpec, chunk_output, piece_bounds
 from .harmony_groups import GroupsLost, LocalGroups, local_threads
 from .harmony_kernels import PenaltyTerms, cosine_normalize
@@ -133,7 +133,7 @@ class HarmonyResult:
         if self._assignment_pieces is None:
             raise ValueError("map_assignment_pieces needs a result of dask input; use R for a NumPy result")
         rows = tuple(call.rows for call in self._assignment_pieces)
-        blocks = [a.rechunk({0: rows, **({1: -1} if a.ndim == 2 else {})}).to_delayed().ravel() for a in aligned]
+        blocks = [aligned_blocks(a, rows) for a in aligned]
         out = []
         for i, call in enumerate(self._assignment_pieces):
             with call.placement():
