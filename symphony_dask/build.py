@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from . import __version__
-from .checks import as_key_list, check_obs_keys, check_unique_genes, option, raise_on_bad_values
+from .checks import ValueCounts, as_key_list, check_obs_keys, check_unique_genes, option, raise_on_bad_values
 from .chunked import (
     advise,
     as_row_chunked,
@@ -232,6 +232,7 @@ def _build_reference(data, batch_keys, *, normalize, n_hvg, hvg_batch_key, n_pcs
         )[0]
     raise_on_bad_values(first.counts, where="the reference expression", normalize=bool(normalize), warn_empty=False,
                         layers=expr.layers if layer is None else ())
+    _check_some_expression(first.counts, n, expr.X.shape[1], layer)
     if normalize and first.counts.n_empty_cells:
         expr, first = _drop_empty_cells(expr, first.counts.n_empty_cells, hvg_keys, idf, timings)
         n = expr.n_cells
@@ -356,6 +357,17 @@ def _check_sizes(n_cells: int, n_genes: int, n_hvg: int | None, n_pcs: int) -> N
         raise ValueError(f"n_pcs must be a positive integer, got {n_pcs!r}")
     if n_pcs >= min(n_cells, n_genes):
         raise ValueError(f"n_pcs={n_pcs} must be smaller than the number of cells ({n_cells}) and genes ({n_genes})")
+
+
+def _check_some_expression(counts: ValueCounts, n_cells: int, n_genes: int, layer: str | None) -> None:
+    """Raise when every cell's values sum to zero: the (non-negative) matrix holds no nonzero value."""
+    if counts.n_empty_cells == n_cells:
+        read = f"layer {layer!r}" if layer is not None else "X"
+        raise ValueError(
+            f"the reference expression matrix ({n_cells} cells x {n_genes} genes, read from {read}) has no nonzero "
+            f"value, so no gene varies and there is nothing to build a reference from; check that the matrix read "
+            f"holds the expression (if it is in a layer, pass its name as {option('layer')})"
+        )
 
 
 def _groups(expr: Expression, hvg_keys: list[str]) -> tuple[list[str], np.ndarray]:

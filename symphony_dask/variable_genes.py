@@ -57,7 +57,14 @@ def expected_variance(mean: np.ndarray, variance: np.ndarray, span: float = LOES
             f"only {int(varying.sum())} gene(s) vary within a group of cells; "
             "the mean-variance fit of variable-gene selection needs more (is the group too small?)"
         )
-    fit = loess(np.log10(mean[varying]), np.log10(variance[varying]), span=span, degree=2)
+    log_mean = np.log10(mean[varying])
+    if np.ptp(log_mean) == 0:
+        raise ValueError(
+            "the mean-variance fit of variable-gene selection needs genes of different mean expression, but the "
+            f"{int(varying.sum())} genes with a nonzero variance in a group of cells all have the same mean; "
+            "the data look constant"
+        )
+    fit = loess(log_mean, np.log10(variance[varying]), span=span, degree=2)
     fit.fit()
     expected[varying] = 10.0 ** fit.outputs.fitted_values
     return expected

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import warnings
 
+import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 from conftest import R_BUILD
@@ -134,3 +136,23 @@ def test_input_that_is_not_anndata(tmp_path):
     (tmp_path / "bad.h5ad").write_text("not hdf5")
     with pytest.raises(ValueError, match="is not an .h5ad"):
         sd.build_reference(tmp_path / "bad.h5ad")
+
+
+def _tiny(values: np.ndarray) -> ad.AnnData:
+    n_cells, n_genes = values.shape
+    return ad.AnnData(sp.csr_matrix(values), obs=pd.DataFrame({"donor": ["a", "b"] * (n_cells // 2)},
+                                                              index=[f"c{i}" for i in range(n_cells)]),
+                      var=pd.DataFrame(index=[f"g{j}" for j in range(n_genes)]))
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_all_zero_matrix_is_named(normalize):
+    data = _tiny(np.zeros((60, 30)))
+    with pytest.raises(ValueError, match=r"expression matrix \(60 cells x 30 genes, read from X\) has no nonzero value"):
+        sd.build_reference(data, "donor", normalize=normalize, n_hvg=10, n_pcs=3, n_clusters=2)
+
+
+def test_constant_matrix_is_named():
+    data = _tiny(np.ones((60, 30)))
+    with pytest.raises(ValueError, match="genes with a nonzero variance in a group of cells all have the same mean"):
+        sd.build_reference(data, "donor", n_hvg=10, n_pcs=3, n_clusters=2)
