@@ -13,8 +13,10 @@ Passes over the expression matrix hold one chunk per task and reduce small stati
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
 import dask.array as da
@@ -36,8 +38,9 @@ from .chunked import (
 )
 from .compression import CompressionSums, compression_sums
 from .harmony import Flavor, check_clusters, default_n_clusters, flavor_settings, harmonize, soft_kmeans
-from .io import AnnDataLike, Expression, cells_where, keep_cells, memory_per_task, read_expression
+from .io import AnnDataLike, Expression, keep_cells, memory_per_task, read_expression
 from .neighbors import EXACT_MAX_CELLS, NeighborIndex
+from .obs_filter import cells_where
 from .pca import PCASolver, fit_pca, project
 from .preprocess import (
     ColumnSums,
@@ -322,6 +325,7 @@ def _build_reference(data, batch_keys, *, normalize, n_hvg, hvg_batch_key, n_pcs
         obsm=dict(expr.obsm) if keep_embedding else {},
         pca_moments=sums.pca_moments, params=params, variable_gene_table=table, neighbors=neighbors,
         umap_layout=layout, idf=None if idf is None else idf[gene_idx],
+        sources=(Path(data),) if isinstance(data, (str, os.PathLike)) else (),
     )
 
 

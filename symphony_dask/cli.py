@@ -7,7 +7,9 @@ answers at once.
 from __future__ import annotations
 
 import argparse
+import io
 import logging
+import os
 import sys
 import warnings
 from contextlib import ExitStack
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ValueError, KeyError, TypeError, FileExistsError, FileNotFoundError) as err:
         print(f"symphony-dask: error: {err}", file=sys.stderr)
         return 2
-    except WorkerFailure as err:
+    except (WorkerFailure, OSError) as err:  # OSError: an output the file system refuses (full, read-only)
         print(f"symphony-dask: error: {err}", file=sys.stderr)
         return 1
 
@@ -121,10 +123,14 @@ def _run_with_scheduler(args: argparse.Namespace, stack: ExitStack) -> None:
 
 
 def _check_build(args: argparse.Namespace) -> None:
+    from .reference import is_reference_store
+    from .store import check_replaceable, refuse_overlap
+
     out = Path(args.out)
     if out.suffix != ".zarr":
         raise UsageError(f"--out {args.out}: a reference is a zarr store; name it with .zarr (e.g. --out ref.zarr)")
-    _refuse_existing(out, args.overwrite)
+    refuse_overlap(out, [args.input], flag="--out")
+    check_replaceable(out, overwrite=args.overwrite, ours=is_reference_store, what="reference store")
     _check_positive(args, "n_hvg", "n_pcs", "n_clusters", "max_iter_harmony", "chunk_size")
     if args.tfidf and args.no_normalize:
         raise UsageError("--tfidf and --no-normalize contradict each other: --tfidf normalizes raw peak counts")
@@ -166,14 +172,13 @@ def format_stage_times(timings: dict[str, float]) -> str:
 
 def _check_map(args: argparse.Namespace) -> None:
     from .mapping import query_shards
+    from .store import check_replaceable, refuse_overlap
 
     _check_positive(args, "k", "chunk_size")
     if args.min_confidence is not None and not 0 <= args.min_confidence <= 1:
         raise UsageError(f"--min-confidence {args.min_confidence}: a fraction of the k votes, between 0 and 1")
     if args.plot is not None and Path(args.plot).suffix.lower() not in PLOT_SUFFIXES:
         raise UsageError(f"--plot {args.plot}: name a picture file ending in {', '.join(PLOT_SUFFIXES)}")
-    if args.plot is not None:
-        _refuse_existing(Path(args.plot), args.overwrite)
     if not args.transfer and args.min_confidence is not None:
         raise UsageError("--min-confidence applies to --transfer; name the labels to transfer")
     args.shards = query_shards(args.query)
@@ -188,8 +193,21 @@ def _check_map(args: argparse.Namespace) -> None:
                          "folder --out names; give a folder name without a suffix (e.g. --out mapped)")
     else:
         args.targets = [out / f"{_stem(shard)}.symphony{args.format}" for shard in args.shards]
+    inputs = [args.reference, *args.shards]
+    outputs = [(target, "--out") for target in args.targets] + ([(out, "--out")] if len(args.shards) > 1 else [])
+    if args.plot is not None:
+        outputs.append((Path(args.plot), "--plot"))
+    for path, flag in outputs:
+        refuse_overlap(path, inputs, flag=flag)
+    named = [path.resolve() for path, _ in outputs if path != out or len(args.shards) == 1]
+    if len(set(named)) < len(named):
+        twice = sorted({str(p) for p in named if named.count(p) > 1})
+        raise UsageError(f"{', '.join(twice)} would be written twice (query files of the same name in different "
+                         "folders, or --plot naming an output); rename the query files or map them separately")
     for target in args.targets:
-        _refuse_existing(target, args.overwrite)
+        check_replaceable(target, overwrite=args.overwrite, ours=is_mapped_anndata, what="mapped AnnData")
+    if args.plot is not None:
+        check_replaceable(Path(args.plot), overwrite=args.overwrite, ours=is_our_picture, what="picture")
 
 
 def _check_reference(args: argparse.Namespace, reference) -> None:
@@ -230,7 +248,7 @@ def _map(args: argparse.Namespace) -> int:
     for i, target in enumerate(args.targets):
         part = mapped if len(shards) == 1 else mapped[mapped.obs["symphony_shard"].to_numpy() == i].copy()
         write_atomically(target, lambda tmp, part=part, suffix=target.suffix: write_anndata(part, tmp, suffix),
-                         overwrite=args.overwrite)
+                         overwrite=args.overwrite, ours=is_mapped_anndata, what="mapped AnnData")
         print(f"written to {target}")
     return 0
 
@@ -243,20 +261,76 @@ def _plot_mapping(reference, mapped: ad.AnnData, args: argparse.Namespace) -> No
     import matplotlib.pyplot as plt
 
     from . import pl
+    from .store import write_atomically
 
     color = f"{args.transfer[0]}_pred" if args.transfer else None
     ax = pl.mapping(reference, mapped, color=color)
-    ax.figure.savefig(args.plot, dpi=150, bbox_inches="tight")
-    plt.close(ax.figure)
+    kind = Path(args.plot).suffix.lower()
+    metadata = {".png": {"Software": PICTURE_MARK}}.get(kind, {"Creator": PICTURE_MARK})
+
+    def save(tmp: Path) -> None:
+        ax.figure.savefig(tmp, format=kind[1:], dpi=150, bbox_inches="tight", metadata=metadata)
+
+    try:
+        write_atomically(Path(args.plot), save, overwrite=args.overwrite, ours=is_our_picture, what="picture")
+    finally:
+        plt.close(ax.figure)
     print(f"plot written to {args.plot}")
 
 
+#: Written into the metadata of every picture of --plot, so that --overwrite knows it replaces one of ours.
+PICTURE_MARK = "symphony_dask map --plot"
+
+
+def is_our_picture(path: Path) -> bool:
+    """Whether ``path`` is a picture that ``map --plot`` drew (a file carrying :data:`PICTURE_MARK`)."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_file() or path.suffix.lower() not in PLOT_SUFFIXES:
+        return False
+    if path.stat().st_size > 64 * 2**20:
+        return False
+    return PICTURE_MARK.encode() in path.read_bytes()
+
+
+def is_mapped_anndata(path: Path) -> bool:
+    """Whether ``path`` is an AnnData (``.h5ad`` file or zarr store) that carries ``uns['symphony']``,
+    i.e. a mapped query that ``--overwrite`` may replace."""
+    path = Path(path)
+    if path.is_symlink():
+        return False
+    if path.is_dir():
+        node = path / "uns" / "symphony"
+        return node.is_dir() and ((node / "zarr.json").is_file() or (node / ".zgroup").is_file())
+    if not path.is_file():
+        return False
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as handle:
+            return isinstance(handle.get("uns/symphony"), h5py.Group)
+    except OSError:
+        return False
+
+
 def write_anndata(adata: ad.AnnData, path: Path, suffix: str) -> None:
-    """Write ``adata`` as ``.h5ad`` or as a zarr v3 store (one chunk file per array, no sharding)."""
+    """Write ``adata`` as ``.h5ad`` or as a zarr v3 store (one chunk file per array, no sharding).
+
+    An ``.h5ad`` is assembled in memory and written to ``path`` in one plain write: HDF5 writing
+    straight to a disk that fills up crashes the process (h5py 3, segmentation fault), where a plain
+    write fails with an error that names the full disk.
+    """
     import anndata as ad
+    import h5py
 
     if suffix != ".zarr":
-        adata.write_h5ad(path)
+        adata.strings_to_categoricals()  # as write_h5ad does
+        buffer = io.BytesIO()
+        with h5py.File(buffer, "w") as handle:
+            ad.io.write_elem(handle, "/", adata)
+        with open(path, "wb") as out:
+            out.write(buffer.getbuffer())
+            out.flush()
+            os.fsync(out.fileno())
         return
     with ad.settings.override(zarr_write_format=3, auto_shard_zarr_v3=False), warnings.catch_warnings():
         # anndata consolidates the metadata, as every AnnData zarr store has (read_zarr expects it)
@@ -273,12 +347,6 @@ def _stem(path: str) -> str:
 
 
 # -- shared ------------------------------------------------------------------------------------------
-
-
-def _refuse_existing(out: Path, overwrite: bool) -> None:
-    """Fail before any work rather than after it."""
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
 
 
 def _check_positive(args: argparse.Namespace, *names: str) -> None:

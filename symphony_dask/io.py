@@ -337,28 +337,6 @@ def keep_cells(expr: Expression, keep: np.ndarray) -> Expression:
     return Expression(da.concatenate(parts, axis=0), expr.obs[keep], expr.var, expr.source, obsm, expr.layers)
 
 
-def cells_where(obs: pd.DataFrame, expression: str) -> np.ndarray:
-    """Boolean mask of the cells for which ``expression`` (pandas ``DataFrame.query`` syntax over
-    the ``obs`` columns) is true; a clear error for unknown columns, bad syntax or no cell left."""
-    columns = ", ".join(map(repr, obs.columns)) or "(none)"
-    flag = option("obs_filter")
-    try:
-        keep = obs.eval(expression)
-    except (NameError, KeyError) as err:  # pandas' UndefinedVariableError is a NameError
-        raise ValueError(f"{flag} {expression!r} names something that is not an obs column ({err}); "
-                         f"the columns are: {columns} (quote names with spaces in backticks)") from err
-    except (SyntaxError, TypeError, ValueError) as err:
-        raise ValueError(f"{flag} {expression!r} is not a valid filter ({err}); write it as pandas' "
-                         "DataFrame.query takes it, e.g. \"donor != 'x' and n_genes > 500\"") from err
-    if not isinstance(keep, pd.Series) or keep.dtype != bool or len(keep) != len(obs):
-        raise ValueError(f"{flag} {expression!r} must give True or False for each cell, e.g. \"donor != 'x'\"")
-    keep = keep.to_numpy()
-    if not keep.any():
-        raise ValueError(f"{flag} {expression!r} keeps none of the {len(obs)} cells")
-    logger.info("%s %r keeps %d of %d cells", flag, expression, int(keep.sum()), len(obs))
-    return keep
-
-
 def _take_rows(block, rows: np.ndarray):
     return block[rows]
 

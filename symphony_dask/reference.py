@@ -22,14 +22,17 @@ the pre-Harmony PCs per cluster), needed for the per-cell mapping metric.
 A reference is stored as a zarr (v3) group; every element is written with anndata's element
 encoding, so the store can be read by any AnnData-aware tool. Saving is atomic: the store is written
 beside the target and renamed into place, and an existing store is replaced only with
-``overwrite=True``. The store records a checksum of every element's files, which loading verifies
-(see :mod:`symphony_dask.store`).
+``overwrite=True``, and only if it is a reference store. The store records a checksum of every
+element's files and of its root metadata (the build parameters), which loading verifies (see
+:mod:`symphony_dask.store`); a store is read whole from one save even while another process saves
+over it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +46,14 @@ import zarr
 
 from .checks import pass_option
 from .neighbors import INDEX_FORMAT, Method, NeighborIndex
-from .store import element_checksums, verify_checksums, write_atomically
+from .store import (
+    check_element_name,
+    element_checksums,
+    json_digest,
+    refuse_overlap,
+    verify_checksums,
+    write_atomically,
+)
 from .umap_layout import Placement, UmapModel, UmapParams
 
 
@@ -53,8 +63,11 @@ def no_per_cell_data() -> str:
             f"rebuild it ({pass_option('keep_embedding', True)})")
 
 STORE_FORMAT = "symphony_dask.reference"
-#: 2: element checksums in the marker; 1 (symphony_dask 0.1): none (read with a warning).
-STORE_VERSION = 2
+#: 3: checksums of the elements and of the root metadata (parameters), and a generation per save;
+#: 2: checksums of the elements only (read with a warning); 1: no checksums (refused).
+STORE_VERSION = 3
+#: Reads of a store that another process replaces meanwhile are started again this many times.
+LOAD_ATTEMPTS = 5
 _REQUIRED = ("genes", "mean", "std", "loadings", "centroids", "cluster_sizes", "compression")
 
 
@@ -100,6 +113,9 @@ class Reference:
     #: Inverse document frequency of each gene (peak) of a TF-IDF reference (``normalize='tfidf'``),
     #: applied to queries; ``None`` for log-normalized references.
     idf: np.ndarray | None = None
+    #: Paths this reference was built from, or whose store its lazy embedding still reads; saving
+    #: onto, over or into them is refused.
+    sources: tuple[Path, ...] = field(default=(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.genes = pd.Index(np.asarray(self.genes, dtype=object).astype(str), name=None)
@@ -268,15 +284,19 @@ class Reference:
         path
             Target folder (conventionally ending in ``.zarr``).
         overwrite
-            Replace an existing store; without it an existing path is an error and is left untouched.
+            Replace an existing reference store. Without it an existing path is an error (also when
+            it appears while this store is written) and is left untouched; with it, anything other
+            than a reference store saved by symphony_dask is still refused, untouched.
 
         Returns
         -------
         Path
             The store path.
         """
-        path = write_atomically(Path(path), lambda tmp: _write_store(self, tmp), overwrite=overwrite)
-        return path
+        path = Path(path)
+        refuse_overlap(path, self.sources, flag="the save target")
+        return write_atomically(path, lambda tmp: _write_store(self, tmp), overwrite=overwrite,
+                                ours=is_reference_store, what="reference store")
 
 
 def _write_store(ref: Reference, path: Path) -> None:
@@ -310,8 +330,33 @@ def _write_store(ref: Reference, path: Path) -> None:
             layout.create_array("coords", data=np.asarray(ref.umap_layout.coords, dtype=np.float64))
             layout.create_array("fitted", data=np.asarray(ref.umap_layout.fitted, dtype=np.int64))
         elements = sorted(p.name for p in path.iterdir() if p.name != "zarr.json")
-        group.attrs["symphony_dask"] = {"format": STORE_FORMAT, "version": STORE_VERSION,
-                                        "checksums": element_checksums(path, elements)}
+        checksums = element_checksums(path, elements)
+    root = _root_without_marker(json.loads((path / "zarr.json").read_text()))
+    group.attrs["symphony_dask"] = {"format": STORE_FORMAT, "version": STORE_VERSION, "generation": uuid.uuid4().hex,
+                                    "root": json_digest(root), "checksums": checksums}
+
+
+def _root_without_marker(meta: dict) -> dict:
+    """The store's root metadata (``zarr.json``) without the marker, which the marker's ``root``
+    digest covers: the build parameters and zarr's own fields."""
+    meta = dict(meta)
+    attributes = dict(meta.get("attributes") or {})
+    attributes.pop("symphony_dask", None)
+    meta["attributes"] = attributes
+    return meta
+
+
+def is_reference_store(path: Path) -> bool:
+    """Whether ``path`` is a folder whose root metadata carries symphony_dask's reference marker
+    (what :meth:`Reference.save` may replace with ``overwrite=True``)."""
+    meta = Path(path) / "zarr.json"
+    if Path(path).is_symlink() or not Path(path).is_dir() or meta.is_symlink() or not meta.is_file():
+        return False
+    try:
+        marker = json.loads(meta.read_text()).get("attributes", {}).get("symphony_dask")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(marker, dict) and marker.get("format") == STORE_FORMAT
 
 
 def _write_embedding(group: zarr.Group, embedding: np.ndarray | da.Array) -> None:
@@ -341,22 +386,53 @@ def _jsonable(value: Any) -> Any:
 def load_reference(path: str | os.PathLike, *, lazy_embedding: bool = False) -> Reference:
     """Load a reference saved with :meth:`Reference.save`.
 
+    The store's checksums are verified first (every element and the root metadata; an element they
+    do not list is refused), and the whole store is read from one save: if another process saves
+    over ``path`` meanwhile, the read starts again, so a load never mixes two stores.
+
     Parameters
     ----------
     path
         The reference store.
     lazy_embedding
-        Keep the per-cell embedding on disk as a dask array instead of reading it into memory.
+        Keep the per-cell embedding on disk as a dask array instead of reading it into memory. It
+        is read from ``path`` when used, so the store must not be replaced meanwhile; saving the
+        reference onto ``path`` is refused.
 
     Raises
     ------
     ValueError
-        If ``path`` is not a symphony_dask reference store, or the store is incomplete or inconsistent.
+        If ``path`` is not a symphony_dask reference store, or the store is damaged, incomplete or
+        inconsistent.
     """
     path = Path(path)
-    if not path.exists():
+    if not (path.exists() or path.is_symlink()):
         raise FileNotFoundError(f"no reference store at {path}")
-    marker = _read_marker(path)
+    for _ in range(LOAD_ATTEMPTS):
+        before = _root_bytes(path)
+        try:
+            ref = _load_once(path, before, lazy_embedding=lazy_embedding)
+        except (ValueError, OSError, KeyError):
+            if _root_bytes(path) != before:  # replaced while it was read: read the new store
+                continue
+            raise
+        if _root_bytes(path) == before:
+            return ref
+    raise ValueError(f"{path} was replaced by other saves {LOAD_ATTEMPTS} times while it was read; load it again "
+                     "once they have finished")
+
+
+def _root_bytes(path: Path) -> bytes | None:
+    """The store's root metadata as stored (``None`` where there is none): it holds the
+    generation of the save, so equal bytes before and after a read mean one store was read."""
+    try:
+        return (path / "zarr.json").read_bytes()
+    except OSError:
+        return None
+
+
+def _load_once(path: Path, root: bytes | None, *, lazy_embedding: bool) -> Reference:
+    marker = _read_marker(path, root)
     version = marker.get("version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise ValueError(f"{path}: the store's version attribute is {version!r}, not a version number; "
@@ -365,18 +441,7 @@ def load_reference(path: str | os.PathLike, *, lazy_embedding: bool = False) -> 
         raise ValueError(
             f"{path} was written by a newer symphony_dask (store version {version}); upgrade to read it"
         )
-    checksums = marker.get("checksums")
-    if checksums is None:
-        warnings.warn(f"{path} was saved without checksums (store version {version}), so damage to it cannot "
-                      "be detected; save it again to add them", UserWarning, stacklevel=2)
-    else:
-        damaged = verify_checksums(path, checksums)
-        if damaged:
-            raise ValueError(
-                f"reference store {path} is damaged: {'; '.join(damaged)} do not match the checksums recorded "
-                "when it was saved (a chunk file was deleted, truncated or changed); restore the store from a copy "
-                "or build the reference again"
-            )
+    _verify_store(path, marker, version, root)
     group = zarr.open_group(str(path), mode="r")
     missing = [name for name in _REQUIRED if name not in group]
     if missing:
@@ -401,7 +466,7 @@ def load_reference(path: str | os.PathLike, *, lazy_embedding: bool = False) -> 
         if "neighbor_index" in group and group["neighbor_index"].attrs.get("format") != INDEX_FORMAT:
             warnings.warn(f"{path} holds a neighbour index from an older version (hnswlib); it is ignored and a "
                           "new one is built at the first label transfer (save the reference again to keep it)",
-                          stacklevel=2)
+                          stacklevel=3)
         elif "neighbor_index" in group:
             node = group["neighbor_index"]
             meta = dict(node.attrs)
@@ -425,19 +490,58 @@ def load_reference(path: str | os.PathLike, *, lazy_embedding: bool = False) -> 
         neighbors=neighbors,
         umap_layout=layout,
         idf=idf,
+        sources=(path,) if lazy_embedding and embedding is not None else (),
     )
 
 
-def _read_marker(path: Path) -> dict:
-    """The ``symphony_dask`` marker of a store's root metadata, with clear errors for what is not
-    a readable reference store."""
-    meta = path / "zarr.json"
-    if path.is_dir() and meta.is_file():
+def _verify_store(path: Path, marker: dict, version: int, root: bytes | None) -> None:
+    """Every element the store holds is listed by its checksums and matches them, and the root
+    metadata matches its digest (version 3); names that could reach outside the store are refused
+    before anything is read."""
+    checksums = marker.get("checksums")
+    if checksums is None:
+        raise ValueError(f"{path} carries no checksums (store version {version}), so damage to it cannot be "
+                         "detected and it is not read; build the reference again (stores saved by symphony_dask "
+                         "since version 2 carry checksums)")
+    if not isinstance(checksums, dict):
+        raise ValueError(f"{path} is a damaged store: the checksums in its root metadata are not a table")
+    for name in checksums:
         try:
-            attrs = json.loads(meta.read_text()).get("attributes", {})
+            check_element_name(name)
+        except ValueError as err:
+            raise ValueError(f"{path} is refused: its checksums name {name!r}, which is not an element inside the "
+                             "store (the store's root metadata is damaged or was crafted)") from err
+    unlisted = sorted(entry.name for entry in os.scandir(path)
+                      if entry.name != "zarr.json" and not entry.name.startswith(".") and entry.name not in checksums)
+    if unlisted:
+        raise ValueError(f"{path} holds {', '.join(unlisted)}, which its checksums do not list (added after it was "
+                         "saved); it is refused: remove what was added, or restore the store from a copy")
+    damaged = verify_checksums(path, checksums)
+    if version >= 3:
+        meta = json.loads(root)
+        if json_digest(_root_without_marker(meta)) != marker.get("root"):
+            damaged.insert(0, "zarr.json (the root metadata: parameters or zarr fields altered)")
+    else:
+        warnings.warn(f"{path} was saved by an earlier symphony_dask (store version {version}), whose checksums do "
+                      "not cover the build parameters in its root metadata; load it and save it again to cover them",
+                      UserWarning, stacklevel=4)
+    if damaged:
+        raise ValueError(
+            f"reference store {path} is damaged: {'; '.join(damaged)} do not match the checksums recorded "
+            "when it was saved (a file was deleted, truncated or changed); restore the store from a copy "
+            "or build the reference again"
+        )
+
+
+def _read_marker(path: Path, root: bytes | None) -> dict:
+    """The ``symphony_dask`` marker of a store's root metadata ``root`` (the bytes of its
+    ``zarr.json``), with clear errors for what is not a readable reference store."""
+    if path.is_dir() and root is not None:
+        try:
+            attrs = json.loads(root).get("attributes", {})
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
-            raise ValueError(f"{path} is a damaged store: its root metadata {meta} is not valid JSON ({err}); "
-                             "restore the store from a copy or build the reference again") from err
+            raise ValueError(f"{path} is a damaged store: its root metadata {path / 'zarr.json'} is not valid JSON "
+                             f"({err}); restore the store from a copy or build the reference again") from err
     else:
         try:
             attrs = dict(zarr.open_group(str(path), mode="r").attrs)

@@ -148,7 +148,7 @@ def test_obs_filter_builds_from_the_selected_cells(split, tmp_path, capsys, buil
                  "tech == '5p'", "-q"])
     assert code == 2
     err = capsys.readouterr().err
-    assert """--obs-filter "tech == '5p'" names something that is not an obs column""" in err
+    assert """--obs-filter "tech == '5p'" names 'tech', which is not an obs column""" in err
     assert "'donor', 'nUMI'" in err and not (tmp_path / "r2.zarr").exists()
 
 
