@@ -206,9 +206,13 @@ class HarmonyRun:
             self._set_local(Z, codes, chunk_size)
         else:
             self._set_cluster(client, Z, codes, chunk_size)
-        n_bad = sum(self._attempt(self.groups.call, "n_nonfinite"))
-        if n_bad:
-            raise ValueError(f"Z holds {n_bad} NaN or infinite value(s); Harmony needs finite PCs")
+        try:
+            n_bad = sum(self._attempt(self.groups.call, "n_nonfinite"))
+            if n_bad:
+                raise ValueError(f"Z holds {n_bad} NaN or infinite value(s); Harmony needs finite PCs")
+        except BaseException:
+            self.groups.finish()  # harmony() and soft_kmeans() do it once the run is under way
+            raise
 
     # -- where the chunks live -----------------------------------------------------------------------
 
