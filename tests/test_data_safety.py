@@ -268,7 +268,7 @@ def test_load_while_another_process_overwrites_returns_one_store(tmp_path):
     """Loads during repeated saves of two same-shaped references each return one of them whole
     (before, 15 of 985 loads returned old loadings with new centroids)."""
     target = tmp_path / "ref.zarr"
-    writer = subprocess.Popen([sys.executable, "-c", _OVERWRITER, str(target), "12"], stdout=subprocess.PIPE,
+    writer = subprocess.Popen([sys.executable, "-c", _OVERWRITER, str(target), "10"], stdout=subprocess.PIPE,
                               text=True, cwd=ROOT)
     assert writer.stdout.readline().strip() == "READY"
     expected = {}
