@@ -14,6 +14,11 @@ A worker lost during the run takes its group with it: the driver raises :class:`
 chunks' PCs from their lineage if they were lost too) and replays the corrections so far, after
 which the step is repeated. Every sum is folded in chunk order, so the result is the same bit for
 bit as without the loss.
+
+A peer that cannot be reached on its channel (a firewall between the workers that rejects or drops
+the connection, or a connection broken in mid-run) but still answers through dask's RPC is not
+lost: its blocks go through dask's RPC for the rest of the run, the client logs that once, and
+the clustering iteration is repeated.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ MIN_GROUP_CELLS = 50_000
 RECOVERY_TIMEOUT = 120.0
 #: Seconds to wait for a lost worker's replacement (a nanny restarts it) before using the others.
 REPLACEMENT_WAIT = 10.0
+#: Seconds a peer whose channel failed has to answer through dask's RPC before it counts as lost.
+PEER_TIMEOUT = 5.0
 
 
 class GroupsLost(Exception):
@@ -86,22 +93,32 @@ class ActorChunkGroup(ChunkGroup):
     The group in the first slot leads each clustering iteration (:meth:`lead_iteration`): it runs the
     block loop on its worker's event loop and sends each block to its peers over a
     :class:`~symphony_dask.harmony_channel.Channel` (or dask's RPC where the cluster's comms are not
-    plain TCP), so a block costs one message to each peer and back, and the client one call per
-    iteration.
+    plain TCP, or the channel cannot be used), so a block costs one message to each peer and back,
+    and the client one call per iteration.
     """
 
     _server: asyncio.AbstractServer | None = None
     _channels: dict[int, Channel] | None = None
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # one block at a time: a block sent on a channel that then broke may still be running when
+        # the leader, having fallen back to dask's RPC, starts the iteration again
+        self._one_block = asyncio.Lock()
+
     async def update_block_async(self, number: int, position: int, penalty: np.ndarray,
                                  start: tuple[np.ndarray, Sequence[int]] | None = None) -> BlockResult:
         """:meth:`~ChunkGroup.update_block`, waiting on the event loop instead of in a thread."""
-        await _all(self.block_prepared(number, position, start))
-        s = total(*await _all(self.weigh_block(penalty)))
-        if not self.after_block():
-            return BlockResult(s, None)
-        await _all([tail for tail in self._tails if tail is not None])
-        return BlockResult(s, self._end())
+        async with self._one_block:
+            await _all(self.block_prepared(number, position, start))
+            s = total(*await _all(self.weigh_block(penalty)))
+            if not self.after_block():
+                return BlockResult(s, None)
+            await _all([tail for tail in self._tails if tail is not None])
+            return BlockResult(s, self._end())
+
+    async def ping(self) -> None:
+        """Nothing: that this answers through dask's RPC shows the group and its worker are there."""
 
     async def cluster_iteration_async(self, number: int, order: list[int], y: np.ndarray,
                                       block_s: np.ndarray) -> IterationSums:
@@ -138,10 +155,11 @@ class ActorChunkGroup(ChunkGroup):
 
     async def lead_iteration(self, number: int, order: list[int], y: np.ndarray, block_s: np.ndarray,
                              peers: list[Any], endpoints: list[tuple[str, int] | None],
-                             token: bytes) -> IterationSums | _Lost:
+                             token: bytes) -> IterationSums | _Lost | _NoChannel:
         """A whole clustering iteration over this group (slot 0) and its ``peers`` (slots 1, 2, ...),
         reached at ``endpoints`` (``None``: through dask's RPC); a :class:`_Lost` naming the slots of
-        peers that could not be reached."""
+        peers that could not be reached, or else a :class:`_NoChannel` naming those reached only
+        through dask's RPC (the iteration is then to be repeated with their endpoints ``None``)."""
         if self._channels is None:
             self._channels = {}
         steps = block_steps(order, y, block_s, self.spec.terms)
@@ -156,27 +174,38 @@ class ActorChunkGroup(ChunkGroup):
             lost = [slot for slot, r in enumerate(parts) if isinstance(r, _Lost)]
             if lost:
                 for slot in lost:
-                    channel = self._channels.pop(slot, None)
-                    if channel is not None:
-                        channel.close()
+                    self._drop_channel(slot)
                 return _Lost(parts[lost[0]].cause, lost)
+            unreachable = [slot for slot, r in enumerate(parts) if isinstance(r, _NoChannel)]
+            if unreachable:
+                return _NoChannel(unreachable, [parts[slot].causes[0] for slot in unreachable])
             try:
                 request = steps.send(parts)
             except StopIteration as done:
                 return done.value
 
     async def _peer_block(self, slot: int, peer: Any, endpoint: tuple[str, int] | None, token: bytes,
-                          *request: Any) -> BlockResult | _Lost:
+                          *request: Any) -> BlockResult | _Lost | _NoChannel:
+        """The block ``request`` on the peer of ``slot``; where its channel cannot be opened or
+        breaks, a :class:`_Lost` unless the peer answers through dask's RPC, else a :class:`_NoChannel`."""
         if endpoint is None:
             return await _peer_call(peer, "update_block_async", *request)
         try:
             channel = self._channels.get(slot)
             if channel is None or channel.endpoint != tuple(endpoint):
+                self._drop_channel(slot)
                 channel = self._channels[slot] = await Channel.open(tuple(endpoint), token)
             s, end = await channel.call(*request)
-        except (OSError, asyncio.IncompleteReadError) as err:  # ConnectionError is an OSError
-            return _Lost(err)
+        except OSError as err:  # refused, timed out, broken (see Channel.open and Channel.call)
+            self._drop_channel(slot)
+            lost = await _unanswered(peer)
+            return _NoChannel([slot], [err]) if lost is None else lost
         return BlockResult(s, end)
+
+    def _drop_channel(self, slot: int) -> None:
+        channel = self._channels.pop(slot, None)
+        if channel is not None:
+            channel.close()
 
 
 async def _all(futures: list) -> list:
@@ -207,6 +236,16 @@ async def _peer_call(peer: Any, method: str, *args: Any) -> Any:
     from distributed import get_worker
 
     return await actor_call(get_worker().rpc(peer._address), peer, method, *args)
+
+
+async def _unanswered(peer: Any) -> _Lost | None:
+    """``None`` if ``peer`` answers through dask's RPC within :data:`PEER_TIMEOUT` seconds, else a
+    :class:`_Lost`."""
+    try:
+        answer = await asyncio.wait_for(_peer_call(peer, "ping"), PEER_TIMEOUT)
+    except asyncio.TimeoutError as err:
+        return _Lost(err)
+    return answer if isinstance(answer, _Lost) else None
 
 
 class ClusterGroups:
@@ -247,7 +286,13 @@ class ClusterGroups:
             self.actors[slot] = future.result()
         self.token = secrets.token_bytes(TOKEN_BYTES)
         self.endpoints: list[tuple[str, int] | None] = [None] * n_groups
-        self._open_channels(range(1, n_groups))
+        #: workers whose groups the leader could not reach on a channel: reached through dask's RPC
+        self.without_channel: set[str] = set()
+        try:
+            self._open_channels(range(1, n_groups))
+        except BaseException:
+            self.finish()
+            raise
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -282,16 +327,33 @@ class ClusterGroups:
         """One clustering iteration: one call to the group of slot 0, which leads the others."""
         if len(self) == 1:
             return self.call("cluster_iteration_async", number, order, y, block_s)[0]
-        result = self.client.sync(self._call, 0, "lead_iteration", number, order, y, block_s, self.actors[1:],
-                                  self.endpoints[1:], self.token)
-        if isinstance(result, _Lost):
-            raise GroupsLost(result.slots, [result.cause])
-        return result
+        while True:  # repeated when peers turn out unreachable on their channels (at most once each)
+            result = self.client.sync(self._call, 0, "lead_iteration", number, order, y, block_s, self.actors[1:],
+                                      self.endpoints[1:], self.token)
+            if isinstance(result, _Lost):
+                raise GroupsLost(result.slots, [result.cause])
+            if not isinstance(result, _NoChannel):
+                return result
+            for slot, cause in zip(result.slots, result.causes):
+                self._fall_back(slot, cause)
+
+    def _fall_back(self, slot: int, cause: BaseException) -> None:
+        """Reach the group of ``slot`` through dask's RPC from now on: its channel failed with ``cause``."""
+        host, port = self.endpoints[slot]
+        logger.warning("Harmony: no channel to the chunk group on %s (%s port %d: %s: %s); its blocks go "
+                       "through dask's RPC for the rest of the run", self.workers[slot], host, port,
+                       type(cause).__name__, cause)
+        self.endpoints[slot] = None
+        self.without_channel.add(self.workers[slot])
 
     def _open_channels(self, slots) -> None:
+        """Have the peers of ``slots`` listen for the leader, except on workers without channels."""
+        self.endpoints = list(self.endpoints)
         slots = [s for s in slots if s > 0]
+        for slot in slots:
+            self.endpoints[slot] = None
+        slots = [s for s in slots if self.workers[s] not in self.without_channel]
         if slots:
-            self.endpoints = list(self.endpoints)
             for slot, endpoint in zip(slots, self.client.sync(self._open, slots)):
                 self.endpoints[slot] = None if isinstance(endpoint, _Lost) else endpoint
 
@@ -360,6 +422,15 @@ class _Lost:
     def __init__(self, cause: BaseException, slots: list[int] | None = None) -> None:
         self.cause = cause
         self.slots = slots or [0]
+
+
+class _NoChannel:
+    """Peers (by slot) whose channel could not be used, each for its ``cause``, though they answer
+    through dask's RPC."""
+
+    def __init__(self, slots: list[int], causes: list[BaseException]) -> None:
+        self.slots = slots
+        self.causes = causes
 
 
 def _is_lost(err: BaseException) -> bool:

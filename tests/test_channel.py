@@ -4,6 +4,8 @@ and the leader's timeouts and fallback to dask's RPC where a channel cannot be u
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
 import socket
 import struct
 import threading
@@ -12,10 +14,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import dask.array as da
 import numpy as np
 import pytest
+from distributed import Client, LocalCluster
 
-from symphony_dask import harmony_channel
+import symphony_dask as sd
+from symphony_dask import harmony_channel, harmony_groups
 from symphony_dask.harmony_channel import Channel, ChannelError, decode, encode, serve
 
 TOKEN = bytes(range(harmony_channel.TOKEN_BYTES))
@@ -327,3 +332,140 @@ def test_a_connection_that_is_never_accepted_times_out(monkeypatch):
     monkeypatch.setattr(harmony_channel.asyncio, "open_connection", never)
     with pytest.raises(TimeoutError, match="10.0.0.1:4 did not accept a connection within 0.2 s"):
         _talk(lambda: Channel.open(("10.0.0.1", 4), TOKEN))
+
+
+# ----------------------------------------------------------------------------------------------
+# Harmony on a cluster whose channels fail
+# ----------------------------------------------------------------------------------------------
+
+HARMONY = {"max_iter_harmony": 2, "max_iter_cluster": 6, "seed": 5}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def threaded(pbmc3500) -> tuple[np.ndarray, np.ndarray]:
+    z, meta, _ = pbmc3500
+    res = sd.harmonize(da.from_array(z, chunks=(1000, -1)), meta, "donor", **HARMONY)
+    return res.Z_corr.compute(), res.R.compute()
+
+
+def _with_endpoints(monkeypatch, endpoint: Callable[[tuple[str, int]], tuple[str, int]]) -> None:
+    """Two chunk groups on the cluster, the leader told to reach its peer at ``endpoint(real one)``."""
+    monkeypatch.setattr(harmony_groups, "MIN_GROUP_CELLS", 1000)
+
+    class Redirected(harmony_groups.ClusterGroups):
+        def _open_channels(self, slots) -> None:
+            super()._open_channels(slots)
+            self.endpoints = [e if e is None else endpoint(tuple(e)) for e in self.endpoints]
+
+    monkeypatch.setattr(harmony_groups, "ClusterGroups", Redirected)
+
+
+def _harmony_on(cluster, pbmc3500, threaded, caplog) -> str:
+    """Harmony on ``cluster``, checked against the threaded result; the one fallback warning."""
+    z, meta, _ = pbmc3500
+    with Client(cluster), caplog.at_level(logging.WARNING, logger="symphony_dask"):
+        res = sd.harmonize(da.from_array(z, chunks=(1000, -1)), meta, "donor", **HARMONY)
+        z_corr, r = res.Z_corr.compute(), res.R.compute()
+    assert np.abs(z_corr - threaded[0]).max() <= 1e-10
+    assert np.abs(r - threaded[1]).max() <= 1e-10
+    assert "lost" not in caplog.text
+    warnings = [record.getMessage() for record in caplog.records if "no channel" in record.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "its blocks go through dask's RPC for the rest of the run" in warnings[0]
+    return warnings[0]
+
+
+def test_a_refused_channel_falls_back_to_dask_rpc(cluster, pbmc3500, threaded, monkeypatch, caplog):
+    """As behind a firewall that rejects connections between the workers: no lost worker."""
+    port = _closed_port()
+    _with_endpoints(monkeypatch, lambda real: (real[0], port))
+    warning = _harmony_on(cluster, pbmc3500, threaded, caplog)
+    assert f"127.0.0.1 port {port}: ConnectionRefusedError" in warning
+
+
+class _BreakingProxy:
+    """Relays a channel connection to ``target`` and breaks it after relaying ``requests`` reads of
+    the leader's (the token, then requests, one per read as the leader waits for each reply): the
+    last request reaches the peer, its reply never reaches the leader."""
+
+    def __init__(self, requests: int) -> None:
+        self.requests = requests
+        self.target: tuple[str, int] | None = None
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._relay, "127.0.0.1", 0), self.loop).result(5)
+        self.endpoint = self.server.sockets[0].getsockname()[:2]
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter, limit: int | None) -> None:
+            reads = 0
+            while data := await source.read(1 << 16):
+                sink.write(data)
+                reads += 1
+                if reads == limit:
+                    await asyncio.sleep(0.01)
+                    break
+            writer.close()
+            up_writer.close()
+
+        await asyncio.gather(pipe(reader, up_writer, self.requests), pipe(up_reader, writer, None),
+                             return_exceptions=True)
+
+    def close(self) -> None:
+        async def shut_down() -> None:
+            self.server.close()
+            tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(shut_down(), self.loop).result(5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+def test_a_channel_broken_in_mid_run_falls_back_to_dask_rpc(cluster, pbmc3500, threaded, monkeypatch, caplog):
+    """The channel works for a block, then breaks while the peer weighs the next one; the peer
+    still answers through dask's RPC, so it is not lost: the iteration is repeated through the RPC."""
+    proxy = _BreakingProxy(requests=3)
+
+    def through_proxy(real: tuple[str, int]) -> tuple[str, int]:
+        proxy.target = real
+        return proxy.endpoint
+
+    _with_endpoints(monkeypatch, through_proxy)
+    try:
+        warning = _harmony_on(cluster, pbmc3500, threaded, caplog)
+    finally:
+        proxy.close()
+    assert f"127.0.0.1 port {proxy.endpoint[1]}: ConnectionError: the peer at" in warning
+
+
+def _listening() -> int:
+    import psutil
+
+    return sum(c.status == psutil.CONN_LISTEN for c in psutil.Process().net_connections("tcp"))
+
+
+def test_a_failed_run_closes_its_channels(cluster, pbmc3500, monkeypatch):
+    monkeypatch.setattr(harmony_groups, "MIN_GROUP_CELLS", 1000)
+    z, meta, _ = pbmc3500
+    bad = z.copy()
+    bad[5, 0] = np.nan
+    with Client(cluster) as client:
+        before = client.run(_listening)
+        with pytest.raises(ValueError, match="NaN"):
+            sd.harmonize(da.from_array(bad, chunks=(1000, -1)), meta, "donor", **HARMONY)
+        gc.collect()
+        assert client.run(_listening) == before
