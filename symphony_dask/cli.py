@@ -105,13 +105,16 @@ def _run_with_scheduler(args: argparse.Namespace, stack: ExitStack) -> None:
     """Connect to the cluster asked for (and close one started here at the end), or draw progress
     bars on the threaded scheduler."""
     from .cluster import connect, wait_for_workers
+    from .dashboard import served_dashboard_link
 
     client = connect(cluster_file=args.cluster, scheduler=args.scheduler)
     if client is not None:
         if args.cluster is not None:  # started here: its workers (SLURM jobs, pods) end with the command
             stack.callback(client.cluster.close)
         stack.enter_context(client)
-        print(f"Dask dashboard: {client.dashboard_link}", flush=True)
+        link = served_dashboard_link(client)
+        if link is not None:
+            print(f"Dask dashboard: {link}", flush=True)
         wait_for_workers(client)
     elif not args.quiet:
         from .progress import PassProgress
