@@ -5,11 +5,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-import symphony_dask as sd  # noqa: E402
-from symphony_dask import pl  # noqa: E402
-from symphony_dask.datasets import pbmcs_small  # noqa: E402
+import symphony_dask as sd
+from symphony_dask import pl
+from symphony_dask.datasets import pbmcs_small
 
 OUT = Path(__file__).parents[1] / "docs" / "figures"
 
@@ -22,15 +22,13 @@ query = sd.map_query(ref, query, batch_keys="donor", normalize=False)
 sd.transfer_labels(ref, query, "cell_type", k=5)
 
 OUT.mkdir(parents=True, exist_ok=True)
-fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+fig, axes = plt.subplots(1, 2, figsize=(13, 5), layout="constrained")
 pl.reference(ref, color="cell_type", ax=axes[0])
 pl.mapping(ref, query, color="cell_type_pred", ax=axes[1])
-fig.tight_layout()
 fig.savefig(OUT / "pbmc_reference_and_mapping.png", dpi=90)
-fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+fig, axes = plt.subplots(1, 2, figsize=(13, 5), layout="constrained")
 pl.confusion(query.obs.cell_type, query.obs.cell_type_pred, ax=axes[0])
 query.obs["mapping_score"] = sd.per_cell_mapping_metric(ref, query)
 pl.mapping_scores(query, groupby="cell_type_pred", ax=axes[1])
-fig.tight_layout()
 fig.savefig(OUT / "pbmc_confusion_and_scores.png", dpi=90)
 print(f"figures written to {OUT}")
