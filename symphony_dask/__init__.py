@@ -7,22 +7,21 @@ The public functions are imported on first use (PEP 562), so that ``import symph
 command line's ``--help`` do not load dask and anndata until they are needed.
 """
 
-from __future__ import annotations
-
-from importlib import import_module
-from importlib.metadata import PackageNotFoundError, version
-from typing import TYPE_CHECKING, Any
+import importlib as _importlib
+import importlib.metadata as _metadata
+import typing as _typing
 
 try:
-    __version__ = version("symphony_dask")
-except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = _metadata.version("symphony_dask")
+except _metadata.PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
-#: Public name -> module that defines it (the names of ``__all__``).
+#: Public name -> module that defines it; ``None`` for a public module (``sd.pl``, ``sd.datasets``).
 _PUBLIC = {
     "HarmonyResult": "harmony_driver",
     "Reference": "reference",
     "build_reference": "build",
+    "datasets": None,
     "evaluate": "annotate",
     "harmonize": "harmony",
     "knn_corr": "metrics",
@@ -31,6 +30,7 @@ _PUBLIC = {
     "map_query": "mapping",
     "per_cell_mapping_metric": "metrics",
     "per_cluster_mapping_metric": "metrics",
+    "pl": None,
     "read_symphony_rds": "rds",
     "reference_from_anndata": "from_anndata",
     "transfer_labels": "annotate",
@@ -38,39 +38,26 @@ _PUBLIC = {
     "within_query_knn_corr": "metrics",
 }
 
-__all__ = [
-    "HarmonyResult",
-    "Reference",
-    "build_reference",
-    "evaluate",
-    "harmonize",
-    "knn_corr",
-    "lisi",
-    "load_reference",
-    "map_query",
-    "per_cell_mapping_metric",
-    "per_cluster_mapping_metric",
-    "read_symphony_rds",
-    "reference_from_anndata",
-    "transfer_labels",
-    "transfer_values",
-    "within_query_knn_corr",
-]
+__all__ = sorted(_PUBLIC)
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     if name not in _PUBLIC:
         raise AttributeError(f"module 'symphony_dask' has no attribute {name!r}")
-    value = getattr(import_module(f".{_PUBLIC[name]}", __name__), name)
+    module = _PUBLIC[name]
+    value = _importlib.import_module(f".{name if module is None else module}", __name__)
+    if module is not None:
+        value = getattr(value, name)
     globals()[name] = value
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    return [*__all__, "__version__"]
 
 
-if TYPE_CHECKING:
+if _typing.TYPE_CHECKING:
+    from . import datasets, pl
     from .annotate import evaluate, transfer_labels, transfer_values
     from .build import build_reference
     from .from_anndata import reference_from_anndata

@@ -24,7 +24,14 @@ import numpy as np
 import pandas as pd
 
 from . import __version__
-from .checks import ValueCounts, as_key_list, check_obs_keys, check_unique_genes, option, raise_on_bad_values
+from .checks import (
+    ValueCounts,
+    as_key_list,
+    check_obs_keys,
+    check_unique_genes,
+    option,
+    raise_on_bad_values,
+)
 from .chunked import (
     advise,
     as_row_chunked,
@@ -37,7 +44,15 @@ from .chunked import (
     tree_reduce,
 )
 from .compression import CompressionSums, compression_sums
-from .harmony import Flavor, check_clusters, default_n_clusters, flavor_settings, harmonize, soft_kmeans
+from .harmony import (
+    Flavor,
+    check_clusters,
+    check_harmony_settings,
+    default_n_clusters,
+    flavor_settings,
+    harmonize,
+    soft_kmeans,
+)
 from .io import AnnDataLike, Expression, keep_cells, memory_per_task, read_expression
 from .neighbors import EXACT_MAX_CELLS, NeighborIndex
 from .obs_filter import cells_where
@@ -205,6 +220,8 @@ def _build_reference(data, batch_keys, *, normalize, n_hvg, hvg_batch_key, n_pcs
                                        alpha=alpha, batch_prop_cutoff=batch_prop_cutoff)
     if max_iter_harmony is None:
         max_iter_harmony = 20 if harmony_flavor == "harmony1" else 10
+    check_harmony_settings(len(as_key_list(batch_keys)), theta=theta, tau=tau, sigma=sigma, block_size=block_size,
+                           max_iter_harmony=max_iter_harmony, **harmony_settings)
     expr = read_expression(data, chunk_size=chunk_size, layer=layer)
     if obs_filter is not None:
         expr = keep_cells(expr, cells_where(expr.obs, obs_filter))

@@ -30,6 +30,8 @@ import numpy as np
 from dask.delayed import Delayed
 from threadpoolctl import threadpool_limits
 
+from .progress import notebook_progress, watch_futures
+
 #: How many partial results are combined by one task of a tree reduction.
 SPLIT_EVERY = 8
 
@@ -189,9 +191,11 @@ def compute(*collections: Any) -> tuple:
     :data:`NO_WORKERS_TIMEOUT_S` instead of waiting for ever."""
     client = distributed_client()
     if client is None:
-        return dask.compute(*collections)
+        with notebook_progress():
+            return dask.compute(*collections)
     futures = client.compute(list(collections))
-    _wait(client, futures)
+    with watch_futures(client, futures):
+        _wait(client, futures)
     return tuple(client.gather(futures))
 
 
@@ -199,11 +203,14 @@ def persist_now(x: da.Array) -> da.Array:
     """``x.persist()``, waiting until it is done also on a distributed cluster (which persists in
     the background), so that the work is timed in the stage that asked for it; failures as in
     :func:`compute`."""
-    x = x.persist()
     client = distributed_client()
-    if client is not None:
-        from distributed import futures_of
+    if client is None:
+        with notebook_progress():
+            return x.persist()
+    from distributed import futures_of
 
+    x = x.persist()
+    with watch_futures(client, futures_of(x)):
         _wait(client, futures_of(x))
     return x
 

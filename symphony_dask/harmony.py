@@ -7,7 +7,8 @@ pure kernels (also used by mapping and compression) in :mod:`symphony_dask.harmo
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import dask.array as da
@@ -45,6 +46,66 @@ def flavor_settings(flavor: str, **given: float | Sequence[float] | None) -> dic
             warnings.warn(f"{name} is a harmony2 setting; flavor={flavor!r} ignores it", UserWarning, stacklevel=3)
     return {name: None if name in IGNORED[flavor] else FLAVOR_DEFAULTS[flavor].get(name) if value is None else value
             for name, value in given.items()}
+
+
+@dataclass(frozen=True)
+class _Range:
+    """The values a Harmony setting may take, as a test and in words, and what the setting does."""
+
+    allows: Callable[[float], bool]
+    words: str
+    what: str
+    integer: bool = False
+    per_key: bool = False
+
+
+#: The numeric Harmony settings :func:`check_harmony_settings` checks (``None`` always stands for
+#: the flavor's default, or for ``lamb``, ``alpha`` and ``batch_prop_cutoff``, for "not used").
+RANGES = {
+    "theta": _Range(lambda v: v >= 0, "at least 0", "the diversity penalty", per_key=True),
+    "tau": _Range(lambda v: v >= 0, "at least 0", "the small-batch discount of the penalty", per_key=True),
+    "lamb": _Range(lambda v: v >= 0, "at least 0", "the ridge penalty", per_key=True),
+    "sigma": _Range(lambda v: v > 0, "greater than 0", "the soft k-means entropy regularization"),
+    "alpha": _Range(lambda v: v >= 0, "at least 0", "the factor of the estimated ridge penalty"),
+    "batch_prop_cutoff": _Range(lambda v: 0 <= v <= 1, "between 0 and 1", "the share of a cluster below which "
+                                "a batch is left out of its correction"),
+    "block_size": _Range(lambda v: 0 < v <= 1, "greater than 0 and at most 1",
+                         "the fraction of cells updated together"),
+    "max_iter_harmony": _Range(lambda v: v >= 1, "at least 1", "the most Harmony iterations", integer=True),
+    "max_iter_cluster": _Range(lambda v: v >= 1, "at least 1", "the most clustering iterations per Harmony "
+                               "iteration", integer=True),
+    "max_iter": _Range(lambda v: v >= 1, "at least 1", "the most soft k-means iterations", integer=True),
+    "n_init": _Range(lambda v: v >= 1, "at least 1", "the number of k-means starts", integer=True),
+    "epsilon_cluster": _Range(lambda v: not np.isnan(v), "a number (a negative one never stops early)",
+                              "the relative tolerance of the clustering objective"),
+    "epsilon_harmony": _Range(lambda v: not np.isnan(v), "a number (a negative one never stops early)",
+                              "the relative tolerance of Harmony's objective"),
+}
+
+
+def check_harmony_settings(n_keys: int, **settings: float | Sequence[float] | None) -> None:
+    """Raise, before any work, when a Harmony setting of :data:`RANGES` is out of its range, or a
+    per-key one (``theta``, ``tau``, ``lamb``) has neither one value nor one per batch key (of ``n_keys``).
+
+    Settings are named as the caller spells them (:func:`~symphony_dask.checks.option`); ``None``
+    (a default) is not checked.
+    """
+    for name, value in settings.items():
+        if value is None:
+            continue
+        rule = RANGES[name]
+        kind = "whole number" if rule.integer else "number"
+        try:
+            values = np.atleast_1d(np.asarray(value, dtype=np.float64))
+        except (TypeError, ValueError):
+            raise TypeError(f"{option(name, value)}: {rule.what} must be a {kind}"
+                            f"{', or one per batch key' if rule.per_key else ''}") from None
+        if values.ndim != 1 or (values.size != 1 and not (rule.per_key and values.size == n_keys)):
+            expected = f"one value or one per batch key ({n_keys})" if rule.per_key else "one value"
+            raise ValueError(f"{option(name, value)}: {rule.what} takes {expected}, got {values.size}")
+        for v in values.tolist():
+            if not rule.allows(v) or np.isinf(v) or (rule.integer and not v.is_integer()):
+                raise ValueError(f"{option(name, value)}: {rule.what} must be a finite {kind} {rule.words}")
 
 
 def default_n_clusters(n_cells: int) -> int:
@@ -137,14 +198,12 @@ def harmonize(
     if len(meta) != n:
         raise ValueError(f"meta has {len(meta)} rows but Z has {n} cells")
     check_obs_keys(meta, keys, where="meta")
-    if not 0 < block_size <= 1:
-        raise ValueError(f"block_size must be in (0, 1], got {block_size}")
-    if max_iter_harmony < 1 or settings["max_iter_cluster"] < 1:
-        raise ValueError("max_iter_harmony and max_iter_cluster must be at least 1")
+    check_harmony_settings(len(keys), theta=theta, tau=tau, sigma=sigma, block_size=block_size,
+                           max_iter_harmony=max_iter_harmony, **settings)
     k = default_n_clusters(n) if n_clusters is None else int(n_clusters)
     check_clusters(k, n)
-    theta_k, tau_k = (_per_key(v, keys, name) for v, name in ((theta, "theta"), (tau, "tau")))
-    lamb_k = None if settings["lamb"] is None else _per_key(settings["lamb"], keys, "lamb")
+    theta_k, tau_k = _per_key(theta, keys), _per_key(tau, keys)
+    lamb_k = None if settings["lamb"] is None else _per_key(settings["lamb"], keys)
     varying = [key for key in keys if meta[key].nunique() > 1]
     for key in set(keys) - set(varying):
         warnings.warn(f"batch variable {key!r} has a single level; there is nothing to integrate over it",
@@ -194,6 +253,7 @@ def soft_kmeans(Z: np.ndarray | da.Array, n_clusters: int, *, sigma: float = 0.1
     """
     n = int(Z.shape[0])
     check_clusters(int(n_clusters), n)
+    check_harmony_settings(0, sigma=sigma, max_iter=max_iter, n_init=n_init)
     with one_blas_thread_per_task():
         return _soft_kmeans(Z, make_design(pd.DataFrame(index=range(n)), []), int(n_clusters), sigma=sigma,
                             seed=seed, chunk_size=chunk_size, n_init=n_init, max_iter=max_iter)
@@ -212,13 +272,10 @@ def check_clusters(k: int, n: int) -> None:
                          f"{option('n_clusters', default_n_clusters(n))}")
 
 
-def _per_key(value, keys: list[str], name: str) -> dict[str, float]:
+def _per_key(value, keys: list[str]) -> dict[str, float]:
+    """Each key's value of a setting given as one value or one per key (see :func:`check_harmony_settings`)."""
     values = np.atleast_1d(np.asarray(value, dtype=np.float64))
-    if values.size == 1:
-        values = np.repeat(values, len(keys))
-    if values.size != len(keys):
-        raise ValueError(f"{name} needs one value or one per batch key ({len(keys)}), got {values.size}")
-    return dict(zip(keys, values.tolist()))
+    return dict(zip(keys, np.broadcast_to(values, len(keys)).tolist()))
 
 
 def _warn_small_batches(design: Design, n_b: np.ndarray) -> None:

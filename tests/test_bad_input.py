@@ -12,6 +12,7 @@ import scipy.sparse as sp
 from conftest import R_BUILD
 
 import symphony_dask as sd
+from symphony_dask.checks import command_line_spelling
 
 
 def test_batch_key_not_in_obs_names_it_and_lists_columns(split):
@@ -156,3 +157,37 @@ def test_constant_matrix_is_named():
     data = _tiny(np.ones((60, 30)))
     with pytest.raises(ValueError, match="genes with a nonzero variance in a group of cells all have the same mean"):
         sd.build_reference(data, "donor", n_hvg=10, n_pcs=3, n_clusters=2)
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ({"sigma": 0}, r"sigma=0: the soft k-means entropy regularization must be a finite number greater than 0"),
+        ({"theta": -1.0}, r"theta=-1.0: the diversity penalty must be a finite number at least 0"),
+        ({"tau": -0.5}, r"tau=-0.5: the small-batch discount of the penalty must be a finite number at least 0"),
+        ({"lamb": [1.0, -1.0]}, r"lamb=\[1.0, -1.0\]: the ridge penalty must be a finite number at least 0"),
+        ({"theta": [1.0, 2.0, 3.0]}, r"the diversity penalty takes one value or one per batch key \(2\), got 3"),
+        ({"block_size": 0}, r"block_size=0: the fraction of cells updated together must be a finite number greater"),
+        ({"max_iter_harmony": 0}, r"max_iter_harmony=0: the most Harmony iterations must be a finite whole number"),
+        ({"n_init": 2.5}, r"n_init=2.5: the number of k-means starts must be a finite whole number at least 1"),
+        ({"epsilon_harmony": np.nan}, r"epsilon_harmony=nan: the relative tolerance of Harmony's objective must be"),
+        ({"sigma": "small"}, r"sigma='small': the soft k-means entropy regularization must be a number"),
+    ],
+)
+def test_harmony_settings_out_of_range(split, setting, message):
+    error = TypeError if isinstance(next(iter(setting.values())), str) else ValueError
+    z = np.random.default_rng(0).normal(size=(60, 3))
+    meta = pd.DataFrame({"donor": ["a", "b", "c"] * 20, "chemistry": ["x", "y"] * 30})
+    with pytest.raises(error, match=message):
+        sd.harmonize(z, meta, ["donor", "chemistry"], n_clusters=3, **setting)
+    ref_cells, _ = split
+    ref_cells.obs["chemistry"] = ref_cells.obs["donor"]
+    with pytest.raises(error, match=message):  # before any pass over the data
+        sd.build_reference(ref_cells, ["donor", "chemistry"], **{**R_BUILD, **setting})
+
+
+def test_harmony_settings_are_spelled_as_flags_on_the_command_line(split):
+    ref_cells, _ = split
+    with command_line_spelling(), pytest.raises(ValueError, match=r"^--theta -1.0: the diversity penalty must be"):
+        sd.build_reference(ref_cells, "donor", **{**R_BUILD, "theta": -1.0})
+
