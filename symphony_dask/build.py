@@ -27,6 +27,7 @@ from . import __version__
 from .checks import (
     ValueCounts,
     as_key_list,
+    check_batch_values,
     check_obs_keys,
     check_unique_genes,
     option,
@@ -129,7 +130,10 @@ def build_reference(
         Raw counts with ``normalize=True``; log(CP10K+1) values with ``normalize=False``.
     batch_keys
         ``obs`` column(s) to integrate over with Harmony. With none, the reference is clustered by
-        soft k-means and not corrected, as R Symphony does.
+        soft k-means and not corrected, as R Symphony does. Each key must name groups of cells
+        (donors, samples): a column with more than 100 distinct values, fewer than two cells per
+        value on average, is refused, as are values of different types that read the same as text
+        (``1`` and ``'1'``), which would be merged (:func:`~symphony_dask.checks.check_batch_values`).
     normalize
         ``True``: log(CP10K+1)-normalize the counts (on the fly, chunk by chunk). ``'tfidf'``: for
         (binarized) peak x cell matrices, ``log(1 + TF x IDF x 1e4)`` as Signac's ``RunTFIDF``
@@ -228,10 +232,12 @@ def _build_reference(data, batch_keys, *, normalize, n_hvg, hvg_batch_key, n_pcs
     advise(_memory_advice(expr))
     keys = as_key_list(batch_keys)
     check_obs_keys(expr.obs, keys)
+    check_batch_values(expr.obs, keys)
     hvg_keys = as_key_list(hvg_batch_key)
     if len(hvg_keys) > 1:
         raise ValueError(f"{option('hvg_batch_key')} must name one obs column, got {hvg_keys}")
     check_obs_keys(expr.obs, hvg_keys, what=option("hvg_batch_key"))
+    check_batch_values(expr.obs, hvg_keys, what=option("hvg_batch_key"))
     check_unique_genes(expr.genes, where="the reference")
     n = expr.n_cells
     _check_sizes(n, expr.X.shape[1], n_hvg, n_pcs)

@@ -8,6 +8,7 @@ same pass over the matrix as the first statistics, so validation adds no pass of
 from __future__ import annotations
 
 import contextvars
+import numbers
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -83,6 +84,63 @@ def check_obs_keys(obs: pd.DataFrame, keys: Sequence[str], *, what: str = "batch
                 f"{what} {key!r} has {n_missing} missing value(s) in {where}; "
                 "fill them (e.g. with 'unknown') or drop those cells"
             )
+
+
+#: A batch column with more distinct values than this, and more than half as many as cells (fewer than
+#: two cells per value on average), holds a per-cell measurement rather than groups of cells.
+MANY_BATCH_VALUES = 100
+
+
+def check_batch_values(obs: pd.DataFrame, keys: Sequence[str], *, what: str = "batch key",
+                       where: str = "obs") -> None:
+    """Every key must name groups of cells, and its values must stay distinct when read as text.
+
+    A column with more than :data:`MANY_BATCH_VALUES` distinct values and more than half
+    as many as cells is refused (a per-cell value such as a count or a score is no batch; Harmony
+    would try to correct each value as a batch of one or two cells). Batches are told apart by
+    their text (:func:`~symphony_dask.mixture.make_design`), so values of different types that
+    read the same (``1`` and ``'1'`` in an object column) are refused rather than merged.
+    """
+    n_cells = len(obs)
+    for key in keys:
+        column = obs[key]
+        n_values = int(column.nunique())
+        if n_values > MANY_BATCH_VALUES and 2 * n_values > n_cells:
+            raise ValueError(
+                f"{what} {key!r} has {n_values:,} distinct values over {n_cells:,} cells in {where} "
+                f"({column.dtype} values, fewer than two cells each on average): a batch key must name groups of "
+                "cells (donors, samples, technologies), not a per-cell measurement; choose a column of groups, "
+                "or if these values are meant as batches, group them into a new obs column first (e.g. with "
+                "pandas.cut)"
+            )
+        _check_values_read_apart(column, what=f"{what} {key!r}", where=where)
+
+
+def _check_values_read_apart(column: pd.Series, *, what: str, where: str) -> None:
+    """Raise when values of different kinds (text, number, boolean, ...) read the same as text."""
+    values = column.cat.remove_unused_categories().cat.categories if column.dtype == "category" else column
+    if values.dtype != object or not pd.api.types.infer_dtype(values).startswith("mixed"):  # one kind throughout
+        return
+    distinct = pd.DataFrame({"value": values.to_numpy(), "text": values.astype(str).to_numpy(),
+                             "kind": [_kind(v) for v in values.to_numpy()]}).drop_duplicates(["text", "kind"])
+    clashing = distinct[distinct["text"].duplicated(keep=False)]
+    if len(clashing):
+        first = clashing[clashing["text"] == clashing["text"].iloc[0]]
+        shown = " and ".join(f"{value!r} ({kind})" for value, kind in zip(first["value"], first["kind"]))
+        raise ValueError(
+            f"{what} in {where} holds values of different types that read the same as text, {shown}, which would "
+            "be merged into one batch; make the column one type: convert it with .astype(str) to merge them on "
+            "purpose, or relabel the values that are different batches"
+        )
+
+
+def _kind(value: object) -> str:
+    """The kind of a value, as far as batches go: numbers of any type compare as numbers."""
+    if isinstance(value, (bool, np.bool_)):
+        return "boolean"
+    if isinstance(value, numbers.Number):
+        return "number"
+    return "text" if isinstance(value, str) else type(value).__name__
 
 
 def check_unique_genes(genes: pd.Index, *, where: str) -> None:

@@ -15,7 +15,7 @@ import dask.array as da
 import numpy as np
 import pandas as pd
 
-from .checks import as_key_list, check_obs_keys, option
+from .checks import as_key_list, check_batch_values, check_obs_keys, option
 from .chunked import one_blas_thread_per_task
 from .harmony_driver import HarmonyResult, HarmonyRun, RidgeSettings
 from .mixture import Design, make_design
@@ -145,7 +145,8 @@ def harmonize(
         Per-cell annotations, one row per row of ``Z``.
     batch_keys
         Column(s) of ``meta`` to integrate over. A column with a single level is ignored (with a
-        warning); with none left, ``Z`` is clustered by soft k-means and not corrected.
+        warning); with none left, ``Z`` is clustered by soft k-means and not corrected. Each must
+        name groups of cells, as for :func:`~symphony_dask.build_reference`.
     n_clusters
         Number of soft clusters ``k``; default ``min(100, round(n / 30))``.
     theta, tau
@@ -198,6 +199,7 @@ def harmonize(
     if len(meta) != n:
         raise ValueError(f"meta has {len(meta)} rows but Z has {n} cells")
     check_obs_keys(meta, keys, where="meta")
+    check_batch_values(meta, keys, where="meta")
     check_harmony_settings(len(keys), theta=theta, tau=tau, sigma=sigma, block_size=block_size,
                            max_iter_harmony=max_iter_harmony, **settings)
     k = default_n_clusters(n) if n_clusters is None else int(n_clusters)

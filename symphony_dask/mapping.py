@@ -37,6 +37,7 @@ import pandas as pd
 from .checks import (
     ValueCounts,
     as_key_list,
+    check_batch_values,
     check_obs_keys,
     check_unique_genes,
     count_bad_values,
@@ -94,6 +95,7 @@ def map_query(
         them (a list, or a glob pattern such as ``'shards/*.h5ad'``) mapped together as one query.
     batch_keys
         Query ``obs`` column(s) whose batch effects are removed. With none, all query cells are one batch.
+        Each key must name groups of cells, as for :func:`~symphony_dask.build_reference`.
     normalize
         Normalize the query counts as the reference's were: log(CP10K+1), or for a TF-IDF reference
         (``normalize='tfidf'`` at build) ``log(1 + TF x IDF x 1e4)`` with the reference's IDF.
@@ -138,6 +140,7 @@ def map_query(
     matched = [_match(reference, expr, keys, gene_key, where=_name(shard, i, len(shards)))
                for i, (shard, expr) in enumerate(zip(shards, exprs))]
     obs = exprs[0].obs if len(exprs) == 1 else pd.concat([e.obs for e in exprs])
+    check_batch_values(obs, keys, where="the query's obs")
     design = query_design(obs, keys)
     sigma32 = float(np.float32(sigma))
     alpha = float(reference.params.get("alpha", 0.2)) if reference.params.get("harmony_flavor") == "harmony2" else None

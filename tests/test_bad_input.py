@@ -191,3 +191,30 @@ def test_harmony_settings_are_spelled_as_flags_on_the_command_line(split):
     with command_line_spelling(), pytest.raises(ValueError, match=r"^--theta -1.0: the diversity penalty must be"):
         sd.build_reference(ref_cells, "donor", **{**R_BUILD, "theta": -1.0})
 
+
+def test_per_cell_batch_key_is_refused(split, built_reference):
+    ref_cells, query = split
+    message = r"batch key 'nUMI' has {:,} distinct values over {:,} cells in {} \(int64 values.*must name groups"
+    with pytest.raises(ValueError, match=message.format(ref_cells.obs["nUMI"].nunique(), 910, "obs")):
+        sd.build_reference(ref_cells, ["donor", "nUMI"], **R_BUILD)
+    with pytest.raises(ValueError, match=r"hvg_batch_key 'nUMI' has .* distinct values"):
+        sd.build_reference(ref_cells, "donor", **{**R_BUILD, "hvg_batch_key": "nUMI"})
+    with pytest.raises(ValueError, match=message.format(query.obs["nUMI"].nunique(), 290, "the query's obs")):
+        sd.map_query(built_reference, query, "nUMI", normalize=False)
+    z = np.random.default_rng(0).normal(size=(300, 3))
+    with pytest.raises(ValueError, match=r"batch key 'score' has 300 distinct values over 300 cells in meta \(float64"):
+        sd.harmonize(z, pd.DataFrame({"score": np.linspace(0, 1, 300)}), "score")
+    pairs = pd.DataFrame({"score": np.repeat(np.linspace(0, 1, 150), 2)})  # 150 values of two cells each: groups
+    sd.harmonize(z, pairs, "score", n_clusters=3, max_iter_harmony=1)
+
+
+def test_batch_values_that_read_the_same_are_refused(split, built_reference):
+    ref_cells, query = split
+    query.obs["donor"] = pd.Series([1, "1"] * (query.n_obs // 2), index=query.obs_names, dtype=object)
+    message = r"batch key 'donor' in {} holds values of different types that read the same as text, 1 \(number\) " \
+              r"and '1' \(text\), which would be merged"
+    with pytest.raises(ValueError, match=message.format("the query's obs")):
+        sd.map_query(built_reference, query, "donor", normalize=False)
+    ref_cells.obs["donor"] = pd.Categorical(ref_cells.obs["donor"].map({"3pv2": 1, "5p": "1"}).to_numpy())
+    with pytest.raises(ValueError, match=message.format("obs")):
+        sd.build_reference(ref_cells, "donor", **R_BUILD)

@@ -291,5 +291,5 @@ def test_several_batch_variables_with_their_own_theta(pbmc3500):
     assert res.Z_corr.shape == z.shape
     single = sd.harmonize(z, meta, "donor", max_iter_harmony=3)
     assert not np.allclose(res.Z_corr, single.Z_corr)  # the second variable takes part
-    with pytest.raises(ValueError, match=r"theta=\[1.0, 2.0, 3.0\]: .* takes one value or one per batch key \(2\), got 3"):
+    with pytest.raises(ValueError, match=r"theta=\[1.0, 2.0, 3.0\]: .* one value or one per batch key \(2\), got 3"):
         sd.harmonize(z, meta, ["donor", "lane"], theta=[1.0, 2.0, 3.0])
