@@ -65,6 +65,40 @@ def test_bad_cluster_files(tmp_path):
         read_cluster_config(tmp_path / "empty.yaml")
 
 
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("- cluster\n- kind: local\n", r"must hold a 'cluster' mapping with a 'kind' .*, found a list"),
+        ("", r"must hold a 'cluster' mapping .*found nothing"),
+        ("cluster:\n  - kind: local\n", r"found a 'cluster' list \(write its keys one per line, without '- '\)"),
+        ("cluster:\n  kind: local\n   n_workers: 2\n", r" is not valid YAML: mapping values are not allowed"),
+        ("cluster:\n  kind: local\nworkers: 2\n", r"unknown top-level key\(s\) 'workers'; a cluster file holds one"),
+        ("cluster:\n  kind: local\n  n_worker: 2\n", (r"unknown key 'n_worker' for a local cluster; did you mean "
+         r"'n_workers'\? the valid keys \(those of distributed.LocalCluster and its workers\) are: "
+         r"kind, .*, n_workers")),
+        ("cluster:\n  kind: slurm\n  partition: debug\n", (r"unknown key 'partition' for a slurm cluster; did you mean "
+         r"'queue'\? the valid keys \(those of dask_jobqueue.SLURMCluster\) are: kind, jobs, account")),
+        ("cluster:\n  kind: kubernetes\n  name: x\n  replicas: 2\n",
+         r"unknown key 'replicas' for a kubernetes cluster; the valid keys are: kind, spec, name, namespace$"),
+        ("cluster:\n  kind: local\n  n_workers: two\n", r"n_workers must be a whole number, got 'two' \(str\)"),
+        ("cluster:\n  kind: slurm\n  walltime: 4:00:00\n", r"walltime must be text, got 14400 \(int\) \(quote it"),
+        ("cluster:\n  kind: slurm\n  jobs: 0\n", r"jobs must be at least 1, got 0"),
+        ("cluster:\n  kind: slurm\n  job_script_prologue: source env\n", r"job_script_prologue must be a list"),
+        ("cluster:\n  kind: kubernetes\n", r"needs either 'spec' .* or 'name' .*, not both or neither"),
+        ("cluster:\n  kind: kubernetes\n  spec: missing.yaml\n", r"spec 'missing.yaml' names no file"),
+    ],
+    ids=["top-level list", "empty", "cluster list", "bad yaml", "top-level key", "local key", "slurm key",
+         "kubernetes key", "n_workers type", "unquoted walltime", "no jobs", "prologue type", "no spec or name",
+         "missing spec"],
+)
+def test_malformed_cluster_file_names_file_key_and_valid_keys(tmp_path, text, message):
+    if "slurm" in text:
+        pytest.importorskip("dask_jobqueue")
+    (tmp_path / "bad.yaml").write_text(text)
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "bad.yaml")) + ".*" + message):
+        make_cluster(tmp_path / "bad.yaml")
+
+
 def test_slurm_config_names_the_interface(tmp_path):
     """A site whose nodes talk over InfiniBand sets `interface`: the workers are started with it."""
     text = (CONFIGS / "slurm.yaml").read_text().replace("interface: null", "interface: lo")
