@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pandas as pd
 import pytest
 from conftest import DATA
 
 import symphony_dask as sd
+from symphony_dask import rds
+from symphony_dask.rds import _parse
 
 RDS = DATA / "symphony_r_oracle_splitA_umap" / "ref.rds"
 
@@ -51,3 +55,55 @@ def test_what_is_not_a_symphony_reference(tmp_path):
         sd.read_symphony_rds(tmp_path / "junk.rds")
     with pytest.raises(FileNotFoundError, match="no such file"):
         sd.read_symphony_rds(tmp_path / "missing.rds")
+
+
+@pytest.fixture(scope="module")
+def r_elements() -> dict:
+    """The elements of the R reference as rdata gives them."""
+    return _parse(RDS)
+
+
+def _transposed(name: str) -> Callable[[dict], dict]:
+    """An edit of the elements that transposes element ``name``."""
+    return lambda obj: {**obj, name: obj[name].T}
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda obj: {**obj, "vargenes": np.arange(5.0)},
+         r"vargenes should be the variable genes, a data frame .*, found a numeric vector of length 5"),
+        (lambda obj: {**obj, "vargenes": obj["vargenes"].drop(columns="stddev")},
+         r"vargenes should be .*, found a data frame of 1,360 rows with columns symbol \(text\), mean \(numeric\)$"),
+        (lambda obj: {**obj, "vargenes": obj["vargenes"].assign(mean="x")}, r"vargenes should .* mean \(text\)"),
+        (_transposed("loadings"),
+         r"loadings should be the gene loadings U, a numeric matrix of 1,360 rows x any .* found .* 20 x 1,360"),
+        (lambda obj: {**obj, "loadings": obj["loadings"].astype(str)}, r"loadings should .*found a text matrix"),
+        (_transposed("centroids"), r"centroids should be the centroids Y_cos, a numeric matrix of 20 rows"),
+        (lambda obj: {**obj, "cache": obj["cache"][:1]},
+         r"cache should be an unnamed list of the compression terms N_r \(100 x 1\) and C \(100 x 20\), found an unn"),
+        (lambda obj: {**obj, "cache": [obj["cache"][0][:5], obj["cache"][1]]}, r"cache\[\[1\]\] should be N_r"),
+        (lambda obj: {**obj, "cache": [obj["cache"][0], obj["cache"][1].T]},
+         r"cache\[\[2\]\] should be C, the compression terms, a numeric matrix of 100 rows x 20 columns"),
+        (_transposed("Z_corr"), r"Z_corr should be the corrected embedding, a numeric matrix of 20 rows"),
+        (lambda obj: {**obj, "R": obj["R"][:5]},
+         r"R should be the soft cluster assignments, a numeric matrix of 100 rows x 910 columns, found .* 5 x 910"),
+        (lambda obj: {**obj, "umap": {"embedding": np.zeros((910, 3))}}, r"umap\$embedding should be the UMAP"),
+        (lambda obj: {**obj, "meta_data": obj["meta_data"].iloc[:5]}, r"meta_data should be the cells' metadata"),
+    ],
+    ids=["vargenes vector", "vargenes columns", "vargenes text", "loadings shape", "loadings text", "centroids shape",
+         "cache length", "N_r length", "C shape", "Z_corr shape", "R shape", "umap shape", "meta_data rows"],
+)
+def test_wrong_r_elements_are_named(r_elements, monkeypatch, edit, message):
+    monkeypatch.setattr(rds, "_parse", lambda path: edit(r_elements))
+    prefix = "ref.rds is not an R Symphony reference as buildReference saves it: "
+    with pytest.raises(ValueError, match=prefix + message):
+        sd.read_symphony_rds(RDS)
+
+
+def test_rds_of_a_plain_vector(monkeypatch):
+    import rdata
+
+    monkeypatch.setattr(rdata.conversion, "convert", lambda parsed: np.arange(3.0))
+    with pytest.raises(ValueError, match=r"ref.rds holds a numeric vector of length 3, not the named list of an R Sym"):
+        sd.read_symphony_rds(RDS)
