@@ -23,6 +23,7 @@ import pandas as pd
 
 from .compression import compression_sums
 from .reference import Reference
+from .umap_kernels import find_ab_params
 from .umap_layout import UmapModel, UmapParams
 
 #: Elements every R Symphony reference has.
@@ -194,8 +195,6 @@ def _cells(obj: dict, n: int, element: _Elements) -> pd.DataFrame:
 
 
 def _layout(coords: np.ndarray, min_dist: float, seed: int) -> UmapModel:
-    from .umap_layout import _umap
-
-    a, b = _umap().umap_.find_ab_params(1.0, min_dist)
-    params = UmapParams(n_neighbors=30, min_dist=min_dist, a=float(a), b=float(b), seed=seed)
+    a, b = find_ab_params(1.0, min_dist)
+    params = UmapParams(n_neighbors=30, min_dist=min_dist, a=a, b=b, seed=seed)
     return UmapModel(coords, np.arange(len(coords)), params)

@@ -1,8 +1,10 @@
 """The reference UMAP and the placement of cells into it (R Symphony's ``do_umap``).
 
-The reference layout is fitted by umap-learn on the corrected embedding with R Symphony's uwot
-settings (30 neighbours, cosine metric, min_dist 0.1, seeded). Above :data:`MAX_FIT_CELLS` cells
-it is fitted on a seeded subsample and the other reference cells are placed like query cells.
+The reference layout is fitted on the corrected embedding with R Symphony's uwot settings (30
+neighbours, cosine metric, min_dist 0.1, seeded) by our UMAP (:mod:`symphony_dask.umap_kernels`:
+umap-learn's algorithm and defaults, kernels compiled once and cached on disk, serial and
+deterministic). Above :data:`MAX_FIT_CELLS` cells it is fitted on a seeded subsample and the other
+reference cells are placed like query cells.
 
 Placing a cell (umap-learn's ``transform``, with the layout held fixed): its ``n_neighbors`` nearest
 fitted cells in the corrected embedding (cosine), fuzzy membership weights ``exp(-(d - rho) /
@@ -23,13 +25,17 @@ from __future__ import annotations
 
 import hashlib
 import threading
-import warnings
 from dataclasses import asdict, dataclass
 
-import numba
 import numpy as np
 
 from .neighbors import hnsw_graph, hnsw_search
+from .umap_kernels import (
+    find_ab_params,
+    fit_layout,
+    optimize_placement,
+    smooth_knn_dist,
+)
 
 #: Most reference cells the layout is fitted on; the others are placed into it.
 MAX_FIT_CELLS = 20_000
@@ -100,7 +106,6 @@ def fit_umap(embedding: np.ndarray, *, n_neighbors: int = 30, min_dist: float = 
     """Fit the reference UMAP on the corrected embedding (cells x d), on at most ``max_fit_cells``
     cells (a seeded subsample); the others are placed in chunks of ``chunk_size`` cells with the
     active dask scheduler (on the workers of a cluster)."""
-    umap = _umap()
     from .chunked import compute, map_rows
 
     embedding = np.asarray(embedding, dtype=np.float64)
@@ -109,18 +114,12 @@ def fit_umap(embedding: np.ndarray, *, n_neighbors: int = 30, min_dist: float = 
         raise ValueError(f"a UMAP needs more than n_neighbors={n_neighbors} reference cells, got {n}")
     rng = np.random.default_rng(seed)
     fitted = np.sort(rng.choice(n, max_fit_cells, replace=False)) if n > max_fit_cells else np.arange(n)
-    # the fitted cells' own neighbours (each cell first), by the search that placement uses: this
-    # spares umap-learn's NN-descent, whose compilation alone costs ~40 s in a fresh process
+    # the fitted cells' own neighbours (each cell first), by the search that placement uses
     neighbors, distances = _cosine_neighbors(embedding[fitted], embedding[fitted], n_neighbors, seed)
-    reducer = umap.UMAP(n_neighbors=n_neighbors, min_dist=min_dist, metric="cosine", random_state=seed,
-                        n_components=2, precomputed_knn=(neighbors, distances.astype(np.float32), None))
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="n_jobs value .* overridden")
-        warnings.filterwarnings("ignore", message=".*precomputed_knn.*")
-        warnings.filterwarnings("ignore", message=".*knn_search_index.*")
-        fitted_coords = reducer.fit_transform(embedding[fitted]).astype(np.float64)
-    params = UmapParams(n_neighbors=n_neighbors, min_dist=min_dist, a=float(reducer._a), b=float(reducer._b),
-                        seed=seed)
+    a, b = find_ab_params(1.0, min_dist)
+    params = UmapParams(n_neighbors=n_neighbors, min_dist=min_dist, a=a, b=b, seed=seed)
+    fitted_coords = fit_layout(neighbors, distances, _unit_rows(embedding[fitted]), a=a, b=b, seed=seed,
+                               negative_sample_rate=params.negative_sample_rate, learning_rate=params.learning_rate)
     coords = np.empty((n, 2))
     coords[fitted] = fitted_coords
     model = UmapModel(coords, fitted, params)
@@ -146,10 +145,10 @@ def place_cells(cells: np.ndarray, fitted_embedding: np.ndarray, fitted_coords: 
     neighbors, distances = _cosine_neighbors(cells, fitted_embedding, params.n_neighbors, params.seed)
     weights = _membership(distances, params.n_neighbors)
     start = np.einsum("ck,ckj->cj", weights / weights.sum(axis=1, keepdims=True), fitted_coords[neighbors])
-    return _optimize(start.astype(np.float32), fitted_coords.astype(np.float32), neighbors.astype(np.int64),
-                     weights.astype(np.float32), np.asarray(rows, dtype=np.uint64), np.uint64(params.seed),
-                     params.a, params.b, params.learning_rate / 4.0, params.negative_sample_rate,
-                     epochs).astype(np.float64)
+    return optimize_placement(start.astype(np.float32), fitted_coords.astype(np.float32), neighbors.astype(np.int64),
+                              weights.astype(np.float32), np.asarray(rows, dtype=np.uint64), np.uint64(params.seed),
+                              params.a, params.b, params.learning_rate / 4.0, params.negative_sample_rate,
+                              epochs).astype(np.float64)
 
 
 def _cosine_neighbors(cells: np.ndarray, fitted: np.ndarray, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -185,85 +184,14 @@ def _hnsw_index(unit: np.ndarray, seed: int):
     return index
 
 
-def _umap():
-    """umap-learn, imported on first use (3 s) without the warning its tqdm import gives in notebooks
-    without ipywidgets."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="IProgress not found")
-        import umap
-        import umap.umap_
-    return umap
-
-
 def _unit_rows(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-300)
 
 
 def _membership(distances: np.ndarray, k: int) -> np.ndarray:
     """umap-learn's fuzzy membership of each cell to its neighbours, as its ``transform`` computes it."""
-    smooth_knn_dist = _umap().umap_.smooth_knn_dist
     d32 = distances.astype(np.float32)
     sigmas, rhos = smooth_knn_dist(d32, float(k), local_connectivity=0.0)
     weights = np.exp(-np.maximum(d32 - rhos[:, None], 0.0) / sigmas[:, None])
     weights[d32 - rhos[:, None] <= 0] = 1.0
     return weights.astype(np.float64)
-
-
-@numba.njit(cache=True, inline="always")
-def _next(state: np.uint64) -> tuple[np.uint64, np.uint64]:
-    """splitmix64: the next state and a random 64-bit value."""
-    state = state + np.uint64(0x9E3779B97F4A7C15)
-    z = state
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return state, z ^ (z >> np.uint64(31))
-
-
-@numba.njit(cache=True)
-def _optimize(y, fitted, neighbors, weights, rows, seed, a, b, alpha0, negative_rate, n_epochs):
-    """Move each cell (row of ``y``) towards its neighbours and away from random fitted cells, with
-    the fitted layout held fixed (umap-learn's ``optimize_layout_euclidean`` with move_other=False,
-    per-cell random streams, weights scaled by 1). Serial: dask runs chunks in parallel."""
-    n_cells, k = neighbors.shape
-    n_fitted = fitted.shape[0]
-    out = y.copy()
-    for c in range(n_cells):
-        state = seed ^ (rows[c] * np.uint64(0xD1B54A32D192ED03))
-        state, _ = _next(state)
-        yc = out[c]
-        # sample schedule (make_epochs_per_sample against the largest possible weight, 1)
-        every = np.full(k, -1.0)
-        for j in range(k):
-            if weights[c, j] >= 1.0 / n_epochs:
-                every[j] = 1.0 / weights[c, j]
-        next_sample = every.copy()
-        every_negative = every / negative_rate
-        next_negative = every_negative.copy()
-        for epoch in range(n_epochs):
-            alpha = alpha0 * (1.0 - epoch / n_epochs)
-            for j in range(k):
-                if every[j] < 0 or next_sample[j] > epoch:
-                    continue
-                other = fitted[neighbors[c, j]]
-                dx, dy = yc[0] - other[0], yc[1] - other[1]
-                d2 = dx * dx + dy * dy
-                if d2 > 0.0:
-                    coeff = -2.0 * a * b * d2 ** (b - 1.0) / (a * d2**b + 1.0)
-                    yc[0] += min(max(coeff * dx, -4.0), 4.0) * alpha
-                    yc[1] += min(max(coeff * dy, -4.0), 4.0) * alpha
-                next_sample[j] += every[j]
-                n_negative = int((epoch - next_negative[j]) / every_negative[j])
-                for _ in range(n_negative):
-                    state, r = _next(state)
-                    other = fitted[r % np.uint64(n_fitted)]
-                    dx, dy = yc[0] - other[0], yc[1] - other[1]
-                    d2 = dx * dx + dy * dy
-                    if d2 > 0.0:
-                        coeff = 2.0 * b / ((0.001 + d2) * (a * d2**b + 1.0))
-                        yc[0] += min(max(coeff * dx, -4.0), 4.0) * alpha
-                        yc[1] += min(max(coeff * dy, -4.0), 4.0) * alpha
-                    else:
-                        yc[0] += 4.0 * alpha
-                        yc[1] += 4.0 * alpha
-                next_negative[j] += n_negative * every_negative[j]
-    return out
