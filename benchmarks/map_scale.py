@@ -34,7 +34,7 @@ def first_cells(path: Path, n: int):
     """The first ``n`` cells of a store as an in-memory AnnData (read lazily, only those rows)."""
     import anndata as ad
 
-    from symphony_dask.io import read_expression
+    from symphony_dask._io.expression import read_expression
 
     expr = read_expression(path, chunk_size=10_000)
     return ad.AnnData(expr.X[:n].compute(), obs=expr.obs.iloc[:n].copy(), var=expr.var.copy())

@@ -52,7 +52,7 @@ def main() -> None:
     from scipy.spatial import cKDTree
 
     import symphony_dask as sd
-    from symphony_dask.neighbors import HNSW_EF, HNSW_EF_CONSTRUCTION, HNSW_M, NeighborIndex
+    from symphony_dask._embedding.neighbors import HNSW_EF, HNSW_EF_CONSTRUCTION, HNSW_M, NeighborIndex
 
     rows = []
     for n in args.cells:

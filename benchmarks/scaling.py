@@ -70,7 +70,7 @@ def _client(mode: str):
         cluster = LocalCluster(n_workers=workers, threads_per_worker=threads, dashboard_address=":0")
         client = Client(cluster)
     else:
-        from symphony_dask.cluster import connect
+        from symphony_dask._dask.cluster import connect
 
         client = connect(cluster_file=ROOT / "cluster_configs" / "slurm-local.yaml")
         cluster = client.cluster

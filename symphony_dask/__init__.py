@@ -18,24 +18,25 @@ except _metadata.PackageNotFoundError:  # running from a source tree that is not
 
 #: Public name -> module that defines it; ``None`` for a public module (``sd.pl``, ``sd.datasets``).
 _PUBLIC = {
-    "HarmonyResult": "harmony_driver",
-    "Reference": "reference",
-    "build_reference": "build",
+    "HarmonyResult": "_harmony.driver",
+    "Reference": "_reference.model",
+    "build_reference": "_reference.build",
+    "cluster_from_file": "_dask.dashboard",
     "datasets": None,
-    "evaluate": "annotate",
-    "harmonize": "harmony",
-    "knn_corr": "metrics",
-    "lisi": "metrics",
-    "load_reference": "reference",
-    "map_query": "mapping",
-    "per_cell_mapping_metric": "metrics",
-    "per_cluster_mapping_metric": "metrics",
+    "evaluate": "_mapping.annotate",
+    "harmonize": "_harmony.harmonize",
+    "knn_corr": "_mapping.metrics",
+    "lisi": "_mapping.metrics",
+    "load_reference": "_reference.model",
+    "map_query": "_mapping.query",
+    "per_cell_mapping_metric": "_mapping.metrics",
+    "per_cluster_mapping_metric": "_mapping.metrics",
     "pl": None,
-    "read_symphony_rds": "rds",
-    "reference_from_anndata": "from_anndata",
-    "transfer_labels": "annotate",
-    "transfer_values": "annotate",
-    "within_query_knn_corr": "metrics",
+    "read_symphony_rds": "_reference.rds",
+    "reference_from_anndata": "_reference.from_anndata",
+    "transfer_labels": "_mapping.annotate",
+    "transfer_values": "_mapping.annotate",
+    "within_query_knn_corr": "_mapping.metrics",
 }
 
 __all__ = sorted(_PUBLIC)
@@ -57,13 +58,15 @@ def __dir__() -> list[str]:
 
 
 if _typing.TYPE_CHECKING:
-    from . import datasets, pl
-    from .annotate import evaluate, transfer_labels, transfer_values
-    from .build import build_reference
-    from .from_anndata import reference_from_anndata
-    from .harmony import harmonize
-    from .harmony_driver import HarmonyResult
-    from .mapping import map_query
-    from .metrics import knn_corr, lisi, per_cell_mapping_metric, per_cluster_mapping_metric, within_query_knn_corr
-    from .rds import read_symphony_rds
-    from .reference import Reference, load_reference
+    from symphony_dask import datasets
+    from symphony_dask import pl
+    from symphony_dask._mapping.annotate import evaluate, transfer_labels, transfer_values
+    from symphony_dask._dask.dashboard import cluster_from_file
+    from symphony_dask._reference.build import build_reference
+    from symphony_dask._reference.from_anndata import reference_from_anndata
+    from symphony_dask._harmony.harmonize import harmonize
+    from symphony_dask._harmony.driver import HarmonyResult
+    from symphony_dask._mapping.query import map_query
+    from symphony_dask._mapping.metrics import knn_corr, lisi, per_cell_mapping_metric, per_cluster_mapping_metric, within_query_knn_corr
+    from symphony_dask._reference.rds import read_symphony_rds
+    from symphony_dask._reference.model import Reference, load_reference

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import anndata as ad
     from matplotlib.axes import Axes
 
-    from .reference import Reference
+    from symphony_dask._reference.model import Reference
 
 #: Reference cells per label drawn into a density estimate (a seeded sample of larger labels).
 DENSITY_SAMPLE = 2_000

@@ -20,8 +20,9 @@ import pytest
 from distributed import Client, LocalCluster
 
 import symphony_dask as sd
-from symphony_dask import harmony_channel, harmony_groups
-from symphony_dask.harmony_channel import Channel, ChannelError, decode, encode, serve
+from symphony_dask._harmony.cluster import channel as harmony_channel
+from symphony_dask._harmony.cluster import groups as harmony_groups
+from symphony_dask._harmony.cluster.channel import Channel, ChannelError, decode, encode, serve
 
 TOKEN = bytes(range(harmony_channel.TOKEN_BYTES))
 

@@ -173,12 +173,12 @@ def test_output_suffixes_are_checked_before_any_work(files, capsys, argv, messag
 def test_transfer_checks_come_before_the_mapping(files, capsys, built_reference, monkeypatch):
     """A --minimal reference cannot transfer labels, k cannot exceed the reference's cells, the label
     column must exist: each is refused before map_query runs, and nothing is written."""
-    import symphony_dask.mapping
+    import symphony_dask._mapping.query
 
     def not_called(*args, **kwargs):
         raise AssertionError("map_query ran before the checks")
 
-    monkeypatch.setattr(symphony_dask.mapping, "map_query", not_called)
+    monkeypatch.setattr(symphony_dask._mapping.query, "map_query", not_called)
     minimal = sd.Reference.from_arrays(built_reference.genes, built_reference.mean, built_reference.std,
                                        built_reference.loadings, built_reference.centroids,
                                        built_reference.cluster_sizes, built_reference.compression)

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from symphony_dask.cluster import make_cluster, read_cluster_config
+from symphony_dask._dask.cluster import make_cluster, read_cluster_config
 
 CONFIGS = Path(__file__).parents[1] / "cluster_configs"
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from distributed import Client, LocalCluster
 
-from symphony_dask.dashboard import NEEDS_BOKEH, served_dashboard_link
+from symphony_dask._dask.dashboard import NEEDS_BOKEH, served_dashboard_link
 
 CLUSTER_CONFIGS = Path(__file__).parents[1] / "cluster_configs"
 
@@ -55,7 +55,7 @@ def test_dask_labextension_factory_starts_a_cluster_config(tmp_path):
     config = yaml.safe_load((CLUSTER_CONFIGS / "local.yaml").read_text())
     config["cluster"].update(n_workers=1, memory_limit="1GiB", dashboard_address=":0")
     (tmp_path / "local.yaml").write_text(yaml.safe_dump(config))
-    factory = {"module": "symphony_dask.dashboard", "class": "cluster_from_file",
+    factory = {"module": "symphony_dask", "class": "cluster_from_file",
                "args": [str(tmp_path / "local.yaml")], "kwargs": {}}
     make = getattr(importlib.import_module(factory["module"]), factory["class"])
     with make(*factory["args"], **factory["kwargs"]) as cluster, Client(cluster) as client:

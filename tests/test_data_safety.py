@@ -26,7 +26,7 @@ from conftest import R_BUILD
 
 import symphony_dask as sd
 from symphony_dask.cli import main
-from symphony_dask.obs_filter import cells_where
+from symphony_dask._io.obs_filter import cells_where
 
 ROOT = Path(__file__).parents[1]
 
@@ -160,7 +160,7 @@ _RACE = textwrap.dedent("""
     from pathlib import Path
     import numpy as np
     import symphony_dask as sd
-    from symphony_dask import reference
+    from symphony_dask._reference import model as reference
 
     target, barrier, me, other = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4]
     write = reference._write_store

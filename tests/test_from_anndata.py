@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import symphony_dask as sd
-from symphony_dask.pca import project
+from symphony_dask._preprocessing.pca import project
 
 
 @pytest.fixture(scope="module")

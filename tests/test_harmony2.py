@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 import symphony_dask as sd
-from symphony_dask.harmony_kernels import cross_entropy, pattern_penalty
-from symphony_dask.mixture import make_design, solve_harmony2_terms
+from symphony_dask._harmony.kernels import cross_entropy, pattern_penalty
+from symphony_dask._harmony.mixture import make_design, solve_harmony2_terms
 
 harmonypy = pytest.importorskip("harmonypy", minversion="2.1")
 logging.getLogger("harmonypy").setLevel(logging.WARNING)

@@ -11,7 +11,7 @@ import zarr
 from conftest import R_BUILD
 
 import symphony_dask as sd
-from symphony_dask.io import read_expression
+from symphony_dask._io.expression import read_expression
 
 ELEMENTS = ("mean", "std", "loadings", "compression")
 
@@ -173,7 +173,7 @@ def test_unsupported_values_and_chunks_are_refused(split):
 def test_large_in_memory_data_is_read_in_chunks():
     """Above 10,000 cells an in-memory matrix is split (never one task over the whole matrix, which
     building would densify after scaling); up to 10,000 it stays one chunk."""
-    from symphony_dask.io import IN_MEMORY_CHUNK
+    from symphony_dask._io.expression import IN_MEMORY_CHUNK
 
     x = sp.random(25_000, 40, density=0.1, format="csr", random_state=0)
     big = ad.AnnData(x)

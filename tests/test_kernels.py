@@ -9,17 +9,17 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from symphony_dask.annotate import majority_vote
-from symphony_dask.checks import count_bad_values
-from symphony_dask.chunked import map_reduce, map_rows, tree_reduce
-from symphony_dask.harmony import harmonize
-from symphony_dask.harmony_kernels import cosine_normalize, soft_assign
-from symphony_dask.kmeans import kmeans
-from symphony_dask.mapping import query_design
-from symphony_dask.mixture import apply_batch_terms, make_design, ridge_statistics, ridge_system, solve_batch_terms
-from symphony_dask.pca import orient, project, svd_from_gram
-from symphony_dask.preprocess import Moments, cell_totals, group_moments, log_normalize, rows_by_group, scale
-from symphony_dask.variable_genes import clip_reached, clipped_squares, expected_variance, vst_table
+from symphony_dask._mapping.annotate import majority_vote
+from symphony_dask._io.validation import count_bad_values
+from symphony_dask._dask.chunked import map_reduce, map_rows, tree_reduce
+from symphony_dask._harmony.harmonize import harmonize
+from symphony_dask._harmony.kernels import cosine_normalize, soft_assign
+from symphony_dask._harmony.kmeans import kmeans
+from symphony_dask._mapping.query import query_design
+from symphony_dask._harmony.mixture import apply_batch_terms, make_design, ridge_statistics, ridge_system, solve_batch_terms
+from symphony_dask._preprocessing.pca import orient, project, svd_from_gram
+from symphony_dask._preprocessing.normalize import Moments, cell_totals, group_moments, log_normalize, rows_by_group, scale
+from symphony_dask._preprocessing.variable_genes import clip_reached, clipped_squares, expected_variance, vst_table
 
 
 @pytest.fixture()

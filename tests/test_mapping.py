@@ -10,7 +10,7 @@ from conftest import DATA
 from distributed import Client, LocalCluster
 
 import symphony_dask as sd
-from symphony_dask.compression import compression_sums
+from symphony_dask._reference.compression import compression_sums
 
 TOL = 1e-10
 
@@ -126,8 +126,8 @@ def test_labels_with_hnsw_index_saved_with_the_reference(built_reference, pbmcs,
 
 
 def test_neighbor_index_built_with_the_reference_or_at_first_transfer(pbmcs, oracle, monkeypatch):
-    monkeypatch.setattr("symphony_dask.build.EXACT_MAX_CELLS", 100)  # HNSW for this 910-cell reference
-    monkeypatch.setattr("symphony_dask.neighbors.EXACT_MAX_CELLS", 100)
+    monkeypatch.setattr("symphony_dask._reference.build.EXACT_MAX_CELLS", 100)  # HNSW for this 910-cell reference
+    monkeypatch.setattr("symphony_dask._embedding.neighbors.EXACT_MAX_CELLS", 100)
     data, query = pbmcs[oracle.ref_cells].copy(), pbmcs[oracle.query_cells].copy()
     with_index = sd.build_reference(data, "donor", normalize=False, n_hvg=1000, n_clusters=20)
     without = sd.build_reference(data, "donor", normalize=False, n_hvg=1000, n_clusters=20, neighbor_index=False)

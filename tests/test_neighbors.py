@@ -7,7 +7,7 @@ import pytest
 from scipy.spatial import cKDTree
 
 import symphony_dask as sd
-from symphony_dask.neighbors import NeighborIndex, hnsw_graph, hnsw_search
+from symphony_dask._embedding.neighbors import NeighborIndex, hnsw_graph, hnsw_search
 
 
 def _clustered(n: int, d: int, seed: int) -> np.ndarray:
@@ -42,7 +42,7 @@ def test_hnsw_graph_is_seeded():
 
 def test_inner_product_graph_gives_cosine_neighbours():
     """UMAP placement searches unit vectors by inner product (k = 30, breadth 100)."""
-    from symphony_dask.umap_layout import HNSW_EF, _unit_rows
+    from symphony_dask._embedding.umap_layout import HNSW_EF, _unit_rows
 
     fitted, cells = _unit_rows(_clustered(20_000, 20, seed=4)), _unit_rows(_clustered(1_000, 20, seed=5))
     exact = cKDTree(fitted).query(cells, k=30)[1]
@@ -59,7 +59,7 @@ def test_index_from_an_older_version_is_rebuilt_not_trusted(built_reference, tmp
     )
     ref.neighbor_index(method="hnsw")
     with monkeypatch.context() as patch:
-        patch.setattr("symphony_dask.reference.INDEX_FORMAT", "hnswlib")  # as an older version saved it
+        patch.setattr("symphony_dask._reference.model.INDEX_FORMAT", "hnswlib")  # as an older version saved it
         ref.save(tmp_path / "ref.zarr")
     with pytest.warns(UserWarning, match="older version"):
         loaded = sd.load_reference(tmp_path / "ref.zarr")

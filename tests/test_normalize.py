@@ -7,7 +7,7 @@ import pytest
 import scipy.sparse as sp
 
 import symphony_dask as sd
-from symphony_dask.preprocess import log_normalize
+from symphony_dask._preprocessing.normalize import log_normalize
 
 
 def by_formula(counts: sp.csr_matrix) -> sp.csr_matrix:

@@ -14,7 +14,7 @@ import scipy.linalg
 from conftest import R_BUILD
 
 import symphony_dask as sd
-from symphony_dask.harmony_kernels import cosine_normalize, soft_assign
+from symphony_dask._harmony.kernels import cosine_normalize, soft_assign
 
 MAP_TOL = 1e-10
 STAT_TOL = 1e-10

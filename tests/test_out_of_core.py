@@ -15,7 +15,7 @@ import zarr
 from distributed import Client, LocalCluster
 
 import symphony_dask as sd
-from symphony_dask.chunked import WorkerFailure
+from symphony_dask._dask.chunked import WorkerFailure
 from symphony_dask.datasets.synthetic import write_synthetic_atlas
 
 LIMIT = 2**30  # 1 GiB for the worker process

@@ -10,9 +10,9 @@ import scipy.linalg
 import scipy.sparse as sp
 
 import symphony_dask as sd
-from symphony_dask.io import read_expression
-from symphony_dask.pca import choose_solver, fit_pca
-from symphony_dask.preprocess import scale
+from symphony_dask._io.expression import read_expression
+from symphony_dask._preprocessing.pca import choose_solver, fit_pca
+from symphony_dask._preprocessing.normalize import scale
 
 D = 20
 

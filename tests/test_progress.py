@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from distributed import Client, LocalCluster, Worker
 
-from symphony_dask import chunked
-from symphony_dask.cluster import wait_for_workers
-from symphony_dask.progress import PassProgress
-from symphony_dask.timing import timed
+from symphony_dask._dask import chunked
+from symphony_dask._dask.cluster import wait_for_workers
+from symphony_dask._dask.progress import PassProgress
+from symphony_dask._dask.timing import timed
 
 
 class Terminal(io.StringIO):

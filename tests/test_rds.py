@@ -10,8 +10,8 @@ import pytest
 from conftest import DATA
 
 import symphony_dask as sd
-from symphony_dask import rds
-from symphony_dask.rds import _parse
+from symphony_dask._reference import rds
+from symphony_dask._reference.rds import _parse
 
 RDS = DATA / "symphony_r_oracle_splitA_umap" / "ref.rds"
 

@@ -9,8 +9,8 @@ from conftest import R_BUILD
 from distributed import Client, LocalCluster
 
 import symphony_dask as sd
-from symphony_dask import chunked
-from symphony_dask.chunked import WorkerFailure
+from symphony_dask._dask import chunked
+from symphony_dask._dask.chunked import WorkerFailure
 
 NO_SPILL = {
     "distributed.worker.memory.target": False,

@@ -22,8 +22,9 @@ import yaml
 from conftest import R_BUILD
 
 import symphony_dask as sd
-from symphony_dask import build, harmony_groups
-from symphony_dask.cluster import connect
+from symphony_dask._reference import build
+from symphony_dask._harmony.cluster import groups as harmony_groups
+from symphony_dask._dask.cluster import connect
 
 CONFIG = Path(__file__).parents[1] / "cluster_configs" / "slurm-local.yaml"
 TOL = 1e-10

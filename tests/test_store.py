@@ -14,7 +14,7 @@ import pytest
 import zarr
 
 import symphony_dask as sd
-from symphony_dask import reference as reference_module
+from symphony_dask._reference import model as reference_module
 
 
 def test_round_trip_gives_identical_mapping(built_reference, split, tmp_path):
@@ -90,8 +90,8 @@ def test_killed_save_leaves_the_old_store_and_the_next_save_cleans_up(built_refe
     script = (
         "import os, sys, zarr\n"
         "from pathlib import Path\n"
-        "from symphony_dask.reference import is_reference_store\n"
-        "from symphony_dask.store import write_atomically\n"
+        "from symphony_dask._reference.model import is_reference_store\n"
+        "from symphony_dask._io.atomic import write_atomically\n"
         "def write(tmp):\n"
         "    zarr.open_group(str(tmp), mode='w', zarr_format=3).attrs['partial'] = True\n"
         "    os._exit(9)\n"
@@ -111,7 +111,7 @@ def test_killed_save_leaves_the_old_store_and_the_next_save_cleans_up(built_refe
 
 def test_overwrite_exchanges_the_stores_in_one_rename(tmp_path):
     """On Linux the old and new store swap places in one renameat2(RENAME_EXCHANGE)."""
-    from symphony_dask.store import _exchange
+    from symphony_dask._io.atomic import _exchange
 
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "x").write_text("old")
@@ -199,7 +199,7 @@ def test_store_without_checksums_is_refused(built_reference, tmp_path, version):
     """A store whose damage cannot be detected is not read (it was read with a warning before)."""
     path = built_reference.save(tmp_path / "ref.zarr")
     meta = json.loads((path / "zarr.json").read_text())
-    meta["attributes"]["symphony_dask"] = {"format": "symphony_dask.reference", "version": version}
+    meta["attributes"]["symphony_dask"] = {"format": "symphony_dask._reference.model", "version": version}
     (path / "zarr.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=rf"carries no checksums \(store version {version}\).*build the reference"):
         sd.load_reference(path)

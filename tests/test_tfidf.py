@@ -9,8 +9,8 @@ import pytest
 import scipy.sparse as sp
 
 import symphony_dask as sd
-from symphony_dask.pca import project
-from symphony_dask.preprocess import column_sums, inverse_document_frequency, log_normalize
+from symphony_dask._preprocessing.pca import project
+from symphony_dask._preprocessing.normalize import column_sums, inverse_document_frequency, log_normalize
 
 
 def by_formula(x: np.ndarray) -> np.ndarray:

@@ -11,7 +11,7 @@ import pytest
 from threadpoolctl import threadpool_info
 
 import symphony_dask as sd
-from symphony_dask.chunked import one_blas_thread_per_task
+from symphony_dask._dask.chunked import one_blas_thread_per_task
 
 
 def _blas_threads() -> list[int]:
@@ -52,7 +52,7 @@ def test_concurrent_label_transfer_with_different_k(hnsw_reference, pbmcs, oracl
 def test_concurrent_hnsw_queries_use_their_own_breadth():
     """Queries with small k (breadth 64) beside queries with large k (breadth 4 k): each gives what
     it gives alone. Random 30-d points make HNSW approximate, so the breadth changes answers."""
-    from symphony_dask.neighbors import NeighborIndex
+    from symphony_dask._embedding.neighbors import NeighborIndex
 
     rng = np.random.default_rng(0)
     index = NeighborIndex.build(rng.normal(size=(8_000, 30)), method="hnsw", seed=1)

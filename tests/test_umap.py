@@ -12,9 +12,9 @@ import pytest
 
 import symphony_dask as sd
 from symphony_dask import pl
-from symphony_dask.annotate import majority_vote
+from symphony_dask._mapping.annotate import majority_vote
 from symphony_dask.cli import main
-from symphony_dask.umap_layout import fit_umap
+from symphony_dask._embedding.umap_layout import fit_umap
 
 matplotlib.use("Agg")
 R_UMAP_ACCURACY = 0.917  # 5-NN accuracy of the query in R Symphony's 2-D UMAP (splitA_umap README)
@@ -87,7 +87,7 @@ def test_large_references_fit_on_a_subsample_and_place_the_rest(built_reference,
     """Above the fit cap the other reference cells are placed like query cells: they land among the
     fitted cells of their own type, and chunks do not move them (also with an HNSW search, which
     large fitted sets use)."""
-    import symphony_dask.umap_layout as layout
+    import symphony_dask._embedding.umap_layout as layout
 
     monkeypatch.setattr(layout, "EXACT_SEARCH_MAX", 5_000 if search == "exact" else 100)
     model = fit_umap(built_reference.embedding, seed=3, max_fit_cells=400, chunk_size=128)

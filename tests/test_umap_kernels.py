@@ -9,13 +9,13 @@ import warnings
 import numpy as np
 import pytest
 
-from symphony_dask.umap_kernels import (
+from symphony_dask._embedding.umap_kernels import (
     component_places,
     find_ab_params,
     fit_layout,
     smooth_knn_dist,
 )
-from symphony_dask.umap_layout import _cosine_neighbors, _unit_rows, fit_umap
+from symphony_dask._embedding.umap_layout import _cosine_neighbors, _unit_rows, fit_umap
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_curve_is_umap_learns(umap_learn, min_dist):
 def test_layout_is_the_same_in_every_fit_and_process(embedding, model, tmp_path):
     np.testing.assert_array_equal(fit_umap(embedding, seed=111).coords, model.coords)
     np.save(tmp_path / "embedding.npy", embedding)
-    script = ("import sys, numpy as np; from symphony_dask.umap_layout import fit_umap; "
+    script = ("import sys, numpy as np; from symphony_dask._embedding.umap_layout import fit_umap; "
               "np.save(sys.argv[1], fit_umap(np.load(sys.argv[2]), seed=111).coords)")
     subprocess.run([sys.executable, "-c", script, str(tmp_path / "coords.npy"), str(tmp_path / "embedding.npy")],
                    check=True)

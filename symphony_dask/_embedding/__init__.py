@@ -1,0 +1,1 @@
+"""Neighbour search over the corrected embedding and the reference UMAP (fit and placement)."""

@@ -1,0 +1,1 @@
+"""Harmony's chunk groups on Dask workers (dask actors) and the lean channel between them."""

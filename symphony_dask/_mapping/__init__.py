@@ -1,0 +1,1 @@
+"""Mapping queries onto a reference, transferring annotations, and mapping-quality metrics."""

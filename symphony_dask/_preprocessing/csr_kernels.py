@@ -1,0 +1,207 @@
+"""Numba kernels over the stored values of one CSR chunk: a single pass, no copies, no densifying.
+
+Each walks ``indptr`` / ``indices`` / ``data`` once and releases the GIL, so dask's threads run them
+in parallel. Sums are accumulated in float64 whatever the stored dtype.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import scipy.sparse as sp
+
+
+def as_csr(block: sp.spmatrix | sp.sparray) -> sp.csr_matrix | sp.csr_array:
+    """The block in CSR form, as it is when it already is one (``sp.csr_matrix(block)`` would copy
+    values that are views of a larger matrix)."""
+    return block if block.format == "csr" else sp.csr_matrix(block)
+
+
+@numba.njit(cache=True, nogil=True)
+def row_totals(indptr: np.ndarray, data: np.ndarray) -> np.ndarray:
+    """Sum of the stored values of each row (float64)."""
+    n = len(indptr) - 1
+    out = np.zeros(n)
+    for i in range(n):
+        total = 0.0
+        for j in range(indptr[i], indptr[i + 1]):
+            total += data[j]
+        out[i] = total
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def value_counts(indptr: np.ndarray, data: np.ndarray) -> tuple[int, int, int, int, int]:
+    """Counts of NaN, infinite, negative (``-inf`` included) and finite non-integer values, and of
+    rows whose values sum to zero, in one pass (a dense matrix is one row per cell with ``indptr``
+    at multiples of its width)."""
+    n_nan = n_inf = n_negative = n_fraction = n_empty = 0
+    for i in range(len(indptr) - 1):
+        total = 0.0
+        for j in range(indptr[i], indptr[i + 1]):
+            v = data[j]
+            total += v
+            if v != v:
+                n_nan += 1
+                continue
+            if v < 0:
+                n_negative += 1
+            if np.isinf(v):
+                n_inf += 1
+            elif v != np.floor(v):
+                n_fraction += 1
+        if total == 0.0:
+            n_empty += 1
+    return n_nan, n_inf, n_negative, n_fraction, n_empty
+
+
+@numba.njit(cache=True, nogil=True)
+def project_rows(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, position: np.ndarray,
+                 mean: np.ndarray, std: np.ndarray, loadings: np.ndarray, clip: float,
+                 scale_factor: float, gene_factors: np.ndarray) -> np.ndarray:
+    """``clip((x - mean) / std, -clip, clip) @ loadings`` of the chosen genes of each row.
+
+    ``position[c]`` is the row of ``mean``/``std``/``loadings`` of column ``c`` (-1: not chosen).
+    With ``scale_factor > 0`` a value ``x`` of gene ``g`` is first
+    ``log1p(x / total * scale_factor * gene_factors[g])`` (ones: log CP10K; the IDF: TF-IDF), with
+    ``total`` the row's sum over all columns. An unstored zero of gene ``g`` scales to
+    ``zero_g = clip(-mean_g / std_g)``, so a row is ``sum_g zero_g u_g`` plus, for each stored value,
+    ``(scaled - zero_g) u_g``.
+    """
+    n_rows = len(indptr) - 1
+    n_genes, d = loadings.shape
+    zero = np.empty(n_genes)
+    base = np.zeros(d)
+    for g in range(n_genes):
+        zero[g] = min(max(-mean[g] / std[g], -clip), clip)
+        for c in range(d):
+            base[c] += zero[g] * loadings[g, c]
+    out = np.empty((n_rows, d))
+    for i in range(n_rows):
+        start, end = indptr[i], indptr[i + 1]
+        factor = 0.0
+        if scale_factor > 0.0:
+            total = 0.0
+            for j in range(start, end):
+                total += data[j]
+            if total > 0.0:
+                factor = (1.0 / total) * scale_factor
+        for c in range(d):
+            out[i, c] = base[c]
+        for j in range(start, end):
+            g = position[indices[j]]
+            if g < 0:
+                continue
+            x = np.float64(data[j])
+            if scale_factor > 0.0:
+                x = np.log1p(x * factor * gene_factors[g])
+            weight = min(max((x - mean[g]) / std[g], -clip), clip) - zero[g]
+            if weight != 0.0:
+                for c in range(d):
+                    out[i, c] += weight * loadings[g, c]
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _stored_value(x, factor: float, gene_factor: float, transform: bool) -> float:
+    """A stored value as the moments see it: ``log1p(x * factor * gene_factor)`` when ``transform``
+    (log-normalization, the same operations in the same order as
+    :func:`~symphony_dask._preprocessing.normalize.log_normalize`), else ``x`` in float64."""
+    v = np.float64(x)
+    if transform:
+        v = np.log1p(v * factor * gene_factor)
+    return v
+
+
+@numba.njit(cache=True, nogil=True)
+def group_moment_sums(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, group: np.ndarray, n_groups: int,
+                      n_genes: int, row_factors: np.ndarray, gene_factors: np.ndarray,
+                      transform: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per group (``group[i]`` in ``0..n_groups-1`` for row ``i``): its number of rows, and per gene
+    the mean, the sum of squared deviations and the largest of the values, zeros included (two
+    passes over the stored values, as ``bincount`` sums them: row by row in order).
+
+    Values are transformed on the fly (:func:`_stored_value`, ``row_factors`` one per row) and kept
+    for the second pass in one float64 array: the chunk itself is never copied.
+    """
+    sizes = np.zeros(n_groups, dtype=np.int64)
+    sums = np.zeros((n_groups, n_genes))
+    stored = np.zeros((n_groups, n_genes), dtype=np.int64)
+    largest = np.full((n_groups, n_genes), -np.inf)
+    values = np.empty(indptr[-1] - indptr[0])  # the transformed values, for the second pass
+    for i in range(len(indptr) - 1):
+        c = group[i]
+        sizes[c] += 1
+        for j in range(indptr[i], indptr[i + 1]):
+            g = indices[j]
+            v = _stored_value(data[j], row_factors[i], gene_factors[g], transform)
+            values[j - indptr[0]] = v
+            sums[c, g] += v
+            stored[c, g] += 1
+            largest[c, g] = max(largest[c, g], v)
+    mean = np.zeros((n_groups, n_genes))
+    for c in range(n_groups):
+        if sizes[c] > 0:
+            for g in range(n_genes):
+                mean[c, g] = sums[c, g] / sizes[c]
+    m2 = np.zeros((n_groups, n_genes))
+    for i in range(len(indptr) - 1):
+        c = group[i]
+        for j in range(indptr[i], indptr[i + 1]):
+            g = indices[j]
+            dev = values[j - indptr[0]] - mean[c, g]
+            m2[c, g] += dev * dev
+    for c in range(n_groups):
+        for g in range(n_genes):
+            m2[c, g] += (sizes[c] - stored[c, g]) * mean[c, g] * mean[c, g]
+            if stored[c, g] < sizes[c]:  # an unstored zero
+                largest[c, g] = max(largest[c, g], 0.0)
+    return sizes, mean, m2, largest
+
+
+@numba.njit(cache=True, nogil=True)
+def group_clipped_squares(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, group: np.ndarray,
+                          mean: np.ndarray, inverse_sd: np.ndarray, clip: float, row_factors: np.ndarray,
+                          gene_factors: np.ndarray, transform: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per group and gene: the sum over stored values of ``min(clip, (v - mean) * inverse_sd)**2``
+    and the number of stored values (``mean``/``inverse_sd``: groups x genes; ``v`` as in
+    :func:`group_moment_sums`)."""
+    n_groups, n_genes = mean.shape
+    squares = np.zeros((n_groups, n_genes))
+    stored = np.zeros((n_groups, n_genes), dtype=np.int64)
+    for i in range(len(indptr) - 1):
+        c = group[i]
+        for j in range(indptr[i], indptr[i + 1]):
+            g = indices[j]
+            v = _stored_value(data[j], row_factors[i], gene_factors[g], transform)
+            z = min((v - mean[c, g]) * inverse_sd[c, g], clip)
+            squares[c, g] += z * z
+            stored[c, g] += 1
+    return squares, stored
+
+
+@numba.njit(cache=True, nogil=True)
+def scaled_rows(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, position: np.ndarray, mean: np.ndarray,
+                std: np.ndarray, clip: float, row_factors: np.ndarray, gene_factors: np.ndarray,
+                transform: bool) -> np.ndarray:
+    """Dense ``clip((v - mean) / std, -clip, clip)`` of the chosen genes of each row (rows x chosen).
+
+    ``position[c]`` is the chosen gene of column ``c`` (-1: not chosen); ``v`` is a stored value
+    normalized as in :func:`group_moment_sums` (``gene_factors`` per column of the block). Every
+    entry starts as the scaled zero of its gene and stored values overwrite theirs: the only array
+    made is the output.
+    """
+    n_rows = len(indptr) - 1
+    n_genes = len(mean)
+    zero = np.empty(n_genes)
+    for g in range(n_genes):
+        zero[g] = min(max((0.0 - mean[g]) / std[g], -clip), clip)
+    out = np.empty((n_rows, n_genes))
+    for i in range(n_rows):
+        out[i, :] = zero
+        for j in range(indptr[i], indptr[i + 1]):
+            g = position[indices[j]]
+            if g >= 0:
+                v = _stored_value(data[j], row_factors[i], gene_factors[indices[j]], transform)
+                out[i, g] = min(max((v - mean[g]) / std[g], -clip), clip)
+    return out
