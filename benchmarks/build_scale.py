@@ -70,8 +70,10 @@ BUILDS = {
     "default": ("symphony_dask", "the defaults (UMAP and neighbour index included)"),
     "no-umap": ("symphony_dask, umap=False", "no UMAP"),
     "no-index": ("symphony_dask, no UMAP, no index", "no UMAP and no neighbour index: the build's own work"),
-    "peer-work": ("symphony_dask, peer's work", "the peer's work only: Harmony 2 with harmonypy's defaults, no UMAP, "
-                                                "no neighbour index"),
+    "peer-work": (
+        "symphony_dask, peer's work",
+        "the peer's work only: Harmony 2 with harmonypy's defaults, no UMAP, no neighbour index",
+    ),
 }
 
 
@@ -107,8 +109,10 @@ def run_measured(cmd: list[str]) -> dict:
 def dataset(n: int, data_dir: Path) -> Path:
     path = data_dir / f"atlas_{n}.zarr"
     if not path.exists():
-        subprocess.run([sys.executable, "-m", "symphony_dask.datasets.synthetic", "--cells", str(n), "--out",
-                        str(path)], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "symphony_dask.datasets.synthetic", "--cells", str(n), "--out", str(path)],
+            check=True,
+        )
     return path
 
 
@@ -118,8 +122,13 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=HERE / "data")
     parser.add_argument("--peer-python", help="a Python with symphonypy installed; omit to skip the peer")
     parser.add_argument("--peer-max-cells", type=int, default=500_000, help="largest dataset the peer is run on")
-    parser.add_argument("--builds", nargs="+", choices=list(BUILDS), default=["default"],
-                        help="our builds to run: " + "; ".join(f"{k}: {what}" for k, (_, what) in BUILDS.items()))
+    parser.add_argument(
+        "--builds",
+        nargs="+",
+        choices=list(BUILDS),
+        default=["default"],
+        help="our builds to run: " + "; ".join(f"{k}: {what}" for k, (_, what) in BUILDS.items()),
+    )
     parser.add_argument("--out", type=Path, default=HERE / "results" / "build_scale.json")
     args = parser.parse_args()
 
@@ -137,11 +146,15 @@ def main() -> None:
         peer = next((r for r in rows if r["cells"] == n and r["method"] == "symphonypy"), None)
         for ours in (r for r in rows if r["cells"] == n and r["method"] != "symphonypy" and "error" not in r):
             if peer and "error" not in peer:
-                print(f"{n:>9} cells: time ratio {ours['method']} / symphonypy = {ours['seconds'] / peer['seconds']:.2f}, "
-                      f"peak RSS ratio = {ours['peak_rss_gb'] / peer['peak_rss_gb']:.2f}")
+                print(
+                    f"{n:>9} cells: time ratio {ours['method']} / symphonypy = {ours['seconds'] / peer['seconds']:.2f}, "
+                    f"peak RSS ratio = {ours['peak_rss_gb'] / peer['peak_rss_gb']:.2f}"
+                )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    setup = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, "
-                        f"{round(psutil.virtual_memory().total / 2**30)} GiB", "python": platform.python_version()}
+    setup = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {round(psutil.virtual_memory().total / 2**30)} GiB",
+        "python": platform.python_version(),
+    }
     args.out.write_text(json.dumps({"setup": setup, "runs": rows}, indent=2) + "\n")
     print(f"written to {args.out}")
 

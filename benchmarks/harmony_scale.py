@@ -52,9 +52,19 @@ def run_one(method: str, n: int, chunk_size: int) -> dict:
 
         flavor = "harmony2" if method.endswith("harmony2") else "harmony1"
         start = time.perf_counter()
-        res = sd.harmonize(z, meta, "batch", n_clusters=it["k"], max_iter_harmony=it["outer"],
-                           max_iter_cluster=it["inner"], epsilon_cluster=-1.0, epsilon_harmony=-1.0,
-                           n_init=1, chunk_size=chunk_size, flavor=flavor)
+        res = sd.harmonize(
+            z,
+            meta,
+            "batch",
+            n_clusters=it["k"],
+            max_iter_harmony=it["outer"],
+            max_iter_cluster=it["inner"],
+            epsilon_cluster=-1.0,
+            epsilon_harmony=-1.0,
+            n_init=1,
+            chunk_size=chunk_size,
+            flavor=flavor,
+        )
         wall = time.perf_counter() - start
         split = {name: round(v, 2) for name, v in res.timings_s.items()}
         iterations = res.n_iter
@@ -62,9 +72,17 @@ def run_one(method: str, n: int, chunk_size: int) -> dict:
         import harmonypy
 
         start = time.perf_counter()
-        res = harmonypy.run_harmony(z, meta, "batch", nclust=it["k"], max_iter_harmony=it["outer"],
-                                    max_iter_kmeans=it["inner"], epsilon_cluster=-1.0, epsilon_harmony=-1.0,
-                                    verbose=False)
+        res = harmonypy.run_harmony(
+            z,
+            meta,
+            "batch",
+            nclust=it["k"],
+            max_iter_harmony=it["outer"],
+            max_iter_kmeans=it["inner"],
+            epsilon_cluster=-1.0,
+            epsilon_harmony=-1.0,
+            verbose=False,
+        )
         wall = time.perf_counter() - start
         split = {}
         iterations = len(res.objective_harmony) - 1
@@ -81,8 +99,12 @@ def run_one(method: str, n: int, chunk_size: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cells", type=int, nargs="+", default=[100_000, 1_000_000])
-    parser.add_argument("--methods", nargs="+", default=["symphony_dask", "symphony_dask_harmony2", "harmonypy"],
-                        help="symphony_dask (flavor harmony1), symphony_dask_harmony2, harmonypy (2.1: harmony 2)")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["symphony_dask", "symphony_dask_harmony2", "harmonypy"],
+        help="symphony_dask (flavor harmony1), symphony_dask_harmony2, harmonypy (2.1: harmony 2)",
+    )
     parser.add_argument("--chunk-size", type=int, default=None, help="cells per chunk (default: harmonize's)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/harmony_scale.json"))
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "CELLS"), help=argparse.SUPPRESS)
@@ -107,11 +129,17 @@ def main() -> None:
         peer = next((r for r in rows if r["cells"] == n and r["method"] == "harmonypy" and "seconds" in r), None)
         for ours in (r for r in rows if r["cells"] == n and r["method"] != "harmonypy" and "seconds" in r):
             if peer:
-                print(f"{n:>9} cells: time ratio {ours['method']} / harmonypy = {ours['seconds'] / peer['seconds']:.2f}, "
-                      f"peak RSS ratio = {ours['peak_rss_gb'] / peer['peak_rss_gb']:.2f}")
+                print(
+                    f"{n:>9} cells: time ratio {ours['method']} / harmonypy = {ours['seconds'] / peer['seconds']:.2f}, "
+                    f"peak RSS ratio = {ours['peak_rss_gb'] / peer['peak_rss_gb']:.2f}"
+                )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "python": platform.python_version(),
-            "work": ITERATIONS, "chunk_size": args.chunk_size}
+    meta = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "python": platform.python_version(),
+        "work": ITERATIONS,
+        "chunk_size": args.chunk_size,
+    }
     args.out.write_text(json.dumps({"setup": meta, "runs": rows}, indent=2) + "\n")
     print(f"written to {args.out}")
 
@@ -120,8 +148,10 @@ def _row(r: dict) -> str:
     if "error" in r:
         return f"{r['method']:<14}{r['cells']:>10}  failed: {r['error']}"
     split = ", ".join(f"{k} {v}" for k, v in r["split_s"].items())
-    return (f"{r['method']:<14}{r['cells']:>10}{r['seconds']:>9.1f} s{r['peak_rss_gb']:>8.2f} GB  "
-            f"{r['harmony_iterations']} iterations  {split}")
+    return (
+        f"{r['method']:<14}{r['cells']:>10}{r['seconds']:>9.1f} s{r['peak_rss_gb']:>8.2f} GB  "
+        f"{r['harmony_iterations']} iterations  {split}"
+    )
 
 
 if __name__ == "__main__":

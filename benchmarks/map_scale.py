@@ -48,7 +48,7 @@ def write_shards(path: Path, n: int, n_shards: int) -> Path:
         folder.mkdir()
         step = -(-n // n_shards)
         for i in range(n_shards):
-            query[i * step:(i + 1) * step].write_zarr(folder / f"shard{i}.zarr")
+            query[i * step : (i + 1) * step].write_zarr(folder / f"shard{i}.zarr")
     return folder
 
 
@@ -75,9 +75,13 @@ def ours(reference_store: Path, query_store: Path, full_query: bool) -> list[dic
     ref = sd.load_reference(saved)
     load_s = time.perf_counter() - start
     rows = []
-    base = {"method": "symphony_dask", "reference_cells": ref.n_cells, "reference_load_s": round(load_s, 2),
-            "neighbor_index": ref.neighbors.method if ref.neighbors else "exact",
-            "neighbor_index_build_s": round(ref.params["timings_s"].get("neighbor_index", 0.0), 1)}
+    base = {
+        "method": "symphony_dask",
+        "reference_cells": ref.n_cells,
+        "reference_load_s": round(load_s, 2),
+        "neighbor_index": ref.neighbors.method if ref.neighbors else "exact",
+        "neighbor_index_build_s": round(ref.params["timings_s"].get("neighbor_index", 0.0), 1),
+    }
     if build_s is not None:
         base["reference_build_s"] = round(build_s, 1)
     for n in SIZES:
@@ -85,22 +89,37 @@ def ours(reference_store: Path, query_store: Path, full_query: bool) -> list[dic
         seconds, mapped = best_of(3, lambda: sd.map_query(ref, query, "donor"))  # annotates query in place
         transfer_s, _ = best_of(1 if n > 10_000 else 3, lambda: sd.transfer_labels(ref, mapped, "cell_type", k=5))
         accuracy = float((mapped.obs["cell_type_pred"] == mapped.obs["cell_type"]).mean())
-        rows.append({**base, "query_cells": n, "map_s": round(seconds, 3), "transfer_s": round(transfer_s, 3),
-                     "accuracy": round(accuracy, 4)})
+        rows.append(
+            {
+                **base,
+                "query_cells": n,
+                "map_s": round(seconds, 3),
+                "transfer_s": round(transfer_s, 3),
+                "accuracy": round(accuracy, 4),
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     shards = write_shards(query_store, SIZES[-1], n_shards=4)
     seconds, mapped = best_of(1, lambda: sd.map_query(ref, str(shards / "*.zarr"), "donor"))
-    rows.append({**base, "query_cells": mapped.n_obs, "query_shards": 4, "map_s": round(seconds, 2),
-                 "read_included": True})
+    rows.append(
+        {**base, "query_cells": mapped.n_obs, "query_shards": 4, "map_s": round(seconds, 2), "read_included": True}
+    )
     print(json.dumps(rows[-1]), flush=True)
     if full_query:
         start = time.perf_counter()
         mapped = sd.map_query(ref, query_store, "donor", chunk_size=10_000)
         seconds = time.perf_counter() - start
         transfer_s, _ = best_of(1, lambda: sd.transfer_labels(ref, mapped, "cell_type", k=5))
-        rows.append({**base, "query_cells": mapped.n_obs, "map_s": round(seconds, 1), "read_included": True,
-                     "transfer_s": round(transfer_s, 1),
-                     "accuracy": round(float((mapped.obs["cell_type_pred"] == mapped.obs["cell_type"]).mean()), 4)})
+        rows.append(
+            {
+                **base,
+                "query_cells": mapped.n_obs,
+                "map_s": round(seconds, 1),
+                "read_included": True,
+                "transfer_s": round(transfer_s, 1),
+                "accuracy": round(float((mapped.obs["cell_type_pred"] == mapped.obs["cell_type"]).mean()), 4),
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -157,11 +176,13 @@ def main() -> None:
         rows += ours(store, args.query, full_query=True)
         n_ref = rows[-1]["reference_cells"]
         if args.peer_python and n_ref <= args.peer_max_cells:
-            done = subprocess.run([args.peer_python, "-c", PEER, str(store), str(args.query)], capture_output=True,
-                                  text=True)
+            done = subprocess.run(
+                [args.peer_python, "-c", PEER, str(store), str(args.query)], capture_output=True, text=True
+            )
             if done.returncode != 0:
-                rows.append({"method": "symphonypy", "reference_cells": n_ref,
-                             "error": done.stderr.strip().splitlines()[-1]})
+                rows.append(
+                    {"method": "symphonypy", "reference_cells": n_ref, "error": done.stderr.strip().splitlines()[-1]}
+                )
                 print(json.dumps(rows[-1]))
             for line in done.stdout.strip().splitlines():
                 rows.append(json.loads(line))

@@ -62,12 +62,23 @@ def main() -> None:
         exact = cKDTree(z).query(q[:2000], k=5, workers=-1)[1]
         start = time.perf_counter()
         ours = NeighborIndex.build(z, method="hnsw", seed=0)
-        row = {"cells": n, "faiss_index_s": round(time.perf_counter() - start, 1),
-               "faiss_recall_at_5": round(recall(ours.query(q[:2000], 5), exact), 4)}
+        row = {
+            "cells": n,
+            "faiss_index_s": round(time.perf_counter() - start, 1),
+            "faiss_recall_at_5": round(recall(ours.query(q[:2000], 5), exact), 4),
+        }
         genes = pd.Index(["g0"])
-        ref = sd.Reference.from_arrays(genes, np.zeros(1), np.ones(1), np.zeros((1, D)), np.random.default_rng(2).normal(size=(D, TYPES)),
-                                       np.ones(TYPES), np.zeros((TYPES, D)), embedding=z,
-                                       obs=pd.DataFrame({"cell_type": types.astype(str)}))
+        ref = sd.Reference.from_arrays(
+            genes,
+            np.zeros(1),
+            np.ones(1),
+            np.zeros((1, D)),
+            np.random.default_rng(2).normal(size=(D, TYPES)),
+            np.ones(TYPES),
+            np.zeros((TYPES, D)),
+            embedding=z,
+            obs=pd.DataFrame({"cell_type": types.astype(str)}),
+        )
         ref.neighbors = ours
         query = ad.AnnData(obs=pd.DataFrame(index=[f"q{i}" for i in range(len(q))]), obsm={"X_symphony": q})
         start = time.perf_counter()
@@ -95,14 +106,23 @@ def main() -> None:
         print(row, flush=True)
         rows.append(row)
 
-    print(f"\n{'cells':>10} {'faiss index':>12} {'recall@5':>9} {'hnswlib index':>14} {'recall@5':>9} "
-          f"{'transfer 100k':>14}")
+    print(
+        f"\n{'cells':>10} {'faiss index':>12} {'recall@5':>9} {'hnswlib index':>14} {'recall@5':>9} "
+        f"{'transfer 100k':>14}"
+    )
     for r in rows:
-        print(f"{r['cells']:>10,} {r['faiss_index_s']:>11.1f}s {r['faiss_recall_at_5']:>9.4f} "
-              f"{r.get('hnswlib_index_s', float('nan')):>13.1f}s {r.get('hnswlib_recall_at_5', float('nan')):>9.4f} "
-              f"{r['transfer_100k_s']:>13.2f}s")
-    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "python": platform.python_version(),
-            "M": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION, "ef_search": HNSW_EF}
+        print(
+            f"{r['cells']:>10,} {r['faiss_index_s']:>11.1f}s {r['faiss_recall_at_5']:>9.4f} "
+            f"{r.get('hnswlib_index_s', float('nan')):>13.1f}s {r.get('hnswlib_recall_at_5', float('nan')):>9.4f} "
+            f"{r['transfer_100k_s']:>13.2f}s"
+        )
+    meta = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "python": platform.python_version(),
+        "M": HNSW_M,
+        "ef_construction": HNSW_EF_CONSTRUCTION,
+        "ef_search": HNSW_EF,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"setup": meta, "runs": rows}, indent=2) + "\n")
 

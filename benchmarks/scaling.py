@@ -38,8 +38,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 MODES = ("threads", "local-1x1", "local-1x2", "local-2x1", "slurm-2x1")
-HARMONY = dict(n_clusters=100, max_iter_harmony=10, max_iter_cluster=4, epsilon_cluster=-1.0, epsilon_harmony=-1.0,
-               n_init=1)
+HARMONY = dict(
+    n_clusters=100, max_iter_harmony=10, max_iter_cluster=4, epsilon_cluster=-1.0, epsilon_harmony=-1.0, n_init=1
+)
 
 
 class GraphCounter:
@@ -66,7 +67,7 @@ def _client(mode: str):
     from distributed.diagnostics.plugin import SchedulerPlugin
 
     if mode.startswith("local-"):
-        workers, threads = (int(x) for x in mode[len("local-"):].split("x"))
+        workers, threads = (int(x) for x in mode[len("local-") :].split("x"))
         cluster = LocalCluster(n_workers=workers, threads_per_worker=threads, dashboard_address=":0")
         client = Client(cluster)
     else:
@@ -114,9 +115,14 @@ def run_one(workload: str, mode: str, cells: int, store: str, keep: Path) -> dic
         graphs = _graphs(client) if client is not None else 0
     finally:
         close()
-    return {"workload": workload, "mode": mode, "seconds": round(wall, 2),
-            "stages_s": {k: round(v, 2) for k, v in stages.items()}, "cluster_iterations": iterations,
-            "graphs": graphs}
+    return {
+        "workload": workload,
+        "mode": mode,
+        "seconds": round(wall, 2),
+        "stages_s": {k: round(v, 2) for k, v in stages.items()},
+        "cluster_iterations": iterations,
+        "graphs": graphs,
+    }
 
 
 def _slurm_available() -> bool:
@@ -142,8 +148,10 @@ def main() -> None:
 
     if "build" in args.workloads and not Path(args.store).exists():
         cells = int("".join(ch for ch in Path(args.store).stem if ch.isdigit()) or 100_000)
-        subprocess.run([sys.executable, "-m", "symphony_dask.datasets.synthetic", "--cells", str(cells),
-                        "--out", args.store], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "symphony_dask.datasets.synthetic", "--cells", str(cells), "--out", args.store],
+            check=True,
+        )
     import numpy as np
 
     modes = [m for m in args.modes if m != "slurm-2x1" or _slurm_available()]
@@ -154,8 +162,18 @@ def main() -> None:
                 runs = []
                 keep = Path(tmp) / f"{workload}-{mode}.npy"
                 for _ in range(args.repeats):
-                    cmd = [sys.executable, __file__, "--one", workload, mode, str(keep), "--cells", str(args.cells),
-                           "--store", args.store]
+                    cmd = [
+                        sys.executable,
+                        __file__,
+                        "--one",
+                        workload,
+                        mode,
+                        str(keep),
+                        "--cells",
+                        str(args.cells),
+                        "--store",
+                        args.store,
+                    ]
                     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
                     if done.returncode != 0:
                         runs.append({"workload": workload, "mode": mode, "error": done.stderr.strip().splitlines()[-1]})
@@ -168,8 +186,12 @@ def main() -> None:
                     best["max_abs_diff_vs_threads"] = float(np.abs(np.load(keep) - np.load(reference)).max())
                 rows.append(best)
                 print(_row(best, rows), flush=True)
-    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "python": platform.python_version(),
-            "harmonize": {"cells": args.cells, **HARMONY}, "store": Path(args.store).name}
+    meta = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "python": platform.python_version(),
+        "harmonize": {"cells": args.cells, **HARMONY},
+        "store": Path(args.store).name,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"setup": meta, "runs": rows}, indent=2) + "\n")
     print(f"written to {args.out}")
@@ -178,14 +200,17 @@ def main() -> None:
 def _row(r: dict, rows: list[dict]) -> str:
     if "error" in r:
         return f"{r['workload']:<10}{r['mode']:<11} failed: {r['error']}"
-    threads = next((x for x in rows if x["workload"] == r["workload"] and x["mode"] == "threads" and "seconds" in x),
-                   None)
+    threads = next(
+        (x for x in rows if x["workload"] == r["workload"] and x["mode"] == "threads" and "seconds" in x), None
+    )
     ratio = f"{r['seconds'] / threads['seconds']:.2f}x threads" if threads else ""
     same = f"max |diff| {r['max_abs_diff_vs_threads']:.1e}" if "max_abs_diff_vs_threads" in r else ""
     per_iteration = r["graphs"] / max(r["cluster_iterations"], 1)
     stages = ", ".join(f"{k} {v}" for k, v in r["stages_s"].items())
-    return (f"{r['workload']:<10}{r['mode']:<11}{r['seconds']:>8.2f} s  {ratio:<14} {same:<20} graphs {r['graphs']} "
-            f"({per_iteration:.2f} per clustering iteration of {r['cluster_iterations']})  {stages}")
+    return (
+        f"{r['workload']:<10}{r['mode']:<11}{r['seconds']:>8.2f} s  {ratio:<14} {same:<20} graphs {r['graphs']} "
+        f"({per_iteration:.2f} per clustering iteration of {r['cluster_iterations']})  {stages}"
+    )
 
 
 if __name__ == "__main__":

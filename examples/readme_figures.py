@@ -16,8 +16,9 @@ OUT = Path(__file__).parents[1] / "docs" / "figures"
 adata = pbmcs_small()
 ref_cells = adata[adata.obs.donor.isin(["3pv2", "5p"])].copy()
 query = adata[adata.obs.donor == "3pv1"].copy()
-ref = sd.build_reference(ref_cells, batch_keys="donor", normalize=False, n_hvg=1000, hvg_batch_key="donor",
-                         n_pcs=20, n_clusters=100)
+ref = sd.build_reference(
+    ref_cells, batch_keys="donor", normalize=False, n_hvg=1000, hvg_batch_key="donor", n_pcs=20, n_clusters=100
+)
 query = sd.map_query(ref, query, batch_keys="donor", normalize=False)
 sd.transfer_labels(ref, query, "cell_type", k=5)
 

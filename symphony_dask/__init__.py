@@ -58,15 +58,20 @@ def __dir__() -> list[str]:
 
 
 if _typing.TYPE_CHECKING:
-    from symphony_dask import datasets
-    from symphony_dask import pl
-    from symphony_dask._mapping.annotate import evaluate, transfer_labels, transfer_values
+    from symphony_dask import datasets, pl
     from symphony_dask._dask.dashboard import cluster_from_file
+    from symphony_dask._harmony.driver import HarmonyResult
+    from symphony_dask._harmony.harmonize import harmonize
+    from symphony_dask._mapping.annotate import evaluate, transfer_labels, transfer_values
+    from symphony_dask._mapping.metrics import (
+        knn_corr,
+        lisi,
+        per_cell_mapping_metric,
+        per_cluster_mapping_metric,
+        within_query_knn_corr,
+    )
+    from symphony_dask._mapping.query import map_query
     from symphony_dask._reference.build import build_reference
     from symphony_dask._reference.from_anndata import reference_from_anndata
-    from symphony_dask._harmony.harmonize import harmonize
-    from symphony_dask._harmony.driver import HarmonyResult
-    from symphony_dask._mapping.query import map_query
-    from symphony_dask._mapping.metrics import knn_corr, lisi, per_cell_mapping_metric, per_cluster_mapping_metric, within_query_knn_corr
-    from symphony_dask._reference.rds import read_symphony_rds
     from symphony_dask._reference.model import Reference, load_reference
+    from symphony_dask._reference.rds import read_symphony_rds

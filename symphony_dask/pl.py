@@ -45,8 +45,16 @@ _UMAP_SIZE = (6.0, 5.0)
 _LEGEND_ROWS = 18
 
 
-def reference(ref: Reference, color: str | None = None, *, density: bool = True, labels: bool = True,
-              ax: Axes | None = None, point_size: float | None = None, seed: int = 0) -> Axes:
+def reference(
+    ref: Reference,
+    color: str | None = None,
+    *,
+    density: bool = True,
+    labels: bool = True,
+    ax: Axes | None = None,
+    point_size: float | None = None,
+    seed: int = 0,
+) -> Axes:
     """The reference cells in their UMAP.
 
     Parameters
@@ -96,8 +104,16 @@ def reference(ref: Reference, color: str | None = None, *, density: bool = True,
     return _finish(ax, f"reference UMAP: {color}")
 
 
-def mapping(ref: Reference, query: ad.AnnData, color: str | None = None, *, ax: Axes | None = None,
-            point_size: float | None = None, labels: bool = False, seed: int = 0) -> Axes:
+def mapping(
+    ref: Reference,
+    query: ad.AnnData,
+    color: str | None = None,
+    *,
+    ax: Axes | None = None,
+    point_size: float | None = None,
+    labels: bool = False,
+    seed: int = 0,
+) -> Axes:
     """Mapped query cells (``query.obsm['X_umap']``) over the reference cells, drawn as light grey points
     under grey density bands.
 
@@ -125,15 +141,22 @@ def mapping(ref: Reference, query: ad.AnnData, color: str | None = None, *, ax: 
     """
     coords = _umap_of(ref)
     if "X_umap" not in query.obsm:
-        raise ValueError("the query has no obsm['X_umap']: map it with map_query onto a reference built with "
-                         "umap=True")
+        raise ValueError("the query has no obsm['X_umap']: map it with map_query onto a reference built with umap=True")
     placed = np.asarray(query.obsm["X_umap"])
     values = None if color is None else _column(query.obs, color, "the query obs")
     categories, palette = ([], []) if values is None else _palette(values)
     ax = _axes(ax, (_UMAP_SIZE[0] + _legend_width(categories), _UMAP_SIZE[1]))
     _points(ax, coords, "#d9d9d9", None)
-    _bands(ax, _grid(coords), coords, np.random.default_rng(seed), (0.35, 0.35, 0.35), _BACKGROUND_LEVELS,
-           _BACKGROUND_ALPHAS, gid="density reference")
+    _bands(
+        ax,
+        _grid(coords),
+        coords,
+        np.random.default_rng(seed),
+        (0.35, 0.35, 0.35),
+        _BACKGROUND_LEVELS,
+        _BACKGROUND_ALPHAS,
+        gid="density reference",
+    )
     if values is None:
         _points(ax, placed, "#d62728", point_size)
         return _finish(ax, "query in the reference UMAP")
@@ -146,8 +169,9 @@ def mapping(ref: Reference, query: ad.AnnData, color: str | None = None, *, ax: 
     return _finish(ax, f"query in the reference UMAP: {color}")
 
 
-def confusion(true: pd.Series | np.ndarray, predicted: pd.Series | np.ndarray, *, ax: Axes | None = None,
-              annotate: bool = True) -> Axes:
+def confusion(
+    true: pd.Series | np.ndarray, predicted: pd.Series | np.ndarray, *, ax: Axes | None = None, annotate: bool = True
+) -> Axes:
     """Row-normalized confusion matrix: the fraction of the cells of each true label (rows) given each
     predicted label (columns).
 
@@ -175,8 +199,9 @@ def confusion(true: pd.Series | np.ndarray, predicted: pd.Series | np.ndarray, *
     columns = sorted(set(table.columns) | set(table.index), key=lambda c: (c not in table.index, c))
     table = table.reindex(columns=columns, fill_value=0)
     fractions = table.div(table.sum(axis=1), axis=0)
-    ax = _axes(ax, (2.4 + 0.45 * len(columns) + _text_width(table.index),
-                    1.0 + 0.4 * len(table) + _text_width(columns)))
+    ax = _axes(
+        ax, (2.4 + 0.45 * len(columns) + _text_width(table.index), 1.0 + 0.4 * len(table) + _text_width(columns))
+    )
     image = ax.imshow(fractions.to_numpy(), cmap="Blues", vmin=0, vmax=1, aspect="auto")
     ax.set_xticks(range(len(columns)), columns, rotation=90)
     ax.set_yticks(range(len(table)), table.index)
@@ -186,15 +211,29 @@ def confusion(true: pd.Series | np.ndarray, predicted: pd.Series | np.ndarray, *
         for i, row in enumerate(fractions.to_numpy()):
             for j, value in enumerate(row):
                 if value >= 0.005:
-                    ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
-                            color="white" if value > 0.6 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        f"{value:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if value > 0.6 else "black",
+                    )
     ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of true label")
     ax.set_title("confusion (row-normalized)")
     return ax
 
 
-def mapping_scores(query: ad.AnnData, groupby: str, *, key: str = "mapping_score", threshold: float | None = None,
-                   log: bool = True, ax: Axes | None = None) -> Axes:
+def mapping_scores(
+    query: ad.AnnData,
+    groupby: str,
+    *,
+    key: str = "mapping_score",
+    threshold: float | None = None,
+    log: bool = True,
+    ax: Axes | None = None,
+) -> Axes:
     """Box plots of the per-cell mapping metric per group of query cells, lowest median first.
 
     Parameters
@@ -225,8 +264,9 @@ def mapping_scores(query: ad.AnnData, groupby: str, *, key: str = "mapping_score
     frame = pd.DataFrame({"score": scores.to_numpy(dtype=float), "group": groups.to_numpy()})
     order = frame.groupby("group")["score"].median().sort_values().index.tolist()
     ax = _axes(ax, (2.0 + 0.5 * len(order), 3.5 + _text_width(order)))
-    ax.boxplot([frame.loc[frame.group == g, "score"].to_numpy() for g in order], showfliers=True,
-               flierprops={"markersize": 2})
+    ax.boxplot(
+        [frame.loc[frame.group == g, "score"].to_numpy() for g in order], showfliers=True, flierprops={"markersize": 2}
+    )
     ax.set_xticks(range(1, len(order) + 1), order, rotation=90)
     if log and (frame.score > 0).all():
         ax.set_yscale("log")
@@ -256,7 +296,8 @@ def _column(frame: pd.DataFrame, key: str, where: str) -> pd.Series:
 
 def _axes(ax: Axes | None, size: tuple[float, float]) -> Axes:
     """``ax``, or the axes of a new figure of ``size`` inches with a constrained layout (which keeps the
-    legend, tick labels and titles inside the figure)."""
+    legend, tick labels and titles inside the figure).
+    """
     if ax is not None:
         return ax
     import matplotlib.pyplot as plt
@@ -282,16 +323,20 @@ def _palette(values: pd.Series) -> tuple[list, list]:
 
     # colours follow the full category list, so that predicted labels (categories of the reference
     # labels) keep the reference's colours even when some are absent; absent ones are then dropped
-    categories = list(values.cat.categories) if isinstance(values.dtype, pd.CategoricalDtype) else sorted(
-        values.astype(str).unique())
+    categories = (
+        list(values.cat.categories)
+        if isinstance(values.dtype, pd.CategoricalDtype)
+        else sorted(values.astype(str).unique())
+    )
     cmap = mpl.colormaps["tab10" if len(categories) <= 10 else "tab20"]
     palette = [cmap(i % cmap.N) for i in range(len(categories))]
     present = [(c, p) for c, p in zip(categories, palette) if (values == c).any()]
     return [c for c, _ in present], [p for _, p in present]
 
 
-def _points(ax: Axes, xy: np.ndarray, color, size: float | None, n_total: int | None = None,
-            alpha: float = 1.0) -> None:
+def _points(
+    ax: Axes, xy: np.ndarray, color, size: float | None, n_total: int | None = None, alpha: float = 1.0
+) -> None:
     n = n_total or len(xy)
     size = size if size is not None else float(np.clip(6_000 / max(n, 1), 0.5, 12))
     ax.scatter(xy[:, 0], xy[:, 1], s=size, c=color, linewidths=0, alpha=alpha, rasterized=n > 5_000)
@@ -304,12 +349,22 @@ def _grid(coords: np.ndarray) -> list[np.ndarray]:
     return [np.linspace(lo[i] - pad[i], hi[i] + pad[i], _GRID + 1) for i in range(2)]
 
 
-def _bands(ax: Axes, edges: list[np.ndarray], xy: np.ndarray, rng: np.random.Generator, rgb: tuple,
-           levels: tuple[float, ...], alphas: tuple[float, ...], *, gid: str) -> None:
+def _bands(
+    ax: Axes,
+    edges: list[np.ndarray],
+    xy: np.ndarray,
+    rng: np.random.Generator,
+    rgb: tuple,
+    levels: tuple[float, ...],
+    alphas: tuple[float, ...],
+    *,
+    gid: str,
+) -> None:
     """Filled density bands of ``xy`` (one contour set, of gid ``gid``): a 2-D histogram on the grid of
     ``edges`` smoothed by a Gaussian of :data:`_SMOOTH_BINS` bins (so that small and far-apart groups
     keep their own peaks) and scaled to its maximum, banded at ``levels`` (fractions of the maximum),
-    each band of colour ``rgb`` at its opacity in ``alphas`` (more opaque where more cells are)."""
+    each band of colour ``rgb`` at its opacity in ``alphas`` (more opaque where more cells are).
+    """
     from scipy.ndimage import gaussian_filter
 
     if len(xy) > DENSITY_SAMPLE:
@@ -325,16 +380,25 @@ def _label_centres(ax: Axes, members: dict[str, np.ndarray]) -> None:
     """Each label at the median of its cells (``members``: label -> coordinates), those of more cells
     first, placed as the axes stand now (a layout engine may still resize them a little): a label that
     would stick out of the axes moves in, and one that would cover a label written before moves down or
-    up by its height until it covers none."""
+    up by its height until it covers none.
+    """
     from matplotlib.patheffects import withStroke
 
     ax.autoscale_view()
     inside = ax.get_window_extent()
     written = []
     for label in sorted(members, key=lambda c: -len(members[c])):
-        text = ax.annotate(str(label), tuple(np.median(members[label], axis=0)), xytext=(0, 0),
-                           textcoords="offset points", fontsize=8, weight="bold", ha="center", va="center",
-                           path_effects=[withStroke(linewidth=2.5, foreground="white", alpha=0.8)])
+        text = ax.annotate(
+            str(label),
+            tuple(np.median(members[label], axis=0)),
+            xytext=(0, 0),
+            textcoords="offset points",
+            fontsize=8,
+            weight="bold",
+            ha="center",
+            va="center",
+            path_effects=[withStroke(linewidth=2.5, foreground="white", alpha=0.8)],
+        )
         box = text.get_window_extent().padded(2)
         dx = max(inside.x0 - box.x0, 0) - max(box.x1 - inside.x1, 0)
         shifts = (box.height * sign * k for k in range(2 * len(written) + 1) for sign in (-1, 1))
@@ -348,8 +412,14 @@ def _legend(ax: Axes, categories: list, palette: list) -> None:
     from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], marker="o", ls="", color=c, label=str(label)) for label, c in zip(categories, palette)]
-    ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False, fontsize=8,
-              ncols=1 + (len(categories) - 1) // _LEGEND_ROWS)
+    ax.legend(
+        handles=handles,
+        loc="center left",
+        bbox_to_anchor=(1.01, 0.5),
+        frameon=False,
+        fontsize=8,
+        ncols=1 + (len(categories) - 1) // _LEGEND_ROWS,
+    )
 
 
 def _finish(ax: Axes, title: str) -> Axes:

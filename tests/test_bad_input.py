@@ -119,8 +119,13 @@ def test_label_transfer_needs_embedding_and_key(built_reference, r_reference, sp
     with pytest.raises(ValueError, match=r"k=5000 must be between 1 and the number of reference cells \(910\)"):
         sd.transfer_labels(built_reference, mapped, "cell_type", k=5000)
     minimal = sd.Reference.from_arrays(
-        r_reference.genes, r_reference.mean, r_reference.std, r_reference.loadings,
-        r_reference.centroids, r_reference.cluster_sizes, r_reference.compression,
+        r_reference.genes,
+        r_reference.mean,
+        r_reference.std,
+        r_reference.loadings,
+        r_reference.centroids,
+        r_reference.cluster_sizes,
+        r_reference.compression,
     )
     with pytest.raises(ValueError, match="saved without its per-cell embedding"):
         sd.transfer_labels(minimal, mapped, "cell_type")
@@ -141,15 +146,19 @@ def test_input_that_is_not_anndata(tmp_path):
 
 def _tiny(values: np.ndarray) -> ad.AnnData:
     n_cells, n_genes = values.shape
-    return ad.AnnData(sp.csr_matrix(values), obs=pd.DataFrame({"donor": ["a", "b"] * (n_cells // 2)},
-                                                              index=[f"c{i}" for i in range(n_cells)]),
-                      var=pd.DataFrame(index=[f"g{j}" for j in range(n_genes)]))
+    return ad.AnnData(
+        sp.csr_matrix(values),
+        obs=pd.DataFrame({"donor": ["a", "b"] * (n_cells // 2)}, index=[f"c{i}" for i in range(n_cells)]),
+        var=pd.DataFrame(index=[f"g{j}" for j in range(n_genes)]),
+    )
 
 
 @pytest.mark.parametrize("normalize", [True, False])
 def test_all_zero_matrix_is_named(normalize):
     data = _tiny(np.zeros((60, 30)))
-    with pytest.raises(ValueError, match=r"expression matrix \(60 cells x 30 genes, read from X\) has no nonzero value"):
+    with pytest.raises(
+        ValueError, match=r"expression matrix \(60 cells x 30 genes, read from X\) has no nonzero value"
+    ):
         sd.build_reference(data, "donor", normalize=normalize, n_hvg=10, n_pcs=3, n_clusters=2)
 
 
@@ -211,8 +220,10 @@ def test_per_cell_batch_key_is_refused(split, built_reference):
 def test_batch_values_that_read_the_same_are_refused(split, built_reference):
     ref_cells, query = split
     query.obs["donor"] = pd.Series([1, "1"] * (query.n_obs // 2), index=query.obs_names, dtype=object)
-    message = r"batch key 'donor' in {} holds values of different types that read the same as text, 1 \(number\) " \
-              r"and '1' \(text\), which would be merged"
+    message = (
+        r"batch key 'donor' in {} holds values of different types that read the same as text, 1 \(number\) "
+        r"and '1' \(text\), which would be merged"
+    )
     with pytest.raises(ValueError, match=message.format("the query's obs")):
         sd.map_query(built_reference, query, "donor", normalize=False)
     ref_cells.obs["donor"] = pd.Categorical(ref_cells.obs["donor"].map({"3pv2": 1, "5p": "1"}).to_numpy())

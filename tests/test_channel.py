@@ -45,12 +45,21 @@ def _same(a: Any, b: Any) -> bool:
 
 MESSAGES = {
     "scalars": (0, -1, 2**63 - 1, -(2**63), 0.0, -2.5, float("inf"), None, "", "Harmony é"),
-    "arrays": (np.arange(3.0), np.arange(6, dtype=np.int64).reshape(2, 3),
-               np.linspace(0, 1, 24).reshape(2, 3, 4), np.array(4.0), np.array(-3, dtype=np.int64)),
+    "arrays": (
+        np.arange(3.0),
+        np.arange(6, dtype=np.int64).reshape(2, 3),
+        np.linspace(0, 1, 24).reshape(2, 3, 4),
+        np.array(4.0),
+        np.array(-3, dtype=np.int64),
+    ),
     "empty arrays": (np.zeros(0), np.zeros((0, 3), dtype=np.int64), np.zeros((2, 0, 5))),
     "nested": ((), (1, (2.0, (None, ("x", np.ones((2, 2)))))), ((), ())),
-    "a block": (3, 7, np.random.default_rng(0).normal(size=(4, 100)),
-                (np.eye(30, 100), np.array([2, 0, 1], dtype=np.int64))),
+    "a block": (
+        3,
+        7,
+        np.random.default_rng(0).normal(size=(4, 100)),
+        (np.eye(30, 100), np.array([2, 0, 1], dtype=np.int64)),
+    ),
 }
 
 
@@ -67,12 +76,15 @@ def test_round_trips(items):
     assert _same(decode(encode(sent)[8:]), (5, 7.5, np.array([0.0, 3.0, 6.0, 9.0])))
 
 
-@pytest.mark.parametrize(("item", "error", "match"), [
-    (True, TypeError, "booleans"),
-    (np.zeros(2, dtype=np.float32), TypeError, "arrays of float32"),
-    (b"bytes", TypeError, "bytes is not sent"),
-    (np.zeros((1,) * 9), ValueError, "9 dimensions"),
-])
+@pytest.mark.parametrize(
+    ("item", "error", "match"),
+    [
+        (True, TypeError, "booleans"),
+        (np.zeros(2, dtype=np.float32), TypeError, "arrays of float32"),
+        (b"bytes", TypeError, "bytes is not sent"),
+        (np.zeros((1,) * 9), ValueError, "9 dimensions"),
+    ],
+)
 def test_what_is_not_sent(item, error, match):
     with pytest.raises(error, match=match):
         encode((item,))
@@ -213,14 +225,19 @@ def test_a_wrong_token_is_turned_away(peer):
     assert peer.calls == []
 
 
-@pytest.mark.parametrize("body", [
-    b"t" + _q(2**62) + b"s" + _q(-9),  # looped the old decoder
-    b"a" + _q(1, -(2**40)),
-    b"t" + _q(2**40),
-], ids=["negative string length", "negative dimension", "huge tuple"])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"t" + _q(2**62) + b"s" + _q(-9),  # looped the old decoder
+        b"a" + _q(1, -(2**40)),
+        b"t" + _q(2**40),
+    ],
+    ids=["negative string length", "negative dimension", "huge tuple"],
+)
 def test_a_malformed_request_closes_the_connection_at_once(peer, body):
     """A peer holding the token sends a malformed request: its connection is closed within a
     second, the handler is not called, and the server goes on serving."""
+
     async def conversation() -> None:
         reader, writer = await asyncio.open_connection(*peer.endpoint)
         writer.write(TOKEN)
@@ -402,7 +419,8 @@ class _BreakingProxy:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.server = asyncio.run_coroutine_threadsafe(
-            asyncio.start_server(self._relay, "127.0.0.1", 0), self.loop).result(5)
+            asyncio.start_server(self._relay, "127.0.0.1", 0), self.loop
+        ).result(5)
         self.endpoint = self.server.sockets[0].getsockname()[:2]
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -419,8 +437,9 @@ class _BreakingProxy:
             writer.close()
             up_writer.close()
 
-        await asyncio.gather(pipe(reader, up_writer, self.requests), pipe(up_reader, writer, None),
-                             return_exceptions=True)
+        await asyncio.gather(
+            pipe(reader, up_writer, self.requests), pipe(up_reader, writer, None), return_exceptions=True
+        )
 
     def close(self) -> None:
         async def shut_down() -> None:

@@ -23,15 +23,40 @@ def files(split, tmp_path):
 
 
 def test_build_then_map_with_label_transfer(files, capsys, built_reference):
-    args = ["--batch-key", "donor", "--no-normalize", "--n-hvg", "1000", "--hvg-batch-key", "donor", "--n-clusters", "100"]
+    args = [
+        "--batch-key",
+        "donor",
+        "--no-normalize",
+        "--n-hvg",
+        "1000",
+        "--hvg-batch-key",
+        "donor",
+        "--n-clusters",
+        "100",
+    ]
     assert main(["build", str(files / "ref.h5ad"), "--out", str(files / "ref.zarr"), "-q", *args]) == 0
     assert "Reference(1360 genes, 20 PCs, 100 clusters, 910 cells" in capsys.readouterr().out
     ref = sd.load_reference(files / "ref.zarr")
     np.testing.assert_allclose(ref.loadings, built_reference.loadings, atol=1e-10)
 
     out = files / "mapped.h5ad"
-    code = main(["map", "--reference", str(files / "ref.zarr"), "--query", str(files / "query.h5ad"),
-                 "--batch-key", "donor", "--no-normalize", "--transfer", "cell_type", "--out", str(out), "-q"])
+    code = main(
+        [
+            "map",
+            "--reference",
+            str(files / "ref.zarr"),
+            "--query",
+            str(files / "query.h5ad"),
+            "--batch-key",
+            "donor",
+            "--no-normalize",
+            "--transfer",
+            "cell_type",
+            "--out",
+            str(out),
+            "-q",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "mapped 290 cells from 1 file(s) (100.0% of reference genes found)" in printed
@@ -63,9 +88,26 @@ def test_demo_reports_accuracy_and_stage_times(capsys):
 
 
 def test_build_on_local_cluster_config(files, capsys):
-    code = main(["build", str(files / "ref.h5ad"), "--out", str(files / "ref.zarr"), "-q", "--batch-key", "donor",
-                 "--no-normalize", "--n-hvg", "500", "--max-iter-harmony", "1", "--chunk-size", "300",
-                 "--cluster", str(CLUSTER_CONFIGS / "local.yaml")])
+    code = main(
+        [
+            "build",
+            str(files / "ref.h5ad"),
+            "--out",
+            str(files / "ref.zarr"),
+            "-q",
+            "--batch-key",
+            "donor",
+            "--no-normalize",
+            "--n-hvg",
+            "500",
+            "--max-iter-harmony",
+            "1",
+            "--chunk-size",
+            "300",
+            "--cluster",
+            str(CLUSTER_CONFIGS / "local.yaml"),
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "Dask dashboard:" in out and "910 cells" in out
@@ -77,9 +119,25 @@ def test_map_shards_into_one_output_each(files, capsys, built_reference, split):
     built_reference.save(files / "ref.zarr")
     for i, rows in enumerate(np.array_split(np.arange(query.n_obs), 3)):
         query[rows].write_h5ad(files / f"shard_{i}.h5ad")
-    code = main(["map", "--reference", str(files / "ref.zarr"), "--query", str(files / "shard_*.h5ad"),
-                 "--batch-key", "donor", "--no-normalize", "--transfer", "cell_type", "--out", str(files / "mapped"),
-                 "--chunk-size", "60", "-q"])
+    code = main(
+        [
+            "map",
+            "--reference",
+            str(files / "ref.zarr"),
+            "--query",
+            str(files / "shard_*.h5ad"),
+            "--batch-key",
+            "donor",
+            "--no-normalize",
+            "--transfer",
+            "cell_type",
+            "--out",
+            str(files / "mapped"),
+            "--chunk-size",
+            "60",
+            "-q",
+        ]
+    )
     assert code == 0
     assert "mapped 290 cells from 3 file(s)" in capsys.readouterr().out
     expected = sd.map_query(built_reference, query.copy(), "donor", normalize=False).obsm["X_symphony"]
@@ -99,12 +157,32 @@ def test_layer_counts_from_the_command_line_equals_the_python_api(files, capsys)
     the same numbers as the Python API with layer='counts'."""
     ref_out, mapped_out = files / "ref.zarr", files / "mapped.h5ad"
     assert main(["build", str(files / "ref.h5ad"), "--out", str(ref_out), "--layer", "counts", "-q", *CLI_BUILD]) == 0
-    assert main(["map", "--reference", str(ref_out), "--query", str(files / "query.h5ad"), "--layer", "counts",
-                 "--batch-key", "donor", "--transfer", "cell_type", "--out", str(mapped_out), "-q"]) == 0
+    assert (
+        main(
+            [
+                "map",
+                "--reference",
+                str(ref_out),
+                "--query",
+                str(files / "query.h5ad"),
+                "--layer",
+                "counts",
+                "--batch-key",
+                "donor",
+                "--transfer",
+                "cell_type",
+                "--out",
+                str(mapped_out),
+                "-q",
+            ]
+        )
+        == 0
+    )
     assert "warning" not in capsys.readouterr().err
 
-    ref = sd.build_reference(files / "ref.h5ad", "donor", layer="counts", n_hvg=1000, hvg_batch_key="donor",
-                             n_clusters=100)
+    ref = sd.build_reference(
+        files / "ref.h5ad", "donor", layer="counts", n_hvg=1000, hvg_batch_key="donor", n_clusters=100
+    )
     mapped = sd.map_query(ref, files / "query.h5ad", "donor", layer="counts")
     saved, written = sd.load_reference(ref_out), ad.read_h5ad(mapped_out)
     for name in ("mean", "std", "loadings", "centroids", "compression"):
@@ -115,15 +193,27 @@ def test_layer_counts_from_the_command_line_equals_the_python_api(files, capsys)
 
 def test_log_values_read_as_counts_warn_naming_the_layer_and_the_flag(files, capsys, built_reference):
     built_reference.save(files / "ref.zarr")
-    code = main(["map", "--reference", str(files / "ref.zarr"), "--query", str(files / "query.h5ad"),
-                 "--out", str(files / "mapped.h5ad"), "-q"])
+    code = main(
+        [
+            "map",
+            "--reference",
+            str(files / "ref.zarr"),
+            "--query",
+            str(files / "query.h5ad"),
+            "--out",
+            str(files / "mapped.h5ad"),
+            "-q",
+        ]
+    )
     assert code == 0
     err = capsys.readouterr().err
     assert err.startswith("symphony-dask: warning: the query expression holds")
     assert "pass --layer counts; if they are log(CP10K+1) values, pass --no-normalize" in err
     assert "normalize=" not in err and "Warning" not in err
     # in Python the same advice names the keyword arguments
-    with pytest.warns(UserWarning, match=r"pass layer='counts'; if they are log\(CP10K\+1\) values, pass normalize=False"):
+    with pytest.warns(
+        UserWarning, match=r"pass layer='counts'; if they are log\(CP10K\+1\) values, pass normalize=False"
+    ):
         sd.map_query(built_reference, files / "query.h5ad")
 
 
@@ -137,32 +227,51 @@ def test_unknown_layer_names_the_layers(files, capsys):
 def test_obs_filter_builds_from_the_selected_cells(split, tmp_path, capsys, built_reference, pbmcs):
     """--obs-filter on the whole data set gives the reference of the selected cells alone."""
     pbmcs.write_h5ad(tmp_path / "all.h5ad")
-    code = main(["build", str(tmp_path / "all.h5ad"), "--out", str(tmp_path / "ref.zarr"), "--no-normalize",
-                 "--obs-filter", "donor != '3pv1'", "-q", *CLI_BUILD])
+    code = main(
+        [
+            "build",
+            str(tmp_path / "all.h5ad"),
+            "--out",
+            str(tmp_path / "ref.zarr"),
+            "--no-normalize",
+            "--obs-filter",
+            "donor != '3pv1'",
+            "-q",
+            *CLI_BUILD,
+        ]
+    )
     assert code == 0
     ref = sd.load_reference(tmp_path / "ref.zarr")
     assert ref.n_cells == 910 and ref.params["obs_filter"] == "donor != '3pv1'"
     for name in ("loadings", "centroids", "compression"):
         assert np.abs(getattr(ref, name) - getattr(built_reference, name)).max() <= 1e-10, name
-    code = main(["build", str(tmp_path / "all.h5ad"), "--out", str(tmp_path / "r2.zarr"), "--obs-filter",
-                 "tech == '5p'", "-q"])
+    code = main(
+        ["build", str(tmp_path / "all.h5ad"), "--out", str(tmp_path / "r2.zarr"), "--obs-filter", "tech == '5p'", "-q"]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert """--obs-filter "tech == '5p'" names 'tech', which is not an obs column""" in err
     assert "'donor', 'nUMI'" in err and not (tmp_path / "r2.zarr").exists()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["build", "{ref}", "--out", "{tmp}/ref.h5ad"], "a reference is a zarr store; name it with .zarr"),
-    (["map", "--reference", "{tmp}/ref.zarr", "--query", "{query}", "--out", "{tmp}/mapped.csv"],
-     "end the name with .h5ad or .zarr"),
-    (["map", "--reference", "{tmp}/ref.zarr", "--query", "{tmp}/shard_*.h5ad", "--out", "{tmp}/mapped.h5ad"],
-     "2 query files are mapped, each to its own file in the folder --out names"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["build", "{ref}", "--out", "{tmp}/ref.h5ad"], "a reference is a zarr store; name it with .zarr"),
+        (
+            ["map", "--reference", "{tmp}/ref.zarr", "--query", "{query}", "--out", "{tmp}/mapped.csv"],
+            "end the name with .h5ad or .zarr",
+        ),
+        (
+            ["map", "--reference", "{tmp}/ref.zarr", "--query", "{tmp}/shard_*.h5ad", "--out", "{tmp}/mapped.h5ad"],
+            "2 query files are mapped, each to its own file in the folder --out names",
+        ),
+    ],
+)
 def test_output_suffixes_are_checked_before_any_work(files, capsys, argv, message, built_reference, split):
     built_reference.save(files / "ref.zarr")
     for i in range(2):
-        split[1][i * 10: (i + 1) * 10].write_h5ad(files / f"shard_{i}.h5ad")
+        split[1][i * 10 : (i + 1) * 10].write_h5ad(files / f"shard_{i}.h5ad")
     before = set(files.iterdir())
     argv = [a.format(ref=files / "ref.h5ad", query=files / "query.h5ad", tmp=files) for a in argv]
     assert main([*argv, "-q"]) == 2
@@ -179,29 +288,64 @@ def test_transfer_checks_come_before_the_mapping(files, capsys, built_reference,
         raise AssertionError("map_query ran before the checks")
 
     monkeypatch.setattr(symphony_dask._mapping.query, "map_query", not_called)
-    minimal = sd.Reference.from_arrays(built_reference.genes, built_reference.mean, built_reference.std,
-                                       built_reference.loadings, built_reference.centroids,
-                                       built_reference.cluster_sizes, built_reference.compression)
+    minimal = sd.Reference.from_arrays(
+        built_reference.genes,
+        built_reference.mean,
+        built_reference.std,
+        built_reference.loadings,
+        built_reference.centroids,
+        built_reference.cluster_sizes,
+        built_reference.compression,
+    )
     minimal.save(files / "minimal.zarr")
     built_reference.save(files / "ref.zarr")
-    cases = [("minimal.zarr", ["--transfer", "cell_type"], "saved without its per-cell embedding and obs, which label "
-                                                          "transfer needs; rebuild it (leave out --minimal)"),
-             ("ref.zarr", ["--transfer", "cell_type", "--k", "5000"], "--k 5000: between 1 and the reference's 910 "
-                                                                      "cells"),
-             ("ref.zarr", ["--transfer", "celltype"], "'celltype' is not a column of the reference obs"),
-             ("ref.zarr", ["--transfer-values", "protein"], "the obsm keys: (none)"),
-             ("ref.zarr", ["--transfer", "cell_type", "--min-confidence", "60"], "between 0 and 1")]
+    cases = [
+        (
+            "minimal.zarr",
+            ["--transfer", "cell_type"],
+            "saved without its per-cell embedding and obs, which label "
+            "transfer needs; rebuild it (leave out --minimal)",
+        ),
+        ("ref.zarr", ["--transfer", "cell_type", "--k", "5000"], "--k 5000: between 1 and the reference's 910 cells"),
+        ("ref.zarr", ["--transfer", "celltype"], "'celltype' is not a column of the reference obs"),
+        ("ref.zarr", ["--transfer-values", "protein"], "the obsm keys: (none)"),
+        ("ref.zarr", ["--transfer", "cell_type", "--min-confidence", "60"], "between 0 and 1"),
+    ]
     for reference, extra, message in cases:
-        code = main(["map", "--reference", str(files / reference), "--query", str(files / "query.h5ad"),
-                     "--out", str(files / "mapped.h5ad"), "--no-normalize", "-q", *extra])
+        code = main(
+            [
+                "map",
+                "--reference",
+                str(files / reference),
+                "--query",
+                str(files / "query.h5ad"),
+                "--out",
+                str(files / "mapped.h5ad"),
+                "--no-normalize",
+                "-q",
+                *extra,
+            ]
+        )
         assert code == 2, extra
         assert message in capsys.readouterr().err, extra
         assert not (files / "mapped.h5ad").exists()
 
 
 def test_messages_name_the_command_line_flags(files, capsys):
-    code = main(["build", str(files / "ref.h5ad"), "--out", str(files / "r.zarr"), "--no-normalize",
-                 "--batch-key", "donor", "--n-clusters", "5000", "-q"])
+    code = main(
+        [
+            "build",
+            str(files / "ref.h5ad"),
+            "--out",
+            str(files / "r.zarr"),
+            "--no-normalize",
+            "--batch-key",
+            "donor",
+            "--n-clusters",
+            "5000",
+            "-q",
+        ]
+    )
     assert code == 2
     assert "--n-clusters 5000 is impossible with 910 cells; try --n-clusters 30" in capsys.readouterr().err
     code = main(["build", str(files / "ref.h5ad"), "--out", str(files / "r.zarr"), "--hvg-batch-key", "tech", "-q"])
@@ -217,8 +361,24 @@ def test_mapped_zarr_output_is_zarr_v3_without_warnings(files, capsys, built_ref
 
     built_reference.save(files / "ref.zarr")
     out = files / "mapped.zarr"
-    assert main(["map", "--reference", str(files / "ref.zarr"), "--query", str(files / "query.h5ad"),
-                 "--no-normalize", "--batch-key", "donor", "--out", str(out), "-q"]) == 0
+    assert (
+        main(
+            [
+                "map",
+                "--reference",
+                str(files / "ref.zarr"),
+                "--query",
+                str(files / "query.h5ad"),
+                "--no-normalize",
+                "--batch-key",
+                "donor",
+                "--out",
+                str(out),
+                "-q",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().err == "" and not [str(w.message) for w in recwarn]
     assert zarr.open_group(str(out), mode="r").metadata.zarr_format == 3
     assert ad.read_zarr(out).obsm["X_symphony"].shape == (290, 20)
@@ -245,8 +405,10 @@ def test_help_shows_every_default_and_answers_without_heavy_imports():
             if action.default is None and not action.required and action.dest not in ("scheduler", "obs_filter"):
                 assert "default:" in (action.help or ""), (name, action.dest)  # says what happens without it
     assert "repeat for several" in commands["map"].format_help()
-    probe = ("import sys, symphony_dask.cli as c; c._parser().format_help(); "
-             "print(sorted(m for m in ('dask', 'anndata', 'numpy', 'distributed') if m in sys.modules))")
+    probe = (
+        "import sys, symphony_dask.cli as c; c._parser().format_help(); "
+        "print(sorted(m for m in ('dask', 'anndata', 'numpy', 'distributed') if m in sys.modules))"
+    )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
 
@@ -255,8 +417,10 @@ def test_stage_times_are_printed_once_as_per_stage_seconds(files, capsys, caplog
     import logging
 
     with caplog.at_level(logging.INFO, logger="symphony_dask"):
-        assert main(["build", str(files / "ref.h5ad"), "--out", str(files / "ref.zarr"), "--no-normalize",
-                     *CLI_BUILD]) == 0
+        assert (
+            main(["build", str(files / "ref.h5ad"), "--out", str(files / "ref.zarr"), "--no-normalize", *CLI_BUILD])
+            == 0
+        )
     out = capsys.readouterr().out
     assert out.count("stage times (s):") == 1
     assert all("timings" not in r.getMessage() and "{" not in r.getMessage() for r in caplog.records)

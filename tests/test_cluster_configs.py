@@ -33,8 +33,14 @@ def test_slurm_config_writes_a_job_script():
         script = cluster.job_script()
     assert jobs == 4
     assert "--interface" not in script  # interface: null leaves dask's default
-    for line in ("#SBATCH -p normal", "#SBATCH --cpus-per-task=8", "#SBATCH --mem=30G", "#SBATCH -t 04:00:00",
-                 "source ~/venvs/symphony/bin/activate", "--nworkers 2"):
+    for line in (
+        "#SBATCH -p normal",
+        "#SBATCH --cpus-per-task=8",
+        "#SBATCH --mem=30G",
+        "#SBATCH -t 04:00:00",
+        "source ~/venvs/symphony/bin/activate",
+        "--nworkers 2",
+    ):
         assert line in script, line
 
 
@@ -73,13 +79,25 @@ def test_bad_cluster_files(tmp_path):
         ("cluster:\n  - kind: local\n", r"found a 'cluster' list \(write its keys one per line, without '- '\)"),
         ("cluster:\n  kind: local\n   n_workers: 2\n", r" is not valid YAML: mapping values are not allowed"),
         ("cluster:\n  kind: local\nworkers: 2\n", r"unknown top-level key\(s\) 'workers'; a cluster file holds one"),
-        ("cluster:\n  kind: local\n  n_worker: 2\n", (r"unknown key 'n_worker' for a local cluster; did you mean "
-         r"'n_workers'\? the valid keys \(those of distributed.LocalCluster and its workers\) are: "
-         r"kind, .*, n_workers")),
-        ("cluster:\n  kind: slurm\n  partition: debug\n", (r"unknown key 'partition' for a slurm cluster; did you mean "
-         r"'queue'\? the valid keys \(those of dask_jobqueue.SLURMCluster\) are: kind, jobs, account")),
-        ("cluster:\n  kind: kubernetes\n  name: x\n  replicas: 2\n",
-         r"unknown key 'replicas' for a kubernetes cluster; the valid keys are: kind, spec, name, namespace$"),
+        (
+            "cluster:\n  kind: local\n  n_worker: 2\n",
+            (
+                r"unknown key 'n_worker' for a local cluster; did you mean "
+                r"'n_workers'\? the valid keys \(those of distributed.LocalCluster and its workers\) are: "
+                r"kind, .*, n_workers"
+            ),
+        ),
+        (
+            "cluster:\n  kind: slurm\n  partition: debug\n",
+            (
+                r"unknown key 'partition' for a slurm cluster; did you mean "
+                r"'queue'\? the valid keys \(those of dask_jobqueue.SLURMCluster\) are: kind, jobs, account"
+            ),
+        ),
+        (
+            "cluster:\n  kind: kubernetes\n  name: x\n  replicas: 2\n",
+            r"unknown key 'replicas' for a kubernetes cluster; the valid keys are: kind, spec, name, namespace$",
+        ),
         ("cluster:\n  kind: local\n  n_workers: two\n", r"n_workers must be a whole number, got 'two' \(str\)"),
         ("cluster:\n  kind: slurm\n  walltime: 4:00:00\n", r"walltime must be text, got 14400 \(int\) \(quote it"),
         ("cluster:\n  kind: slurm\n  jobs: 0\n", r"jobs must be at least 1, got 0"),
@@ -87,9 +105,22 @@ def test_bad_cluster_files(tmp_path):
         ("cluster:\n  kind: kubernetes\n", r"needs either 'spec' .* or 'name' .*, not both or neither"),
         ("cluster:\n  kind: kubernetes\n  spec: missing.yaml\n", r"spec 'missing.yaml' names no file"),
     ],
-    ids=["top-level list", "empty", "cluster list", "bad yaml", "top-level key", "local key", "slurm key",
-         "kubernetes key", "n_workers type", "unquoted walltime", "no jobs", "prologue type", "no spec or name",
-         "missing spec"],
+    ids=[
+        "top-level list",
+        "empty",
+        "cluster list",
+        "bad yaml",
+        "top-level key",
+        "local key",
+        "slurm key",
+        "kubernetes key",
+        "n_workers type",
+        "unquoted walltime",
+        "no jobs",
+        "prologue type",
+        "no spec or name",
+        "missing spec",
+    ],
 )
 def test_malformed_cluster_file_names_file_key_and_valid_keys(tmp_path, text, message):
     if "slurm" in text:
@@ -154,9 +185,12 @@ def _operator_crd(name: str) -> dict[str, Any]:
 def _same_crd(installed: dict[str, Any], source: dict[str, Any], templates: dict[str, Any]) -> None:
     """Assert that the resolved CRD of the Helm chart is the CRD of ``customresources/``: the same names and versions,
     and at the dask level (cluster, scheduler, worker) the same fields and required fields as ``templates.yaml``."""
+
     def without_schemas(crd: dict[str, Any]) -> dict[str, Any]:
-        spec = {**crd["spec"], "versions": [{k: v for k, v in served.items() if k != "schema"}
-                                           for served in crd["spec"]["versions"]]}
+        spec = {
+            **crd["spec"],
+            "versions": [{k: v for k, v in served.items() if k != "schema"} for served in crd["spec"]["versions"]],
+        }
         return {"apiVersion": crd["apiVersion"], "kind": crd["kind"], "metadata": crd["metadata"], "spec": spec}
 
     def resolve(schema: dict[str, Any]) -> dict[str, Any]:
@@ -224,8 +258,9 @@ def _list_type(validator: Any, list_type: str, instance: Any, schema: dict[str, 
     defaults = {key: schema.get("items", {}).get("properties", {}).get(key, {}).get("default") for key in keys}
     seen: set[str] = set()
     for item in instance:
-        entry = item if list_type == "set" or not isinstance(item, dict) else {k: item.get(k, defaults[k])
-                                                                                for k in keys}
+        entry = (
+            item if list_type == "set" or not isinstance(item, dict) else {k: item.get(k, defaults[k]) for k in keys}
+        )
         key = json.dumps(entry, sort_keys=True)
         if key in seen:
             yield jsonschema.ValidationError(f"duplicate entry {key} in a list of type {list_type}")
@@ -238,8 +273,9 @@ def _without_nulls(value: Any, schema: dict[str, Any]) -> Any:
     if isinstance(value, dict):
         properties, extra = schema.get("properties", {}), schema.get("additionalProperties")
         subs = {key: properties.get(key, extra if isinstance(extra, dict) else {}) for key in value}
-        return {key: _without_nulls(v, subs[key]) for key, v in value.items()
-                if v is not None or subs[key].get("nullable")}
+        return {
+            key: _without_nulls(v, subs[key]) for key, v in value.items() if v is not None or subs[key].get("nullable")
+        }
     if isinstance(value, list):
         return [_without_nulls(v, schema.get("items", {})) for v in value]
     return value
@@ -275,10 +311,15 @@ def _crd_validator(crd_name: str, api_version: str) -> Any:
     crd = _operator_crd(crd_name)
     [served] = [v for v in crd["spec"]["versions"] if f"{crd['spec']['group']}/{v['name']}" == api_version]
     schema = _kubernetes_schema(served["schema"]["openAPIV3Schema"])
-    schema["properties"] = {**schema["properties"], "apiVersion": {"type": "string"}, "kind": {"type": "string"},
-                            "metadata": {"type": "object", "required": ["name"]}}
-    kubernetes_validator = jsonschema.validators.extend(jsonschema.Draft4Validator,
-                                                        {"x-kubernetes-list-type": _list_type})
+    schema["properties"] = {
+        **schema["properties"],
+        "apiVersion": {"type": "string"},
+        "kind": {"type": "string"},
+        "metadata": {"type": "object", "required": ["name"]},
+    }
+    kubernetes_validator = jsonschema.validators.extend(
+        jsonschema.Draft4Validator, {"x-kubernetes-list-type": _list_type}
+    )
     kubernetes_validator.check_schema(schema)
     return kubernetes_validator(schema)
 
@@ -293,8 +334,10 @@ def _pod_spec_problems(where: str, pod_spec: Any) -> list[str]:
         model = api._ApiClient__deserialize(pod_spec, "V1PodSpec")
     except (TypeError, ValueError) as err:  # pydantic's ValidationError is a ValueError
         return [f"{where}: not a V1PodSpec: {' '.join(str(err).split())}"]
-    return [f"{where}{path}: {what}" for path, what in _differences(_without_nulls(pod_spec, {}),
-                                                                       api.sanitize_for_serialization(model))]
+    return [
+        f"{where}{path}: {what}"
+        for path, what in _differences(_without_nulls(pod_spec, {}), api.sanitize_for_serialization(model))
+    ]
 
 
 def _differences(given: Any, back: Any, path: str = "") -> Iterator[tuple[str, str]]:
@@ -331,8 +374,12 @@ def _image_problems(where: str, image: Any) -> list[str]:
     name, _, digest = image.partition("@")
     tag = name.rsplit("/", 1)[-1].partition(":")[2]
     if not digest and tag in ("", "latest"):
-        return [(f"{where}: image {image!r} has no tag (or only 'latest'): pods started at different times "
-                 "could run different builds")]
+        return [
+            (
+                f"{where}: image {image!r} has no tag (or only 'latest'): pods started at different times "
+                "could run different builds"
+            )
+        ]
     return []
 
 
@@ -350,8 +397,10 @@ def _resource_problems(where: str, resources: dict[str, Any]) -> tuple[list[str]
                 problems.append(f"{where}.resources.{kind}.{name}: {value!r} is not a Kubernetes quantity ({err})")
     for name, request in parsed["requests"].items():
         if name in parsed["limits"] and parsed["limits"][name] < request:
-            problems.append(f"{where}.resources: the {name} limit {resources['limits'][name]} is below the request "
-                            f"{resources['requests'][name]}")
+            problems.append(
+                f"{where}.resources: the {name} limit {resources['limits'][name]} is below the request "
+                f"{resources['requests'][name]}"
+            )
     return problems, parsed
 
 
@@ -372,19 +421,26 @@ def _worker_problems(where: str, container: dict[str, Any], quantities: dict[str
         return [f"{where}: the worker's arguments {args} do not parse: {err}"]
     problems = []
     cpu = {kind: quantities[kind].get("cpu") for kind in ("requests", "limits")}
-    if threads is not None and ((cpu["requests"] is not None and threads < cpu["requests"])
-                                or (cpu["limits"] is not None and threads > cpu["limits"])):
-        problems.append(f"{where}: --nthreads {nthreads} x {nworkers} worker(s) does not agree with the cpu "
-                        f"request {cpu['requests']} and limit {cpu['limits']}")
+    if threads is not None and (
+        (cpu["requests"] is not None and threads < cpu["requests"])
+        or (cpu["limits"] is not None and threads > cpu["limits"])
+    ):
+        problems.append(
+            f"{where}: --nthreads {nthreads} x {nworkers} worker(s) does not agree with the cpu "
+            f"request {cpu['requests']} and limit {cpu['limits']}"
+        )
     memory = quantities["limits"].get("memory", quantities["requests"].get("memory"))
     if total is not None and memory is not None and not Decimal("0.8") * memory <= total <= memory:
-        problems.append(f"{where}: --memory-limit {memory_limit} x {nworkers} worker(s) = {total} bytes, not "
-                        f"between 80% and 100% of the container's memory ({memory} bytes)")
+        problems.append(
+            f"{where}: --memory-limit {memory_limit} x {nworkers} worker(s) = {total} bytes, not "
+            f"between 80% and 100% of the container's memory ({memory} bytes)"
+        )
     dashboard = {p.get("name"): p.get("containerPort") for p in container.get("ports") or []}.get("http-dashboard")
     address = _option(args, "--dashboard-address")
     if dashboard is not None and (address is None or address.rsplit(":", 1)[-1] != str(dashboard)):
-        problems.append(f"{where}: the dashboard port http-dashboard {dashboard} is not the --dashboard-address "
-                        f"{address}")
+        problems.append(
+            f"{where}: the dashboard port http-dashboard {dashboard} is not the --dashboard-address {address}"
+        )
     return problems
 
 
@@ -392,8 +448,11 @@ def _scheduler_problems(where: str, container: dict[str, Any], service: dict[str
     """The scheduler container declares dask's ports under the names dask-kubernetes looks for, its arguments do not
     move them, its probes and the Service's target ports name ports it has, and the Service has both ports."""
     ports = {p.get("name"): p.get("containerPort") for p in container.get("ports") or []}
-    problems = [f"{where}.ports: no port {name} {number} (dask's default)" for name, number in SCHEDULER_PORTS.items()
-                if ports.get(name) != number]
+    problems = [
+        f"{where}.ports: no port {name} {number} (dask's default)"
+        for name, number in SCHEDULER_PORTS.items()
+        if ports.get(name) != number
+    ]
     args = [str(arg) for arg in container.get("args") or []]
     for option, name in (("--port", "tcp-comm"), ("--dashboard-address", "http-dashboard")):
         value = _option(args, option)
@@ -436,12 +495,15 @@ def _daskcluster_problems(resource: dict[str, Any]) -> list[str]:
             if i == 0 and role == "worker":
                 problems += _worker_problems(f"{where}.containers.0", container, quantities)
             if i == 0 and role == "scheduler":
-                problems += _scheduler_problems(f"{where}.containers.0", container,
-                                                spec["scheduler"].get("service") or {})
+                problems += _scheduler_problems(
+                    f"{where}.containers.0", container, spec["scheduler"].get("service") or {}
+                )
         images[role] = containers[0].get("image")
     if images["scheduler"] != images["worker"]:
-        problems.append(f"the scheduler runs {images['scheduler']!r}, the workers {images['worker']!r}: the scheduler, "
-                        "the workers and the client must agree on the versions of dask and symphony_dask")
+        problems.append(
+            f"the scheduler runs {images['scheduler']!r}, the workers {images['worker']!r}: the scheduler, "
+            "the workers and the client must agree on the versions of dask and symphony_dask"
+        )
     return problems
 
 
@@ -480,6 +542,7 @@ def test_kubernetes_config_creates_the_daskcluster_it_names(kubernetes_tools, mo
         def __await__(self) -> Any:
             async def ready() -> FakeDaskCluster:
                 return self
+
             return ready().__await__()
 
         async def exists(self) -> bool:
@@ -512,8 +575,12 @@ def test_operator_generated_daskcluster_passes_the_checks(kubernetes_tools):
     from dask_kubernetes.operator import make_cluster_spec
 
     quantities = {"cpu": "2", "memory": "8Gi"}
-    resource = make_cluster_spec(name="symphony-check", image="registry.example.org/symphony-dask:0.1.0", n_workers=2,
-                                 resources={"requests": quantities, "limits": quantities})
+    resource = make_cluster_spec(
+        name="symphony-check",
+        image="registry.example.org/symphony-dask:0.1.0",
+        n_workers=2,
+        resources={"requests": quantities, "limits": quantities},
+    )
     assert _daskcluster_problems(resource) == []
 
 
@@ -524,29 +591,46 @@ DELETE = object()
 #: Broken copies of kubernetes-daskcluster.yaml: (test id, edits of (dotted path, new value or DELETE), what a
 #: problem must say).
 BROKEN = [
-    ("misspelled-field",
-     [(f"{WORKER}.imagee", "registry.example.org/symphony-dask:0.1.0"), (f"{WORKER}.image", DELETE)],
-     ["Additional properties are not allowed ('imagee' was unexpected)",
-      "spec.worker.spec.containers.0.imagee: dropped by the Kubernetes client", f"{WORKER}: no image"]),
+    (
+        "misspelled-field",
+        [(f"{WORKER}.imagee", "registry.example.org/symphony-dask:0.1.0"), (f"{WORKER}.image", DELETE)],
+        [
+            "Additional properties are not allowed ('imagee' was unexpected)",
+            "spec.worker.spec.containers.0.imagee: dropped by the Kubernetes client",
+            f"{WORKER}: no image",
+        ],
+    ),
     ("memory-not-a-quantity", [(f"{WORKER}.resources.limits.memory", "lots")], ["'lots' is not a Kubernetes quantity"]),
     ("memory-a-number", [(f"{WORKER}.resources.limits.memory", 16)], ["16 is not of type 'string'"]),
     ("port-a-string", [(f"{SCHEDULER}.ports.0.containerPort", "8786")], ["'8786' is not of type 'integer'"]),
     ("port-out-of-range", [(f"{SCHEDULER}.ports.0.containerPort", 2**40)], ["is greater than the maximum"]),
-    ("duplicate-port", [(f"{SCHEDULER}.ports.1.containerPort", 8786)],
-     ["duplicate entry", "no port http-dashboard 8787"]),
+    (
+        "duplicate-port",
+        [(f"{SCHEDULER}.ports.1.containerPort", 8786)],
+        ["duplicate entry", "no port http-dashboard 8787"],
+    ),
     ("probe-port-a-number", [(f"{SCHEDULER}.readinessProbe.httpGet.port", 8787)], ["8787 is not of type 'string'"]),
     ("scheduler-port-moved", [(f"{SCHEDULER}.ports.0.containerPort", 8000)], ["no port tcp-comm 8786"]),
-    ("target-port-unknown", [("spec.scheduler.service.ports.0.targetPort", "comm")],
-     ["targetPort 'comm' is not a port of the scheduler", "no port tcp-comm 8786 with targetPort tcp-comm"]),
+    (
+        "target-port-unknown",
+        [("spec.scheduler.service.ports.0.targetPort", "comm")],
+        ["targetPort 'comm' is not a port of the scheduler", "no port tcp-comm 8786 with targetPort tcp-comm"],
+    ),
     ("no-service", [("spec.scheduler.service", DELETE)], ["'service' is a required property"]),
     ("replicas-a-string", [("spec.worker.replicas", "4")], ["'4' is not of type 'integer'"]),
-    ("limit-below-request", [(f"{WORKER}.resources.requests.memory", "32Gi")],
-     ["the memory limit 16Gi is below the request 32Gi"]),
+    (
+        "limit-below-request",
+        [(f"{WORKER}.resources.requests.memory", "32Gi")],
+        ["the memory limit 16Gi is below the request 32Gi"],
+    ),
     ("memory-limit-above-the-pod", [(f"{WORKER}.args.6", "20GiB")], ["--memory-limit 20GiB"]),
     ("threads-without-cores", [(f"{WORKER}.args.4", "8")], ["--nthreads 8"]),
     ("threads-not-a-number", [(f"{WORKER}.args.4", "four")], ["the worker's arguments"]),
-    ("untagged-image", [(f"{SCHEDULER}.image", "registry.example.org/symphony-dask")],
-     ["has no tag", "the scheduler runs 'registry.example.org/symphony-dask', the workers"]),
+    (
+        "untagged-image",
+        [(f"{SCHEDULER}.image", "registry.example.org/symphony-dask")],
+        ["has no tag", "the scheduler runs 'registry.example.org/symphony-dask', the workers"],
+    ),
     ("other-image", [(f"{WORKER}.image", "registry.example.org/symphony-dask:0.2.0")], ["the workers"]),
     ("bad-name", [("metadata.name", "Symphony_1")], ["metadata.name: The DaskCluster Symphony_1 is invalid"]),
     ("wrong-kind", [("kind", "DaskJob")], ["not a DaskCluster"]),
@@ -594,6 +678,6 @@ def test_dockerfile_installs_as_the_readme_says():
     runs = [_commands(rest) for word, rest in instructions if word == "RUN"]
     [run] = [commands for commands in runs if any("pip install" in c for c in commands)]
     assert [c for c in run if "pip install" in c] == [install]
-    assert run[:run.index(install)] == ["cd /src"]
+    assert run[: run.index(install)] == ["cd /src"]
     copied = {Path(source).name for word, rest in instructions if word == "COPY" for source in rest.split()[:-1]}
     assert {"pyproject.toml", "README.md", "LICENSE", "symphony_dask"} <= copied

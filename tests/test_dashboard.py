@@ -19,8 +19,10 @@ CLUSTER_CONFIGS = Path(__file__).parents[1] / "cluster_configs"
 
 @pytest.fixture(scope="module")
 def client():
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster, \
-            Client(cluster) as client:
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+    ):
         yield client
 
 
@@ -55,8 +57,12 @@ def test_dask_labextension_factory_starts_a_cluster_config(tmp_path):
     config = yaml.safe_load((CLUSTER_CONFIGS / "local.yaml").read_text())
     config["cluster"].update(n_workers=1, memory_limit="1GiB", dashboard_address=":0")
     (tmp_path / "local.yaml").write_text(yaml.safe_dump(config))
-    factory = {"module": "symphony_dask", "class": "cluster_from_file",
-               "args": [str(tmp_path / "local.yaml")], "kwargs": {}}
+    factory = {
+        "module": "symphony_dask",
+        "class": "cluster_from_file",
+        "args": [str(tmp_path / "local.yaml")],
+        "kwargs": {},
+    }
     make = getattr(importlib.import_module(factory["module"]), factory["class"])
     with make(*factory["args"], **factory["kwargs"]) as cluster, Client(cluster) as client:
         client.wait_for_workers(1, timeout=60)

@@ -25,8 +25,8 @@ import zarr
 from conftest import R_BUILD
 
 import symphony_dask as sd
-from symphony_dask.cli import main
 from symphony_dask._io.obs_filter import cells_where
+from symphony_dask.cli import main
 
 ROOT = Path(__file__).parents[1]
 
@@ -48,8 +48,22 @@ def files(split, built_reference, tmp_path):
 
 
 def _map(files: Path, out, *extra: str, query=None) -> int:
-    return main(["map", "--reference", str(files / "ref.zarr"), "--query", str(query or files / "query.h5ad"),
-                 "--batch-key", "donor", "--no-normalize", "--out", str(out), "-q", *extra])
+    return main(
+        [
+            "map",
+            "--reference",
+            str(files / "ref.zarr"),
+            "--query",
+            str(query or files / "query.h5ad"),
+            "--batch-key",
+            "donor",
+            "--no-normalize",
+            "--out",
+            str(out),
+            "-q",
+            *extra,
+        ]
+    )
 
 
 # -- 1. an output that is, holds or lies inside an input -------------------------------------------------
@@ -112,8 +126,11 @@ def test_overwrite_never_deletes_a_folder_or_file_it_did_not_write(built_referen
     project = tmp_path / "my_project"
     project.mkdir()
     (project / "thesis.tex").write_text("\\chapter{Four years}")
-    with pytest.raises(FileExistsError, match=r"my_project is not a reference store written by symphony_dask "
-                                              r"\(it is a folder holding 1 entry: thesis.tex\)"):
+    with pytest.raises(
+        FileExistsError,
+        match=r"my_project is not a reference store written by symphony_dask "
+        r"\(it is a folder holding 1 entry: thesis.tex\)",
+    ):
         built_reference.save(project, overwrite=True)
     assert (project / "thesis.tex").read_text() == "\\chapter{Four years}"
     notes = tmp_path / "notes.zarr"
@@ -188,9 +205,16 @@ _RACE = textwrap.dedent("""
 def test_two_processes_saving_to_one_path_one_wins_the_other_gets_file_exists(tmp_path):
     target, barrier = tmp_path / "ref.zarr", tmp_path / "barrier"
     barrier.mkdir()
-    procs = [subprocess.Popen([sys.executable, "-c", _RACE, str(target), str(barrier), me, other],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-             for me, other in (("1", "2"), ("2", "1"))]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _RACE, str(target), str(barrier), me, other],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        for me, other in (("1", "2"), ("2", "1"))
+    ]
     results = [(p.wait(timeout=120), p.stdout.read(), p.stderr.read()) for p in procs]
     codes = sorted(code for code, _, _ in results)
     assert codes == [0, 3], results
@@ -224,11 +248,29 @@ def test_two_map_commands_writing_one_out_one_wins(files):
     barrier = files / "barrier"
     barrier.mkdir()
     out = files / "mapped.h5ad"
-    argv = ["map", "--reference", str(files / "ref.zarr"), "--query", str(files / "query.h5ad"), "--batch-key",
-            "donor", "--no-normalize", "--out", str(out), "-q"]
-    procs = [subprocess.Popen([sys.executable, "-c", _MAP_RACE, str(barrier), me, other, *argv],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-             for me, other in (("1", "2"), ("2", "1"))]
+    argv = [
+        "map",
+        "--reference",
+        str(files / "ref.zarr"),
+        "--query",
+        str(files / "query.h5ad"),
+        "--batch-key",
+        "donor",
+        "--no-normalize",
+        "--out",
+        str(out),
+        "-q",
+    ]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _MAP_RACE, str(barrier), me, other, *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        for me, other in (("1", "2"), ("2", "1"))
+    ]
     results = [(p.wait(timeout=180), p.stderr.read()) for p in procs]
     assert sorted(code for code, _ in results) == [0, 2], results
     assert "appeared while this mapped AnnData was written" in next(err for code, err in results if code == 2)
@@ -268,8 +310,9 @@ def test_load_while_another_process_overwrites_returns_one_store(tmp_path):
     """Loads during repeated saves of two same-shaped references each return one of them whole
     (before, 15 of 985 loads returned old loadings with new centroids)."""
     target = tmp_path / "ref.zarr"
-    writer = subprocess.Popen([sys.executable, "-c", _OVERWRITER, str(target), "10"], stdout=subprocess.PIPE,
-                              text=True, cwd=ROOT)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _OVERWRITER, str(target), "10"], stdout=subprocess.PIPE, text=True, cwd=ROOT
+    )
     assert writer.stdout.readline().strip() == "READY"
     expected = {}
     for seed in (1, 2):
@@ -286,8 +329,9 @@ def test_load_while_another_process_overwrites_returns_one_store(tmp_path):
         loads += 1
         seed = ref.params["seed"]
         mean, std, loadings = expected[seed]
-        if not (np.array_equal(ref.mean, mean) and np.array_equal(ref.std, std)
-                and np.array_equal(ref.loadings, loadings)):
+        if not (
+            np.array_equal(ref.mean, mean) and np.array_equal(ref.std, std) and np.array_equal(ref.loadings, loadings)
+        ):
             mixed.append(seed)
     saves = int(writer.stdout.read().split()[-1])
     assert writer.returncode == 0
@@ -360,42 +404,50 @@ def test_version_2_store_loads_with_a_warning_that_params_are_not_covered(built_
 
 @pytest.fixture()
 def obs() -> pd.DataFrame:
-    return pd.DataFrame({
-        "donor": pd.Categorical(["a", "b", "d7", "a", "c"]),
-        "nUMI": [10, 600, 700, 800, 900],
-        "n genes": [1, 2, 3, 4, 5],
-        "doublet": [True, False, True, False, False],
-    })
+    return pd.DataFrame(
+        {
+            "donor": pd.Categorical(["a", "b", "d7", "a", "c"]),
+            "nUMI": [10, 600, 700, 800, 900],
+            "n genes": [1, 2, 3, 4, 5],
+            "doublet": [True, False, True, False, False],
+        }
+    )
 
 
-@pytest.mark.parametrize("expression, pandas_query", [
-    ("donor != 'd7' and nUMI > 500", None),
-    ("donor != 'd7' & nUMI > 500", None),
-    ("donor in ['a', 'b'] | nUMI >= 900", None),
-    ("donor not in ('a', 'b')", None),
-    ("~doublet & nUMI < 850", None),
-    ("not (doublet or donor == 'c')", None),
-    ("500 < nUMI <= 800", None),
-    ("`n genes` >= 3", None),
-    ("nUMI > -1 and donor == ['a', 'c']", "nUMI > -1 and donor in ['a', 'c']"),
-])
+@pytest.mark.parametrize(
+    "expression, pandas_query",
+    [
+        ("donor != 'd7' and nUMI > 500", None),
+        ("donor != 'd7' & nUMI > 500", None),
+        ("donor in ['a', 'b'] | nUMI >= 900", None),
+        ("donor not in ('a', 'b')", None),
+        ("~doublet & nUMI < 850", None),
+        ("not (doublet or donor == 'c')", None),
+        ("500 < nUMI <= 800", None),
+        ("`n genes` >= 3", None),
+        ("nUMI > -1 and donor == ['a', 'c']", "nUMI > -1 and donor in ['a', 'c']"),
+    ],
+)
 def test_obs_filter_grammar_gives_pandas_results(obs, expression, pandas_query):
     expected = obs.eval(pandas_query or expression).to_numpy()
     np.testing.assert_array_equal(cells_where(obs, expression), expected)
 
 
-@pytest.mark.parametrize("expression, part, why", [
-    ("@os.system('id > {f}') == 1 & nUMI < 0", "@os.system", "'@' refers to Python variables"),
-    ("donor.to_csv('{f}')", "donor.to_csv('{f}')", "calls are not part of a filter"),
-    ("donor.lower() == 'a'", "donor.lower()", "calls are not part of a filter"),
-    ("donor.str == 'a'", "donor.str", "attributes and methods"),
-    ("__import__('os').system('id > {f}')", "__import__('os').system('id > {f}')", "calls"),
-    ("nUMI * 2 > 10", "nUMI * 2", "arithmetic"),
-    ("nUMI", "nUMI", "not True/False"),
-    ("donor[0] == 'a'", "donor[0]", "indexing"),
-    ("(nUMI > 1", "(nUMI > 1", "not a valid filter"),
-    ("lambda: 1", "lambda: 1", "Lambda is not part of a filter"),
-])
+@pytest.mark.parametrize(
+    "expression, part, why",
+    [
+        ("@os.system('id > {f}') == 1 & nUMI < 0", "@os.system", "'@' refers to Python variables"),
+        ("donor.to_csv('{f}')", "donor.to_csv('{f}')", "calls are not part of a filter"),
+        ("donor.lower() == 'a'", "donor.lower()", "calls are not part of a filter"),
+        ("donor.str == 'a'", "donor.str", "attributes and methods"),
+        ("__import__('os').system('id > {f}')", "__import__('os').system('id > {f}')", "calls"),
+        ("nUMI * 2 > 10", "nUMI * 2", "arithmetic"),
+        ("nUMI", "nUMI", "not True/False"),
+        ("donor[0] == 'a'", "donor[0]", "indexing"),
+        ("(nUMI > 1", "(nUMI > 1", "not a valid filter"),
+        ("lambda: 1", "lambda: 1", "Lambda is not part of a filter"),
+    ],
+)
 def test_obs_filter_refuses_code_naming_the_part(obs, tmp_path, expression, part, why):
     witness = tmp_path / "ran"
     expression, part = expression.format(f=witness), part.format(f=witness)
@@ -408,8 +460,19 @@ def test_obs_filter_refuses_code_naming_the_part(obs, tmp_path, expression, part
 def test_obs_filter_on_the_command_line_runs_nothing(files, capsys):
     witness = files / "ran"
     for expression in (f"@os.system('touch {witness}') == 1 & nUMI < 0", f"donor.to_csv('{witness}')"):
-        code = main(["build", str(files / "ref.h5ad"), "--out", str(files / "r.zarr"), "--obs-filter", expression,
-                     "--batch-key", "donor", "-q"])
+        code = main(
+            [
+                "build",
+                str(files / "ref.h5ad"),
+                "--out",
+                str(files / "r.zarr"),
+                "--obs-filter",
+                expression,
+                "--batch-key",
+                "donor",
+                "-q",
+            ]
+        )
         assert code == 2
         assert "--obs-filter" in capsys.readouterr().err
     assert not witness.exists() and not (files / "r.zarr").exists()

@@ -52,16 +52,24 @@ def _drawn_texts(fig) -> list[Text]:
         texts += [ax.title, ax.xaxis.label, ax.yaxis.label, *ax.texts]
         for axis in (ax.xaxis, ax.yaxis):
             lo, hi = sorted(axis.get_view_interval())
-            texts += [label for tick in axis.get_major_ticks() + axis.get_minor_ticks()
-                      if lo <= tick.get_loc() <= hi for label in (tick.label1, tick.label2)]
+            texts += [
+                label
+                for tick in axis.get_major_ticks() + axis.get_minor_ticks()
+                if lo <= tick.get_loc() <= hi
+                for label in (tick.label1, tick.label2)
+            ]
         if ax.get_legend() is not None:
             texts += [*ax.get_legend().get_texts(), ax.get_legend().get_title()]
     return [t for t in texts if t.get_visible() and t.get_text()]
 
 
 def _inside(box, frame, tolerance: float = 1.0) -> bool:
-    return (box.x0 >= frame.x0 - tolerance and box.y0 >= frame.y0 - tolerance
-            and box.x1 <= frame.x1 + tolerance and box.y1 <= frame.y1 + tolerance)
+    return (
+        box.x0 >= frame.x0 - tolerance
+        and box.y0 >= frame.y0 - tolerance
+        and box.x1 <= frame.x1 + tolerance
+        and box.y1 <= frame.y1 + tolerance
+    )
 
 
 @pytest.mark.parametrize("drawn", list(FIGURES), indirect=True)
@@ -70,8 +78,11 @@ def test_legend_and_every_text_lie_inside_the_figure(drawn):
     renderer = fig.canvas.get_renderer()
     texts = _drawn_texts(fig)
     assert drawn.get_title() in [t.get_text() for t in texts]
-    outside = [(t.get_text(), t.get_window_extent(renderer).bounds) for t in texts
-               if not _inside(t.get_window_extent(renderer), fig.bbox)]
+    outside = [
+        (t.get_text(), t.get_window_extent(renderer).bounds)
+        for t in texts
+        if not _inside(t.get_window_extent(renderer), fig.bbox)
+    ]
     assert not outside, f"outside the figure {fig.bbox.bounds}: {outside}"
     if drawn.get_legend() is not None:
         assert _inside(drawn.get_legend().get_window_extent(renderer), fig.bbox)

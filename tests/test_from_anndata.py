@@ -63,21 +63,31 @@ def test_any_loadings_make_a_reference_cca_style(built_reference, pbmcs, oracle)
     basis, _ = np.linalg.qr(rng.normal(size=(built_reference.n_genes, 20)))
     cells = pbmcs[oracle.ref_cells].copy()
     genes = cells.var_names.get_indexer(built_reference.genes)
-    z = project(cells.X, genes=genes, mean=built_reference.mean, std=built_reference.std, normalize=False,
-                loadings=basis)
+    z = project(
+        cells.X, genes=genes, mean=built_reference.mean, std=built_reference.std, normalize=False, loadings=basis
+    )
     res = sd.harmonize(z, cells.obs, "donor", n_clusters=50, seed=1)
     r, z_corr = np.asarray(res.R), np.asarray(res.Z_corr)
-    ref = sd.Reference.from_arrays(built_reference.genes, built_reference.mean, built_reference.std, basis,
-                                   (z_corr.T @ r) / np.linalg.norm(z_corr.T @ r, axis=0), r.sum(axis=0), r.T @ z_corr,
-                                   embedding=z_corr, obs=cells.obs)
+    ref = sd.Reference.from_arrays(
+        built_reference.genes,
+        built_reference.mean,
+        built_reference.std,
+        basis,
+        (z_corr.T @ r) / np.linalg.norm(z_corr.T @ r, axis=0),
+        r.sum(axis=0),
+        r.T @ z_corr,
+        embedding=z_corr,
+        obs=cells.obs,
+    )
     mapped = sd.map_query(ref, pbmcs[oracle.query_cells].copy(), "donor", normalize=False)
     assert mapped.obsm["X_symphony"].shape == (290, 20) and np.isfinite(mapped.obsm["X_symphony"]).all()
 
 
 def test_missing_pieces_are_named(scanpy_like):
     cells, r = scanpy_like
-    with pytest.raises(ValueError, match="'X_harmony' is not in the AnnData's obsm; its keys are: 'X_pca', "
-                                         "'X_pca_harmony'"):
+    with pytest.raises(
+        ValueError, match="'X_harmony' is not in the AnnData's obsm; its keys are: 'X_pca', 'X_pca_harmony'"
+    ):
         sd.reference_from_anndata(cells, corrected_key="X_harmony")
     with pytest.raises(ValueError, match="harmonypy's R is clusters x cells: pass its transpose"):
         sd.reference_from_anndata(cells, R=r.T)

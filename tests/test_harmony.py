@@ -15,11 +15,11 @@ import pytest
 from distributed import Client, LocalCluster
 
 import symphony_dask as sd
-from symphony_dask._harmony.cluster import groups as harmony_groups
-from symphony_dask._reference.compression import compression_sums
 from symphony_dask._harmony.chunk import ChunkGroup, CorrectionStep, Piece, RunSpec
+from symphony_dask._harmony.cluster import groups as harmony_groups
 from symphony_dask._harmony.kernels import PenaltyTerms
 from symphony_dask._mapping.metrics import lisi
+from symphony_dask._reference.compression import compression_sums
 
 TOL = 1e-10
 
@@ -206,9 +206,17 @@ def test_splitA_mapping_through_our_harmony(pbmcs, oracle):
     res = sd.harmonize(z_orig, obs, "donor", n_clusters=100, max_iter_harmony=20, seed=111)
     sums = compression_sums(z_orig, res.Z_corr, res.R)
     vg = oracle.vargenes
-    ref = sd.Reference.from_arrays(vg["symbol"], vg["mean"], vg["stddev"], oracle.matrix("loadings_U"),
-                                   sums.centroids, sums.cluster_sizes, sums.compression,
-                                   embedding=res.Z_corr, obs=obs)
+    ref = sd.Reference.from_arrays(
+        vg["symbol"],
+        vg["mean"],
+        vg["stddev"],
+        oracle.matrix("loadings_U"),
+        sums.centroids,
+        sums.cluster_sizes,
+        sums.compression,
+        embedding=res.Z_corr,
+        obs=obs,
+    )
     query = sd.map_query(ref, pbmcs[oracle.query_cells].copy(), "donor", normalize=False)
     sd.transfer_labels(ref, query, "cell_type")
     accuracy = sd.evaluate(query.obs["cell_type"], query.obs["cell_type_pred"])["accuracy"]
@@ -230,7 +238,9 @@ def test_a_correction_is_applied_once(pbmc3500):
     """A piece's correction is a pure function; a group applies correction v once, and a repeated
     request (a step redone after another group was lost) returns the same result."""
     z, _, _ = pbmc3500
-    spec = RunSpec(n_patterns=1, n_blocks=4, key=1, sigma=0.1, terms=PenaltyTerms(np.ones((1, 1)), np.array([]), np.array([])))
+    spec = RunSpec(
+        n_patterns=1, n_blocks=4, key=1, sigma=0.1, terms=PenaltyTerms(np.ones((1, 1)), np.array([]), np.array([]))
+    )
     y = np.linalg.qr(np.random.default_rng(0).normal(size=(30, 30)))[0][:, :5]
     step = CorrectionStep(y, np.ones((4, 1, 5)), np.full((1, 5, 30), 0.1), final=True)
     piece = Piece.create(z[:500], np.zeros(500, dtype=int), 0, spec)

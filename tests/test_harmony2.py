@@ -105,8 +105,9 @@ def test_penalty_and_cross_entropy_formulas(stabilized):
                 want = sum(ratio[k, b] ** theta[b] for b in np.flatnonzero(phi[p]))
                 np.testing.assert_allclose(got[p, k], want, rtol=1e-6 if dtype == np.float32 else 1e-12)
     want = 0.1 * (theta * o * np.log(1 / ratio)).sum()
-    np.testing.assert_allclose(cross_entropy(s, design.patterns, pr_b, theta, 0.1, stabilized=stabilized), want,
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        cross_entropy(s, design.patterns, pr_b, theta, 0.1, stabilized=stabilized), want, rtol=1e-12
+    )
     empty = pattern_penalty(np.zeros_like(s), design.patterns, pr_b, theta, stabilized=stabilized)
     np.testing.assert_array_equal(empty, np.repeat(phi.sum(axis=1)[:, None], 4, axis=1))  # no cells: no push
 
@@ -163,8 +164,21 @@ def test_harmony2_reference_from_the_command_line_maps_splitA(split, tmp_path, c
 
     ref_cells, query = split
     ref_cells.write_h5ad(tmp_path / "ref.h5ad")
-    args = ["--batch-key", "donor", "--no-normalize", "--n-hvg", "1000", "--hvg-batch-key", "donor",
-            "--n-clusters", "100", "--no-umap", "--harmony-flavor", "harmony2", "-q"]
+    args = [
+        "--batch-key",
+        "donor",
+        "--no-normalize",
+        "--n-hvg",
+        "1000",
+        "--hvg-batch-key",
+        "donor",
+        "--n-clusters",
+        "100",
+        "--no-umap",
+        "--harmony-flavor",
+        "harmony2",
+        "-q",
+    ]
     assert main(["build", str(tmp_path / "ref.h5ad"), "--out", str(tmp_path / "ref.zarr"), *args]) == 0
     ref = sd.load_reference(tmp_path / "ref.zarr")
     assert ref.params["harmony_flavor"] == "harmony2" and ref.params["alpha"] == 0.2

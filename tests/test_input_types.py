@@ -55,6 +55,7 @@ def test_every_input_type_gives_the_same_reference_and_mapping(split_cells, expe
     assert list(ref.genes) == list(want_ref.genes)
     np.testing.assert_allclose(ref.mean, want_ref.mean, atol=tol)
     np.testing.assert_allclose(np.abs(ref.loadings.T @ want_ref.loadings).diagonal(), 1.0, atol=tol)
-    mapped = sd.map_query(want_ref, ad.AnnData(_as(kind, query.X), obs=query.obs, var=query.var), "donor",
-                          normalize=False)
+    mapped = sd.map_query(
+        want_ref, ad.AnnData(_as(kind, query.X), obs=query.obs, var=query.var), "donor", normalize=False
+    )
     np.testing.assert_allclose(mapped.obsm["X_symphony"], want_mapped, atol=tol)

@@ -90,6 +90,7 @@ def test_in_memory_chunks_are_views_and_the_query_is_left_unchanged(split, in_me
     blocks = [x.blocks[i].compute() for i in range(x.numblocks[0])]
     stacked = sp.vstack(blocks).toarray() if sparse else np.vstack(blocks)
     np.testing.assert_array_equal(stacked, before.toarray() if sparse else before)
+
     def shares(block):  # inside a task: the chunk is a view of the query's matrix
         values = (block.data, query.X.data) if sparse else (block, query.X)
         return np.array([[np.shares_memory(*values)]])
@@ -151,7 +152,8 @@ def test_float16_and_coo_chunks(split):
     np.testing.assert_array_equal(a.loadings, b.loadings)
     coo = ref_cells.copy()
     coo.X = da.from_array(sp.csr_matrix(ref_cells.X), chunks=(300, -1), asarray=False).map_blocks(
-        lambda block: block.tocoo(), dtype=ref_cells.X.dtype)
+        lambda block: block.tocoo(), dtype=ref_cells.X.dtype
+    )
     c = sd.build_reference(coo, "donor", chunk_size=300, **kw)
     d = sd.build_reference(ref_cells, "donor", chunk_size=300, **kw)
     np.testing.assert_array_equal(c.loadings, d.loadings)
@@ -164,8 +166,9 @@ def test_unsupported_values_and_chunks_are_refused(split):
     with pytest.raises(TypeError, match="holds object values; expected numbers"):
         read_expression(words)
     odd = ref_cells.copy()
-    odd.X = da.from_array(ref_cells.X.toarray(), chunks=(300, -1)).map_blocks(lambda b: {"not": "an array"},
-                                                                                dtype=np.float64, meta=np.empty((0, 0)))
+    odd.X = da.from_array(ref_cells.X.toarray(), chunks=(300, -1)).map_blocks(
+        lambda b: {"not": "an array"}, dtype=np.float64, meta=np.empty((0, 0))
+    )
     with pytest.raises(TypeError, match="a chunk of the expression matrix is a builtins.dict"):
         sd.build_reference(odd, "donor", normalize=False, n_hvg=500, n_clusters=20)
 

@@ -9,16 +9,29 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from symphony_dask._mapping.annotate import majority_vote
-from symphony_dask._io.validation import count_bad_values
 from symphony_dask._dask.chunked import map_reduce, map_rows, tree_reduce
 from symphony_dask._harmony.harmonize import harmonize
 from symphony_dask._harmony.kernels import cosine_normalize, soft_assign
 from symphony_dask._harmony.kmeans import kmeans
+from symphony_dask._harmony.mixture import (
+    apply_batch_terms,
+    make_design,
+    ridge_statistics,
+    ridge_system,
+    solve_batch_terms,
+)
+from symphony_dask._io.validation import count_bad_values
+from symphony_dask._mapping.annotate import majority_vote
 from symphony_dask._mapping.query import query_design
-from symphony_dask._harmony.mixture import apply_batch_terms, make_design, ridge_statistics, ridge_system, solve_batch_terms
+from symphony_dask._preprocessing.normalize import (
+    Moments,
+    cell_totals,
+    group_moments,
+    log_normalize,
+    rows_by_group,
+    scale,
+)
 from symphony_dask._preprocessing.pca import orient, project, svd_from_gram
-from symphony_dask._preprocessing.normalize import Moments, cell_totals, group_moments, log_normalize, rows_by_group, scale
 from symphony_dask._preprocessing.variable_genes import clip_reached, clipped_squares, expected_variance, vst_table
 
 
@@ -131,15 +144,22 @@ def test_csr_kernels_equal_the_dense_formulas(rng, normalize, dtype):
     sparse_s = clipped_squares(block, codes, mean=mean, sd=sd, clip=4.0, **settings)
     dense_s = clipped_squares(dense, codes, mean=mean, sd=sd, clip=4.0, **settings)
     for c in (0, 2, 4):
-        total = sparse_s.groups[c][0] + (dense_m.groups[c].n - sparse_s.groups[c][1]) * np.divide(
-            mean[c], sd[c], out=np.zeros(40), where=sd[c] > 0) ** 2
+        total = (
+            sparse_s.groups[c][0]
+            + (dense_m.groups[c].n - sparse_s.groups[c][1])
+            * np.divide(mean[c], sd[c], out=np.zeros(40), where=sd[c] > 0) ** 2
+        )
         np.testing.assert_allclose(total, dense_s.groups[c][0], rtol=1e-12, atol=1e-13)
     genes = rng.choice(40, size=25, replace=False)
     g_mean, g_std = rng.random(25) + 0.2, rng.random(25) * 0.5 + 0.1
     g_mean[:2], g_std[:2] = 3.0, 0.2  # genes whose zeros are clipped (mean / std > 10)
     # log1p of numba (libm) and of NumPy may differ by an ulp: values <= 10 over SDs >= 0.1
-    np.testing.assert_allclose(scale(block, genes, g_mean, g_std, **settings),
-                               scale(dense, genes, g_mean, g_std, **settings), rtol=0, atol=1e-13)
+    np.testing.assert_allclose(
+        scale(block, genes, g_mean, g_std, **settings),
+        scale(dense, genes, g_mean, g_std, **settings),
+        rtol=0,
+        atol=1e-13,
+    )
 
 
 def test_standardized_variances_without_the_clip_pass_equal_the_pass(rng):

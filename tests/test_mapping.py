@@ -23,9 +23,16 @@ def r_reference_with_moments(pbmcs, oracle):
     sums = compression_sums(z, z_corr, oracle.per_cell("ref_R", oracle.ref_cells))
     vg = oracle.vargenes
     return sd.Reference.from_arrays(
-        vg["symbol"], vg["mean"], vg["stddev"], oracle.matrix("loadings_U"), oracle.matrix("centroids_Ycos"),
-        oracle.matrix("cache_Nr").ravel(), oracle.matrix("cache_C"), embedding=z_corr,
-        obs=pbmcs.obs.loc[oracle.ref_cells], pca_moments=sums.pca_moments,
+        vg["symbol"],
+        vg["mean"],
+        vg["stddev"],
+        oracle.matrix("loadings_U"),
+        oracle.matrix("centroids_Ycos"),
+        oracle.matrix("cache_Nr").ravel(),
+        oracle.matrix("cache_C"),
+        embedding=z_corr,
+        obs=pbmcs.obs.loc[oracle.ref_cells],
+        pca_moments=sums.pca_moments,
     )
 
 
@@ -80,8 +87,11 @@ def test_pseudotime_transfer_with_genes_matched_by_symbol(hsmm):
     reference_cells.var_names = reference_cells.var["gene_short_name"].astype(str)
     ref = sd.build_reference(reference_cells, normalize=False, n_hvg=600, n_pcs=10, n_clusters=8)
     query = hsmm[~in_ref].copy()
-    with pytest.raises(ValueError, match=r"shares no genes with the reference.*name the query var column that "
-                                         r"holds the reference's gene names \(gene_key\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"shares no genes with the reference.*name the query var column that "
+        r"holds the reference's gene names \(gene_key\)",
+    ):
         sd.map_query(ref, query.copy(), normalize=False)
     mapped = sd.map_query(ref, query, normalize=False, gene_key="gene_short_name")
     assert mapped.uns["symphony"]["fraction_genes_found"] == 1.0
@@ -100,8 +110,7 @@ def test_protein_transfer(tmp_path):
     sd.transfer_values(ref, query, "protein", k=10)
     predicted, observed = query.obsm["protein_pred"], query.obsm["protein"]
     assert list(predicted.columns) == list(observed.columns)
-    per_protein = [np.corrcoef(predicted[c], observed[c])[0, 1] for c in observed.columns
-                   if observed[c].std() > 0.3]
+    per_protein = [np.corrcoef(predicted[c], observed[c])[0, 1] for c in observed.columns if observed[c].std() > 0.3]
     assert len(per_protein) == 47
     assert np.median(per_protein) >= 0.4  # observed 0.44 (0.43-0.47 over n_hvg 1000-2000, k 10-20)
     assert max(per_protein) >= 0.85  # observed: CD11b 0.87, HLA-DR 0.83, CD11c 0.83
@@ -111,9 +120,15 @@ def test_labels_with_hnsw_index_saved_with_the_reference(built_reference, pbmcs,
     query = sd.map_query(built_reference, pbmcs[oracle.query_cells].copy(), "donor", normalize=False)
     exact = sd.transfer_labels(built_reference, query.copy(), "cell_type").obs["cell_type_pred"]
     ref = sd.Reference.from_arrays(
-        built_reference.genes, built_reference.mean, built_reference.std, built_reference.loadings,
-        built_reference.centroids, built_reference.cluster_sizes, built_reference.compression,
-        embedding=built_reference.embedding, obs=built_reference.obs,
+        built_reference.genes,
+        built_reference.mean,
+        built_reference.std,
+        built_reference.loadings,
+        built_reference.centroids,
+        built_reference.cluster_sizes,
+        built_reference.compression,
+        embedding=built_reference.embedding,
+        obs=built_reference.obs,
     )
     index = ref.neighbor_index(method="hnsw", seed=3)
     ref.save(tmp_path / "ref.zarr")
@@ -136,8 +151,9 @@ def test_neighbor_index_built_with_the_reference_or_at_first_transfer(pbmcs, ora
     query = sd.map_query(without, query, "donor", normalize=False)
     sd.transfer_labels(without, query, "cell_type")
     assert without.neighbors.method == "hnsw"  # built at the first transfer, with the same seed and graph
-    np.testing.assert_array_equal(without.neighbors.query(query.obsm["X_symphony"], 5),
-                                  with_index.neighbors.query(query.obsm["X_symphony"], 5))
+    np.testing.assert_array_equal(
+        without.neighbors.query(query.obsm["X_symphony"], 5), with_index.neighbors.query(query.obsm["X_symphony"], 5)
+    )
 
 
 def test_min_confidence_leaves_cells_unassigned(built_reference, pbmcs, oracle):
@@ -183,8 +199,11 @@ def test_transfer_values_of_an_unknown_key_lists_obs_columns_and_obsm_keys(split
     mapped = sd.map_query(built_reference, query.copy(), "donor", normalize=False)
     built_reference.obsm["protein"] = np.zeros((built_reference.n_cells, 3))
     try:
-        with pytest.raises(ValueError, match=r"'proteins' is neither a column of the reference obs nor a reference "
-                                             r"obsm key; the obs columns are: 'donor', .*; the obsm keys: 'protein'"):
+        with pytest.raises(
+            ValueError,
+            match=r"'proteins' is neither a column of the reference obs nor a reference "
+            r"obsm key; the obs columns are: 'donor', .*; the obsm keys: 'protein'",
+        ):
             sd.transfer_values(built_reference, mapped, "proteins")
     finally:
         del built_reference.obsm["protein"]
@@ -195,8 +214,10 @@ def test_a_cells_label_does_not_depend_on_the_cells_voted_with_it(built_referenc
     halves gives each cell the label it gets in the whole query (with k=4, 2-2 ties are common)."""
     mapped = sd.map_query(built_reference, pbmcs[oracle.query_cells].copy(), "donor", normalize=False)
     whole = sd.transfer_labels(built_reference, mapped.copy(), "cell_type", k=4).obs["cell_type_pred"]
-    halves = [sd.transfer_labels(built_reference, mapped[rows].copy(), "cell_type", k=4).obs["cell_type_pred"]
-              for rows in (slice(0, 150), slice(150, None))]
+    halves = [
+        sd.transfer_labels(built_reference, mapped[rows].copy(), "cell_type", k=4).obs["cell_type_pred"]
+        for rows in (slice(0, 150), slice(150, None))
+    ]
     votes = sd.transfer_labels(built_reference, mapped.copy(), "cell_type", k=4).obs["cell_type_conf"]
     assert (votes == 0.5).sum() >= 10  # there are ties to break
     assert list(pd.concat(halves).astype(str)) == list(whole.astype(str))

@@ -17,9 +17,11 @@ def test_dir_lists_public_names_and_modules_only():
 
 
 def test_pl_and_datasets_resolve_lazily():
-    code = ("import sys, symphony_dask as sd\n"
-            "assert 'symphony_dask.pl' not in sys.modules and 'anndata' not in sys.modules\n"
-            "assert callable(sd.pl.reference) and callable(sd.pl.mapping)\n"
-            "assert callable(sd.datasets.pbmcs_small)\n"
-            "assert sd.pl is sys.modules['symphony_dask.pl']\n")
+    code = (
+        "import sys, symphony_dask as sd\n"
+        "assert 'symphony_dask.pl' not in sys.modules and 'anndata' not in sys.modules\n"
+        "assert callable(sd.pl.reference) and callable(sd.pl.mapping)\n"
+        "assert callable(sd.datasets.pbmcs_small)\n"
+        "assert sd.pl is sys.modules['symphony_dask.pl']\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

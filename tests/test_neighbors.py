@@ -53,9 +53,15 @@ def test_inner_product_graph_gives_cosine_neighbours():
 
 def test_index_from_an_older_version_is_rebuilt_not_trusted(built_reference, tmp_path, monkeypatch):
     ref = sd.Reference.from_arrays(
-        built_reference.genes, built_reference.mean, built_reference.std, built_reference.loadings,
-        built_reference.centroids, built_reference.cluster_sizes, built_reference.compression,
-        embedding=built_reference.embedding, obs=built_reference.obs,
+        built_reference.genes,
+        built_reference.mean,
+        built_reference.std,
+        built_reference.loadings,
+        built_reference.centroids,
+        built_reference.cluster_sizes,
+        built_reference.compression,
+        embedding=built_reference.embedding,
+        obs=built_reference.obs,
     )
     ref.neighbor_index(method="hnsw")
     with monkeypatch.context() as patch:

@@ -12,10 +12,18 @@ NOTEBOOK = Path(__file__).parents[1] / "examples" / "pbmc_mapping.ipynb"
 
 def test_example_notebook_runs(tmp_path):
     notebook = nbformat.read(NOTEBOOK, as_version=4)
-    assert all(not cell.get("outputs") and cell.get("execution_count") is None
-               for cell in notebook.cells if cell.cell_type == "code"), "commit the notebook with outputs stripped"
-    nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3", store_widget_state=True,
-                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    assert all(
+        not cell.get("outputs") and cell.get("execution_count") is None
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+    ), "commit the notebook with outputs stripped"
+    nbclient.NotebookClient(
+        notebook,
+        timeout=600,
+        kernel_name="python3",
+        store_widget_state=True,
+        resources={"metadata": {"path": str(tmp_path)}},
+    ).execute()
     text = "\n".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
     accuracy = float(text.split("5-NN accuracy ")[1].split(",")[0])
     assert accuracy >= 0.9
@@ -28,10 +36,14 @@ def test_example_notebook_runs(tmp_path):
     state = notebook.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
     bars = []
     for cell in (notebook.cells[3], notebook.cells[-1]):
-        views = [o["data"]["application/vnd.jupyter.widget-view+json"]["model_id"] for o in cell.outputs
-                 if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
-        labels = {state[state[box]["state"]["children"][0].removeprefix("IPY_MODEL_")]["state"]["value"]
-                  for box in views}
+        views = [
+            o["data"]["application/vnd.jupyter.widget-view+json"]["model_id"]
+            for o in cell.outputs
+            if "application/vnd.jupyter.widget-view+json" in o.get("data", {})
+        ]
+        labels = {
+            state[state[box]["state"]["children"][0].removeprefix("IPY_MODEL_")]["state"]["value"] for box in views
+        }
         assert {"moments", "variable_genes", "pca"} <= labels, labels
         bars += views
     done = [m["state"]["value"] for m in state.values() if m["model_name"] == "FloatProgressModel"]

@@ -37,8 +37,7 @@ def test_worker_with_less_memory_than_the_data_builds_the_reference(synthetic_at
                 pids = client.run(os.getpid)
                 # default chunk size: what a task's share of the worker's memory holds (here the least, 1,000 cells)
                 # no UMAP: this test is about the passes over the matrix (placement on workers: test_umap.py)
-                ref = sd.build_reference(path, "donor", n_hvg=1000, max_iter_harmony=2, max_iter_cluster=5,
-                                         umap=False)
+                ref = sd.build_reference(path, "donor", n_hvg=1000, max_iter_harmony=2, max_iter_cluster=5, umap=False)
                 ref.save(tmp_path / "ref.zarr")
                 assert client.run(os.getpid) == pids, "the worker was restarted"
     loaded = sd.load_reference(tmp_path / "ref.zarr")
@@ -79,8 +78,13 @@ def test_worker_killed_for_memory_names_the_chunk_size(synthetic_atlas):
     with dask.config.set({**NO_SPILL, "distributed.scheduler.allowed-failures": 0}):
         with LocalCluster(n_workers=1, threads_per_worker=1, memory_limit="600MiB", dashboard_address=":0") as cluster:
             with Client(cluster):
-                with pytest.raises(WorkerFailure, match=(r"workers died running .* most likely out of memory\. The matrix "
-                                                         r"is read in chunks of 50,000 cells x 10,000 genes, with 0\.6 GiB "
-                                                         r"of memory per task: pass a smaller chunk size \(e\.g\. "
-                                                         r"chunk_size=12500")):
+                with pytest.raises(
+                    WorkerFailure,
+                    match=(
+                        r"workers died running .* most likely out of memory\. The matrix "
+                        r"is read in chunks of 50,000 cells x 10,000 genes, with 0\.6 GiB "
+                        r"of memory per task: pass a smaller chunk size \(e\.g\. "
+                        r"chunk_size=12500"
+                    ),
+                ):
                     sd.build_reference(path, "donor", chunk_size=50_000)

@@ -11,8 +11,8 @@ import scipy.sparse as sp
 
 import symphony_dask as sd
 from symphony_dask._io.expression import read_expression
-from symphony_dask._preprocessing.pca import choose_solver, fit_pca
 from symphony_dask._preprocessing.normalize import scale
+from symphony_dask._preprocessing.pca import choose_solver, fit_pca
 
 D = 20
 
@@ -90,8 +90,16 @@ def exact_once():
 
 @pytest.mark.parametrize("solver", ["gram", "krylov"])
 def test_synthetic_20k_against_exact_svd(synthetic_20k, exact_once, solver):
-    ref = sd.build_reference(synthetic_20k, "donor", n_hvg=1000, n_clusters=30, max_iter_harmony=1,
-                             pca_solver=solver, chunk_size=5_000, umap=False)
+    ref = sd.build_reference(
+        synthetic_20k,
+        "donor",
+        n_hvg=1000,
+        n_clusters=30,
+        max_iter_harmony=1,
+        pca_solver=solver,
+        chunk_size=5_000,
+        umap=False,
+    )
     genes = synthetic_20k.var_names.get_indexer(ref.genes)
     scaling = dict(genes=genes, mean=ref.mean, std=ref.std, normalize=True)
     s, v = exact_once(synthetic_20k.X, scaling)
@@ -104,5 +112,9 @@ def test_solver_choice_by_cost():
     assert choose_solver(4_000, 20) == "gram"
     assert choose_solver(10_000, 20) == "krylov"
     with pytest.raises(ValueError, match="pca_solver must be 'auto', 'gram' or 'krylov'"):
-        fit_pca(read_expression(ad.AnnData(np.ones((50, 30)))).X, dict(genes=np.arange(30), mean=np.zeros(30),
-                std=np.ones(30), normalize=False), 5, solver="lanczos")
+        fit_pca(
+            read_expression(ad.AnnData(np.ones((50, 30)))).X,
+            dict(genes=np.arange(30), mean=np.zeros(30), std=np.ones(30), normalize=False),
+            5,
+            solver="lanczos",
+        )

@@ -86,8 +86,12 @@ class QueuedWorker(Worker):
 
 @pytest.fixture()
 def queued_cluster():
-    with LocalCluster(n_workers=0, threads_per_worker=1, processes=False, worker_class=QueuedWorker,
-                      dashboard_address=":0") as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(
+            n_workers=0, threads_per_worker=1, processes=False, worker_class=QueuedWorker, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         cluster.scale(1)
         yield client
 

@@ -71,28 +71,53 @@ def _transposed(name: str) -> Callable[[dict], dict]:
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda obj: {**obj, "vargenes": np.arange(5.0)},
-         r"vargenes should be the variable genes, a data frame .*, found a numeric vector of length 5"),
-        (lambda obj: {**obj, "vargenes": obj["vargenes"].drop(columns="stddev")},
-         r"vargenes should be .*, found a data frame of 1,360 rows with columns symbol \(text\), mean \(numeric\)$"),
+        (
+            lambda obj: {**obj, "vargenes": np.arange(5.0)},
+            r"vargenes should be the variable genes, a data frame .*, found a numeric vector of length 5",
+        ),
+        (
+            lambda obj: {**obj, "vargenes": obj["vargenes"].drop(columns="stddev")},
+            r"vargenes should be .*, found a data frame of 1,360 rows with columns symbol \(text\), mean \(numeric\)$",
+        ),
         (lambda obj: {**obj, "vargenes": obj["vargenes"].assign(mean="x")}, r"vargenes should .* mean \(text\)"),
-        (_transposed("loadings"),
-         r"loadings should be the gene loadings U, a numeric matrix of 1,360 rows x any .* found .* 20 x 1,360"),
+        (
+            _transposed("loadings"),
+            r"loadings should be the gene loadings U, a numeric matrix of 1,360 rows x any .* found .* 20 x 1,360",
+        ),
         (lambda obj: {**obj, "loadings": obj["loadings"].astype(str)}, r"loadings should .*found a text matrix"),
         (_transposed("centroids"), r"centroids should be the centroids Y_cos, a numeric matrix of 20 rows"),
-        (lambda obj: {**obj, "cache": obj["cache"][:1]},
-         r"cache should be an unnamed list of the compression terms N_r \(100 x 1\) and C \(100 x 20\), found an unn"),
+        (
+            lambda obj: {**obj, "cache": obj["cache"][:1]},
+            r"cache should be an unnamed list of the compression terms N_r \(100 x 1\) and C \(100 x 20\), found an unn",
+        ),
         (lambda obj: {**obj, "cache": [obj["cache"][0][:5], obj["cache"][1]]}, r"cache\[\[1\]\] should be N_r"),
-        (lambda obj: {**obj, "cache": [obj["cache"][0], obj["cache"][1].T]},
-         r"cache\[\[2\]\] should be C, the compression terms, a numeric matrix of 100 rows x 20 columns"),
+        (
+            lambda obj: {**obj, "cache": [obj["cache"][0], obj["cache"][1].T]},
+            r"cache\[\[2\]\] should be C, the compression terms, a numeric matrix of 100 rows x 20 columns",
+        ),
         (_transposed("Z_corr"), r"Z_corr should be the corrected embedding, a numeric matrix of 20 rows"),
-        (lambda obj: {**obj, "R": obj["R"][:5]},
-         r"R should be the soft cluster assignments, a numeric matrix of 100 rows x 910 columns, found .* 5 x 910"),
+        (
+            lambda obj: {**obj, "R": obj["R"][:5]},
+            r"R should be the soft cluster assignments, a numeric matrix of 100 rows x 910 columns, found .* 5 x 910",
+        ),
         (lambda obj: {**obj, "umap": {"embedding": np.zeros((910, 3))}}, r"umap\$embedding should be the UMAP"),
         (lambda obj: {**obj, "meta_data": obj["meta_data"].iloc[:5]}, r"meta_data should be the cells' metadata"),
     ],
-    ids=["vargenes vector", "vargenes columns", "vargenes text", "loadings shape", "loadings text", "centroids shape",
-         "cache length", "N_r length", "C shape", "Z_corr shape", "R shape", "umap shape", "meta_data rows"],
+    ids=[
+        "vargenes vector",
+        "vargenes columns",
+        "vargenes text",
+        "loadings shape",
+        "loadings text",
+        "centroids shape",
+        "cache length",
+        "N_r length",
+        "C shape",
+        "Z_corr shape",
+        "R shape",
+        "umap shape",
+        "meta_data rows",
+    ],
 )
 def test_wrong_r_elements_are_named(r_elements, monkeypatch, edit, message):
     monkeypatch.setattr(rds, "_parse", lambda path: edit(r_elements))

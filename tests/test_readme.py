@@ -14,7 +14,7 @@ README = Path(__file__).parents[1] / "README.md"
 def _section(title: str, text: str) -> str:
     start = text.index(f"## {title}\n")
     following = text.find("\n## ", start + 1)
-    return text[start: following if following >= 0 else None]
+    return text[start : following if following >= 0 else None]
 
 
 def test_in_python_examples_run_as_written(tmp_path, monkeypatch):

@@ -22,9 +22,9 @@ import yaml
 from conftest import R_BUILD
 
 import symphony_dask as sd
-from symphony_dask._reference import build
-from symphony_dask._harmony.cluster import groups as harmony_groups
 from symphony_dask._dask.cluster import connect
+from symphony_dask._harmony.cluster import groups as harmony_groups
+from symphony_dask._reference import build
 
 CONFIG = Path(__file__).parents[1] / "cluster_configs" / "slurm-local.yaml"
 TOL = 1e-10
@@ -58,12 +58,16 @@ def slurm():
 def _run_job(sbatch_args: list[str], env: dict[str, str], timeout: float) -> str:
     """Submit a batch job and wait for it to end; its ``scontrol show job`` line. (Not ``sbatch
     --wait``: that polls at 2, 10 and then every 32 s, and a job of 11 s took 42 s.)"""
-    job = subprocess.run(["sbatch", "--parsable", *sbatch_args], check=True, capture_output=True, text=True,
-                         env=env).stdout.strip().split(";")[0]
+    job = (
+        subprocess.run(["sbatch", "--parsable", *sbatch_args], check=True, capture_output=True, text=True, env=env)
+        .stdout.strip()
+        .split(";")[0]
+    )
     deadline = time.monotonic() + timeout
     while True:
-        state = subprocess.run(["scontrol", "-o", "show", "job", job], check=False, capture_output=True,
-                               text=True).stdout
+        state = subprocess.run(
+            ["scontrol", "-o", "show", "job", job], check=False, capture_output=True, text=True
+        ).stdout
         if not any(f"JobState={s} " in state for s in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING")):
             return state
         if time.monotonic() > deadline:
@@ -105,7 +109,9 @@ def test_build_and_map_through_slurm_equal_threads(slurm, split, tmp_path, monke
     client = connect(cluster_file=CONFIG)
     try:
         client.wait_for_workers(2, timeout=180)
-        squeue = subprocess.run(["squeue", "-h", "-o", "%i %j %T %N"], check=False, capture_output=True, text=True).stdout
+        squeue = subprocess.run(
+            ["squeue", "-h", "-o", "%i %j %T %N"], check=False, capture_output=True, text=True
+        ).stdout
         print(f"squeue (job, name, state, node):\n{squeue}")
         jobs = [line.split() for line in squeue.splitlines() if " dask-worker RUNNING " in line]
         assert sorted(job[3] for job in jobs) == sorted(NODES), squeue  # one worker job on each node
@@ -153,18 +159,51 @@ def test_driver_job_builds_through_worker_jobs_with_a_plain_log(slurm, split, tm
     (tmp_path / "slurm-local.yaml").write_text(yaml.safe_dump(config))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     # no UMAP: this test is about the driver job and its log (a UMAP placed on workers: test_umap.py)
-    argv = ["build", "ref.h5ad", "--out", "ref.zarr", "--batch-key", "donor", "--no-normalize", "--n-hvg", "1000",
-            "--hvg-batch-key", "donor", "--n-clusters", "100", "--no-umap", "--cluster", "slurm-local.yaml"]
-    state = _run_job(["--mem=2G", f"--chdir={tmp_path}", f"--output={tmp_path}/driver.log",
-                      str(CONFIG.parent / "slurm-driver.sbatch"), *argv], env=env, timeout=600)
+    argv = [
+        "build",
+        "ref.h5ad",
+        "--out",
+        "ref.zarr",
+        "--batch-key",
+        "donor",
+        "--no-normalize",
+        "--n-hvg",
+        "1000",
+        "--hvg-batch-key",
+        "donor",
+        "--n-clusters",
+        "100",
+        "--no-umap",
+        "--cluster",
+        "slurm-local.yaml",
+    ]
+    state = _run_job(
+        [
+            "--mem=2G",
+            f"--chdir={tmp_path}",
+            f"--output={tmp_path}/driver.log",
+            str(CONFIG.parent / "slurm-driver.sbatch"),
+            *argv,
+        ],
+        env=env,
+        timeout=600,
+    )
     log = (tmp_path / "driver.log").read_text()
     print(log)
     assert "JobState=COMPLETED" in state and "ExitCode=0:0" in state, state + log
     assert any(f"Dask dashboard: http://{address}:" in log for address in NODES.values())  # driver on a node
     assert "\r" not in log
     assert "Register worker" not in log  # dask's INFO lines only with --verbose
-    for line in ("Dask dashboard:", "waiting for the cluster's 2 worker(s) asked for", "worker(s) joined after",
-                 "stage moments:", "Harmony iteration 1:", "stage harmony:", "saved to ref.zarr", "stage times (s):"):
+    for line in (
+        "Dask dashboard:",
+        "waiting for the cluster's 2 worker(s) asked for",
+        "worker(s) joined after",
+        "stage moments:",
+        "Harmony iteration 1:",
+        "stage harmony:",
+        "saved to ref.zarr",
+        "stage times (s):",
+    ):
         assert line in log, line
     ref = sd.load_reference(tmp_path / "ref.zarr")
     for name in ("loadings", "centroids", "compression"):

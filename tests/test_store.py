@@ -37,8 +37,13 @@ def test_round_trip_gives_identical_mapping(built_reference, split, tmp_path):
 
 def test_store_is_zarr_v3_and_small_without_cells(built_reference, tmp_path):
     minimal = sd.Reference.from_arrays(
-        built_reference.genes, built_reference.mean, built_reference.std, built_reference.loadings,
-        built_reference.centroids, built_reference.cluster_sizes, built_reference.compression,
+        built_reference.genes,
+        built_reference.mean,
+        built_reference.std,
+        built_reference.loadings,
+        built_reference.centroids,
+        built_reference.cluster_sizes,
+        built_reference.compression,
     )
     path = minimal.save(tmp_path / "minimal.zarr")
     group = zarr.open_group(str(path), mode="r")
@@ -167,10 +172,16 @@ def _rewrite_element(path):
         ad.io.write_elem(zarr.open_group(str(path), mode="a"), "std", np.ones(5))
 
 
-@pytest.mark.parametrize(("damage", "element"), [
-    (_delete_chunk, "embedding"), (_truncate_chunk, "loadings"), (_flip_byte, "genes"),
-    (_delete_element, "compression"), (_rewrite_element, "std"),
-])
+@pytest.mark.parametrize(
+    ("damage", "element"),
+    [
+        (_delete_chunk, "embedding"),
+        (_truncate_chunk, "loadings"),
+        (_flip_byte, "genes"),
+        (_delete_element, "compression"),
+        (_rewrite_element, "std"),
+    ],
+)
 def test_damaged_store_is_refused_naming_the_element(built_reference, tmp_path, damage, element):
     """Any missing, truncated or altered file is refused before anything is read (zarr would read a
     missing chunk as zeros: 14-92% of labels then changed silently)."""
@@ -185,7 +196,9 @@ def test_unreadable_marker_names_the_store(built_reference, tmp_path):
     meta = path / "zarr.json"
     text = meta.read_text()
     meta.write_text(text[: len(text) // 2])
-    with pytest.raises(ValueError, match=r"ref.zarr is a damaged store: its root metadata .*zarr.json is not valid JSON"):
+    with pytest.raises(
+        ValueError, match=r"ref.zarr is a damaged store: its root metadata .*zarr.json is not valid JSON"
+    ):
         sd.load_reference(path)
     marker = json.loads(text)
     marker["attributes"]["symphony_dask"]["version"] = "1"
@@ -217,14 +230,25 @@ def test_newer_store_version_is_refused(built_reference, tmp_path):
 def test_from_arrays_checks_shapes(r_reference):
     with pytest.raises(ValueError, match=r"compression must have shape \(100, 20\)"):
         sd.Reference.from_arrays(
-            r_reference.genes, r_reference.mean, r_reference.std, r_reference.loadings,
-            r_reference.centroids, r_reference.cluster_sizes, r_reference.compression[:, :5],
+            r_reference.genes,
+            r_reference.mean,
+            r_reference.std,
+            r_reference.loadings,
+            r_reference.centroids,
+            r_reference.cluster_sizes,
+            r_reference.compression[:, :5],
         )
     with pytest.raises(ValueError, match="obs has 3 rows but the embedding has 910 cells"):
         sd.Reference.from_arrays(
-            r_reference.genes, r_reference.mean, r_reference.std, r_reference.loadings,
-            r_reference.centroids, r_reference.cluster_sizes, r_reference.compression,
-            embedding=r_reference.embedding, obs=r_reference.obs.iloc[:3],
+            r_reference.genes,
+            r_reference.mean,
+            r_reference.std,
+            r_reference.loadings,
+            r_reference.centroids,
+            r_reference.cluster_sizes,
+            r_reference.compression,
+            embedding=r_reference.embedding,
+            obs=r_reference.obs.iloc[:3],
         )
 
 

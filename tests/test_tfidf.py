@@ -9,8 +9,8 @@ import pytest
 import scipy.sparse as sp
 
 import symphony_dask as sd
-from symphony_dask._preprocessing.pca import project
 from symphony_dask._preprocessing.normalize import column_sums, inverse_document_frequency, log_normalize
+from symphony_dask._preprocessing.pca import project
 
 
 def by_formula(x: np.ndarray) -> np.ndarray:
@@ -60,8 +60,15 @@ def test_tfidf_reference_maps_a_query_with_its_own_idf(peaks, tmp_path):
     tf = q / query.X.toarray().sum(axis=1, keepdims=True)
     scaled = np.clip((np.log1p(tf * ref.idf * 1e4) - ref.mean) / ref.std, -10, 10)
     np.testing.assert_allclose(mapped.obsm["X_symphony_pca"], scaled @ ref.loadings, atol=1e-10)
-    own_idf = project(query.X, query.var_names.get_indexer(ref.genes), ref.mean, ref.std, ref.loadings,
-                      normalize=True, idf=inverse_document_frequency(column_sums(query.X)))
+    own_idf = project(
+        query.X,
+        query.var_names.get_indexer(ref.genes),
+        ref.mean,
+        ref.std,
+        ref.loadings,
+        normalize=True,
+        idf=inverse_document_frequency(column_sums(query.X)),
+    )
     assert np.abs(own_idf - mapped.obsm["X_symphony_pca"]).max() > 0.1
     sd.transfer_labels(loaded, mapped, "cell_type")
     accuracy = (mapped.obs["cell_type_pred"].astype(str) == query.obs["cell_type"].astype(str)).mean()
@@ -89,14 +96,43 @@ def test_command_line_tfidf_build_and_map(peaks, tmp_path, capsys):
     ref_cells.write_h5ad(tmp_path / "ref.h5ad")
     query.write_h5ad(tmp_path / "query.h5ad")
     marker = str(ref_cells.var_names[0])
-    build = ["build", str(tmp_path / "ref.h5ad"), "--out", str(tmp_path / "ref.zarr"), "--batch-key", "donor",
-             "--tfidf", "--variable-genes", "mvp", "--additional-genes", marker, "--n-hvg", "500", "--no-umap", "-q"]
+    build = [
+        "build",
+        str(tmp_path / "ref.h5ad"),
+        "--out",
+        str(tmp_path / "ref.zarr"),
+        "--batch-key",
+        "donor",
+        "--tfidf",
+        "--variable-genes",
+        "mvp",
+        "--additional-genes",
+        marker,
+        "--n-hvg",
+        "500",
+        "--no-umap",
+        "-q",
+    ]
     assert main(build) == 0
     ref = sd.load_reference(tmp_path / "ref.zarr")
     assert ref.params["normalize"] == "tfidf" and ref.params["variable_genes"] == "mvp" and ref.idf is not None
     assert marker in set(ref.genes)
-    code = main(["map", "--reference", str(tmp_path / "ref.zarr"), "--query", str(tmp_path / "query.h5ad"),
-                 "--batch-key", "donor", "--transfer", "cell_type", "--out", str(tmp_path / "mapped.h5ad"), "-q"])
+    code = main(
+        [
+            "map",
+            "--reference",
+            str(tmp_path / "ref.zarr"),
+            "--query",
+            str(tmp_path / "query.h5ad"),
+            "--batch-key",
+            "donor",
+            "--transfer",
+            "cell_type",
+            "--out",
+            str(tmp_path / "mapped.h5ad"),
+            "-q",
+        ]
+    )
     assert code == 0
     mapped = ad.read_h5ad(tmp_path / "mapped.h5ad")
     expected = sd.map_query(ref, query.copy(), "donor").obsm["X_symphony"]

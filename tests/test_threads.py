@@ -21,9 +21,15 @@ def _blas_threads() -> list[int]:
 @pytest.fixture(scope="module")
 def hnsw_reference(built_reference):
     ref = sd.Reference.from_arrays(
-        built_reference.genes, built_reference.mean, built_reference.std, built_reference.loadings,
-        built_reference.centroids, built_reference.cluster_sizes, built_reference.compression,
-        embedding=built_reference.embedding, obs=built_reference.obs,
+        built_reference.genes,
+        built_reference.mean,
+        built_reference.std,
+        built_reference.loadings,
+        built_reference.centroids,
+        built_reference.cluster_sizes,
+        built_reference.compression,
+        embedding=built_reference.embedding,
+        obs=built_reference.obs,
     )
     ref.neighbor_index(method="hnsw", seed=3)
     return ref
@@ -34,8 +40,10 @@ def test_concurrent_label_transfer_with_different_k(hnsw_reference, pbmcs, oracl
     different k must not use each other's."""
     query = sd.map_query(hnsw_reference, pbmcs[oracle.query_cells].copy(), "donor", normalize=False)
     ks = [1, 3, 5, 15, 30, 50]
-    expected = {k: sd.transfer_labels(hnsw_reference, query.copy(), "cell_type", k=k).obs["cell_type_pred"].to_numpy()
-                for k in ks}
+    expected = {
+        k: sd.transfer_labels(hnsw_reference, query.copy(), "cell_type", k=k).obs["cell_type_pred"].to_numpy()
+        for k in ks
+    }
     start = threading.Barrier(len(ks) * 4)
 
     def transfer(k: int) -> np.ndarray:

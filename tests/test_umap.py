@@ -12,9 +12,9 @@ import pytest
 
 import symphony_dask as sd
 from symphony_dask import pl
+from symphony_dask._embedding.umap_layout import fit_umap
 from symphony_dask._mapping.annotate import majority_vote
 from symphony_dask.cli import main
-from symphony_dask._embedding.umap_layout import fit_umap
 
 matplotlib.use("Agg")
 R_UMAP_ACCURACY = 0.917  # 5-NN accuracy of the query in R Symphony's 2-D UMAP (splitA_umap README)
@@ -36,8 +36,9 @@ def mapped(built_reference, pbmcs, oracle):
 def test_query_in_the_2d_umap_is_as_accurate_as_r(built_reference, mapped):
     assert built_reference.umap.shape == (910, 2)
     assert built_reference.params["timings_s"]["umap"] > 0
-    accuracy = _knn_accuracy_2d(built_reference.umap, built_reference.obs["cell_type"], mapped.obsm["X_umap"],
-                                mapped.obs["cell_type"])
+    accuracy = _knn_accuracy_2d(
+        built_reference.umap, built_reference.obs["cell_type"], mapped.obsm["X_umap"], mapped.obs["cell_type"]
+    )
     print(f"5-NN accuracy in 2-D UMAP: {accuracy:.3f} (R Symphony: {R_UMAP_ACCURACY})")
     assert accuracy >= R_UMAP_ACCURACY - 0.03  # observed 0.924
 
@@ -116,7 +117,8 @@ def test_plots_draw_what_they_say(built_reference, mapped):
     assert {t.get_text() for t in ax.texts} == set(built_reference.obs["cell_type"].astype(str))
     ax = pl.mapping(built_reference, mapped, color="cell_type_pred")
     assert [t.get_text() for t in ax.get_legend().get_texts()] == [
-        c for c in mapped.obs["cell_type_pred"].cat.categories if (mapped.obs["cell_type_pred"] == c).any()]
+        c for c in mapped.obs["cell_type_pred"].cat.categories if (mapped.obs["cell_type_pred"] == c).any()
+    ]
     assert sum(len(c.get_offsets()) for c in ax.collections if hasattr(c, "get_offsets")) >= 290
     ax = pl.confusion(mapped.obs["cell_type"], mapped.obs["cell_type_pred"])
     image = ax.images[0].get_array()
@@ -131,21 +133,76 @@ def test_plots_draw_what_they_say(built_reference, mapped):
 
 def test_cli_map_draws_the_mapping(files_with_reference, capsys):
     folder = files_with_reference
-    code = main(["map", "--reference", str(folder / "ref.zarr"), "--query", str(folder / "query.h5ad"),
-                 "--no-normalize", "--batch-key", "donor", "--transfer", "cell_type", "--out",
-                 str(folder / "mapped.h5ad"), "--plot", str(folder / "mapping.png"), "-q"])
+    code = main(
+        [
+            "map",
+            "--reference",
+            str(folder / "ref.zarr"),
+            "--query",
+            str(folder / "query.h5ad"),
+            "--no-normalize",
+            "--batch-key",
+            "donor",
+            "--transfer",
+            "cell_type",
+            "--out",
+            str(folder / "mapped.h5ad"),
+            "--plot",
+            str(folder / "mapping.png"),
+            "-q",
+        ]
+    )
     assert code == 0
     assert (folder / "mapping.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert ad.read_h5ad(folder / "mapped.h5ad").obsm["X_umap"].shape == (290, 2)
-    code = main(["map", "--reference", str(folder / "ref.zarr"), "--query", str(folder / "query.h5ad"),
-                 "--out", str(folder / "m2.h5ad"), "--plot", str(folder / "mapping.jpg"), "-q"])
+    code = main(
+        [
+            "map",
+            "--reference",
+            str(folder / "ref.zarr"),
+            "--query",
+            str(folder / "query.h5ad"),
+            "--out",
+            str(folder / "m2.h5ad"),
+            "--plot",
+            str(folder / "mapping.jpg"),
+            "-q",
+        ]
+    )
     assert code == 2 and "ending in .png, .pdf, .svg" in capsys.readouterr().err
     assert not (folder / "m2.h5ad").exists()
-    assert main(["build", str(folder / "query.h5ad"), "--out", str(folder / "plain.zarr"), "--no-normalize",
-                 "--n-hvg", "500", "--no-umap", "-q"]) == 0
+    assert (
+        main(
+            [
+                "build",
+                str(folder / "query.h5ad"),
+                "--out",
+                str(folder / "plain.zarr"),
+                "--no-normalize",
+                "--n-hvg",
+                "500",
+                "--no-umap",
+                "-q",
+            ]
+        )
+        == 0
+    )
     assert sd.load_reference(folder / "plain.zarr").umap is None
-    code = main(["map", "--reference", str(folder / "plain.zarr"), "--query", str(folder / "query.h5ad"),
-                 "--out", str(folder / "m3.h5ad"), "--no-normalize", "--plot", str(folder / "m3.png"), "-q"])
+    code = main(
+        [
+            "map",
+            "--reference",
+            str(folder / "plain.zarr"),
+            "--query",
+            str(folder / "query.h5ad"),
+            "--out",
+            str(folder / "m3.h5ad"),
+            "--no-normalize",
+            "--plot",
+            str(folder / "m3.png"),
+            "-q",
+        ]
+    )
     assert code == 2 and "has no UMAP to draw into" in capsys.readouterr().err
     assert not (folder / "m3.h5ad").exists()
 

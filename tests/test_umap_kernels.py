@@ -57,10 +57,13 @@ def test_curve_is_umap_learns(umap_learn, min_dist):
 def test_layout_is_the_same_in_every_fit_and_process(embedding, model, tmp_path):
     np.testing.assert_array_equal(fit_umap(embedding, seed=111).coords, model.coords)
     np.save(tmp_path / "embedding.npy", embedding)
-    script = ("import sys, numpy as np; from symphony_dask._embedding.umap_layout import fit_umap; "
-              "np.save(sys.argv[1], fit_umap(np.load(sys.argv[2]), seed=111).coords)")
-    subprocess.run([sys.executable, "-c", script, str(tmp_path / "coords.npy"), str(tmp_path / "embedding.npy")],
-                   check=True)
+    script = (
+        "import sys, numpy as np; from symphony_dask._embedding.umap_layout import fit_umap; "
+        "np.save(sys.argv[1], fit_umap(np.load(sys.argv[2]), seed=111).coords)"
+    )
+    subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "coords.npy"), str(tmp_path / "embedding.npy")], check=True
+    )
     np.testing.assert_array_equal(np.load(tmp_path / "coords.npy"), model.coords)
     few = embedding[:200]
     assert not np.array_equal(fit_umap(few, seed=112).coords, fit_umap(few, seed=111).coords)

@@ -1,2 +1,3 @@
 """Dask orchestration: kernels lifted over row chunks and tree reductions, guarded compute with worker-failure
-advice, BLAS thread limits, cluster connection, the dashboard link and progress bars."""
+advice, BLAS thread limits, cluster connection, the dashboard link and progress bars.
+"""

@@ -71,7 +71,8 @@ def fold(combine: Callable[[Any, Any], Any], *parts: Any) -> Any:
 
 def total(*parts: Any) -> Any:
     """The parts added left to right: a fixed order, so that a sum does not depend on which part
-    arrived first."""
+    arrived first.
+    """
     return fold(operator.add, *parts)
 
 
@@ -104,7 +105,8 @@ def _apply(kernel: Callable[..., Any], *args: Any) -> Any:
 
 def aligned_blocks(a: da.Array, rows: tuple[int, ...]) -> list[Any]:
     """One delayed object per block of ``a`` rechunked to the row chunks ``rows`` (and one column
-    chunk): a per-cell array lined up with another array's chunks."""
+    chunk): a per-cell array lined up with another array's chunks.
+    """
     if a.chunks[0] != rows:
         a = a.rechunk({0: rows})
     if a.ndim == 2 and a.numblocks[1] != 1:
@@ -171,7 +173,8 @@ class WorkerFailure(RuntimeError):
 @contextmanager
 def failure_advice(text: str = "") -> Iterator[None]:
     """What to tell the user if a worker dies inside this block (how to make the work fit); the
-    text can be given later in the block with :func:`advise`."""
+    text can be given later in the block with :func:`advise`.
+    """
     token = _advice.set(text)
     try:
         yield
@@ -188,7 +191,8 @@ def compute(*collections: Any) -> tuple:
     """``dask.compute`` on the active scheduler. On a distributed cluster, a task that killed its
     workers becomes a :class:`WorkerFailure` saying what ran and how to fix it (see
     :func:`failure_advice`), and a cluster left without any worker fails after
-    :data:`NO_WORKERS_TIMEOUT_S` instead of waiting for ever."""
+    :data:`NO_WORKERS_TIMEOUT_S` instead of waiting for ever.
+    """
     client = distributed_client()
     if client is None:
         with notebook_progress():
@@ -202,7 +206,8 @@ def compute(*collections: Any) -> tuple:
 def persist_now(x: da.Array) -> da.Array:
     """``x.persist()``, waiting until it is done also on a distributed cluster (which persists in
     the background), so that the work is timed in the stage that asked for it; failures as in
-    :func:`compute`."""
+    :func:`compute`.
+    """
     client = distributed_client()
     if client is None:
         with notebook_progress():
@@ -221,14 +226,16 @@ _had_workers: set[str] = set()
 
 def workers_asked_for(client) -> int:
     """Workers the client's cluster object was scaled to (SLURM jobs times their worker processes);
-    0 for a cluster this process did not start."""
+    0 for a cluster this process did not start.
+    """
     spec = getattr(getattr(client, "cluster", None), "worker_spec", None) or {}
     return sum(len(s.get("group", [""])) if isinstance(s, dict) else 1 for s in spec.values())
 
 
 def _queued(client) -> bool:
     """Whether the client's cluster asked for workers and none has joined yet since this process
-    first used it (batch jobs waiting in a queue: no reason to give up)."""
+    first used it (batch jobs waiting in a queue: no reason to give up).
+    """
     return client.scheduler.address not in _had_workers and workers_asked_for(client) > 0
 
 
@@ -255,7 +262,8 @@ def _wait(client, futures: list) -> None:
                         client.cancel(futures)
                         raise WorkerFailure(
                             f"the cluster has had no worker for {NO_WORKERS_TIMEOUT_S:.0f} s; its workers died "
-                            f"(out of memory?) and none came back. {_advice.get()}".strip()) from None
+                            f"(out of memory?) and none came back. {_advice.get()}".strip()
+                        ) from None
                 continue
             break
         for future in futures:
@@ -265,7 +273,8 @@ def _wait(client, futures: list) -> None:
         raise WorkerFailure(
             f"workers died running {err.task!r} ({err.allowed_failures + 1} attempt(s), the last on "
             f"{getattr(err.last_worker, 'address', err.last_worker)}), "
-            f"most likely out of memory. {_advice.get()}".strip()) from err
+            f"most likely out of memory. {_advice.get()}".strip()
+        ) from err
 
 
 def as_row_chunked(values: np.ndarray, like: da.Array) -> da.Array:
@@ -342,7 +351,8 @@ class TaskGraph:
 
     def run(self, keys: Sequence[tuple]) -> list[Any]:
         """Evaluate the graph here, task by task in the order they were added (an order in which
-        every task comes after the tasks it uses): the one-chunk case, without a scheduler."""
+        every task comes after the tasks it uses): the one-chunk case, without a scheduler.
+        """
         values: dict = {}
         for key, (func, *args) in self.dsk.items():
             values[key] = func(*(values[a] if self._is_key(a) else a for a in args))

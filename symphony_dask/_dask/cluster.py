@@ -37,13 +37,35 @@ KUBERNETES_KEYS = ("spec", "name", "namespace")
 #: dask or, worse, be used (YAML reads an unquoted 4:00:00 as the number 14400). ``None`` (YAML
 #: ``null``) leaves dask's default wherever a key may be left out.
 VALUE_TYPES: dict[str, dict[str, tuple[type, ...]]] = {
-    "local": {"n_workers": (int,), "threads_per_worker": (int,), "processes": (bool,),
-              "memory_limit": (str, int, float), "dashboard_address": (str,), "host": (str,), "interface": (str,),
-              "local_directory": (str,)},
-    "slurm": {"jobs": (int,), "cores": (int,), "processes": (int,), "memory": (str,), "walltime": (str,),
-              "queue": (str,), "account": (str,), "project": (str,), "interface": (str,), "local_directory": (str,),
-              "log_directory": (str,), "job_name": (str,), "python": (str,), "scheduler_options": (dict,),
-              "job_extra_directives": (list,), "job_script_prologue": (list,), "worker_extra_args": (list,)},
+    "local": {
+        "n_workers": (int,),
+        "threads_per_worker": (int,),
+        "processes": (bool,),
+        "memory_limit": (str, int, float),
+        "dashboard_address": (str,),
+        "host": (str,),
+        "interface": (str,),
+        "local_directory": (str,),
+    },
+    "slurm": {
+        "jobs": (int,),
+        "cores": (int,),
+        "processes": (int,),
+        "memory": (str,),
+        "walltime": (str,),
+        "queue": (str,),
+        "account": (str,),
+        "project": (str,),
+        "interface": (str,),
+        "local_directory": (str,),
+        "log_directory": (str,),
+        "job_name": (str,),
+        "python": (str,),
+        "scheduler_options": (dict,),
+        "job_extra_directives": (list,),
+        "job_script_prologue": (list,),
+        "worker_extra_args": (list,),
+    },
     "kubernetes": {"spec": (str,), "name": (str,), "namespace": (str,)},
 }
 #: SLURM's names of job settings that dask_jobqueue names otherwise.
@@ -76,8 +98,10 @@ def read_cluster_config(path: str | Path) -> dict[str, Any]:
         else:
             found = f"a 'cluster' {type(config['cluster']).__name__}"
             found += "" if isinstance(config["cluster"], dict) else " (write its keys one per line, without '- ')"
-        raise ValueError(f"{path} must hold a 'cluster' mapping with a 'kind' (one of {', '.join(KINDS)}), found "
-                         f"{found}; see cluster_configs/*.yaml")
+        raise ValueError(
+            f"{path} must hold a 'cluster' mapping with a 'kind' (one of {', '.join(KINDS)}), found "
+            f"{found}; see cluster_configs/*.yaml"
+        )
     if len(config) > 1:
         extra = ", ".join(repr(key) for key in config if key != "cluster")
         raise ValueError(f"{path}: unknown top-level key(s) {extra}; a cluster file holds one mapping, 'cluster'")
@@ -94,21 +118,27 @@ def read_cluster_config(path: str | Path) -> dict[str, Any]:
 
 def _valid_keys(kind: str) -> tuple[str, list[str]] | None:
     """What the keys of a ``kind`` mapping are passed to, and the keys it takes (``None``: not known,
-    for a cluster package that is not installed)."""
+    for a cluster package that is not installed).
+    """
     if kind == "kubernetes":
         return "", ["kind", *KUBERNETES_KEYS]
     if kind == "local":
         from distributed import Nanny, Worker
 
-        return " (those of distributed.LocalCluster and its workers)", ["kind",
-                                                                         *_parameters(LocalCluster, Nanny, Worker)]
+        return " (those of distributed.LocalCluster and its workers)", [
+            "kind",
+            *_parameters(LocalCluster, Nanny, Worker),
+        ]
     try:
         from dask_jobqueue import SLURMCluster
         from dask_jobqueue.slurm import SLURMJob
     except ImportError:
         return None
-    return " (those of dask_jobqueue.SLURMCluster)", ["kind", "jobs",
-                                                      *_parameters(SLURMCluster, *SLURMJob.__mro__[:-1])]
+    return " (those of dask_jobqueue.SLURMCluster)", [
+        "kind",
+        "jobs",
+        *_parameters(SLURMCluster, *SLURMJob.__mro__[:-1]),
+    ]
 
 
 def _parameters(*classes: type) -> list[str]:
@@ -131,8 +161,10 @@ def _check_keys(path: Path, cluster: dict[str, Any], valid: tuple[str, list[str]
             terms = SLURM_TERMS if cluster["kind"] == "slurm" else {}
             close = [terms[key]] if key in terms else difflib.get_close_matches(str(key), keys, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
-            raise ValueError(f"{path}: unknown key {key!r} for a {cluster['kind']} cluster; {hint}the valid keys"
-                             f"{what} are: {', '.join(keys)}")
+            raise ValueError(
+                f"{path}: unknown key {key!r} for a {cluster['kind']} cluster; {hint}the valid keys"
+                f"{what} are: {', '.join(keys)}"
+            )
 
 
 def _check_values(path: Path, cluster: dict[str, Any], types: dict[str, tuple[type, ...]]) -> None:
@@ -142,8 +174,17 @@ def _check_values(path: Path, cluster: dict[str, Any], types: dict[str, tuple[ty
         expected = types.get(key)
         wrong_int = isinstance(value, bool) and bool not in (expected or ())  # YAML's true is no number
         if expected is not None and (not isinstance(value, expected) or wrong_int):
-            names = " or ".join({str: "text", int: "a whole number", float: "a number", bool: "true or false",
-                                 dict: "a mapping", list: "a list"}[t] for t in expected)
+            names = " or ".join(
+                {
+                    str: "text",
+                    int: "a whole number",
+                    float: "a number",
+                    bool: "true or false",
+                    dict: "a mapping",
+                    list: "a list",
+                }[t]
+                for t in expected
+            )
             quote = ' (quote it, as walltime: "4:00:00": YAML reads 4:00:00 as a number)' if key == "walltime" else ""
             raise ValueError(f"{path}: {key} must be {names}, got {value!r} ({type(value).__name__}){quote}")
         if key == "jobs" and value < 1:
@@ -152,16 +193,21 @@ def _check_values(path: Path, cluster: dict[str, Any], types: dict[str, tuple[ty
 
 def _check_kubernetes(path: Path, cluster: dict[str, Any]) -> None:
     if ("spec" in cluster) == ("name" in cluster):
-        raise ValueError(f"{path}: a kubernetes cluster needs either 'spec' (a DaskCluster resource file to create) "
-                         "or 'name' (a running DaskCluster to connect to), not both or neither")
+        raise ValueError(
+            f"{path}: a kubernetes cluster needs either 'spec' (a DaskCluster resource file to create) "
+            "or 'name' (a running DaskCluster to connect to), not both or neither"
+        )
     if "spec" in cluster and not (path.parent / cluster["spec"]).is_file():
-        raise ValueError(f"{path}: spec {cluster['spec']!r} names no file (looked for {path.parent / cluster['spec']}; "
-                         "the path is relative to the cluster file)")
+        raise ValueError(
+            f"{path}: spec {cluster['spec']!r} names no file (looked for {path.parent / cluster['spec']}; "
+            "the path is relative to the cluster file)"
+        )
 
 
 def make_cluster(path: str | Path) -> tuple[Any, int | None]:
     """The cluster a cluster file describes (for SLURM, no job submitted yet) and the number of
-    SLURM jobs to scale it to."""
+    SLURM jobs to scale it to.
+    """
     options = read_cluster_config(path)
     kind = options.pop("kind")
     if kind == "local":
@@ -201,14 +247,18 @@ WAIT_REPORT_S = 60.0
 
 def wait_for_workers(client: Client, *, out: TextIO | None = None, report_every: float = WAIT_REPORT_S) -> None:
     """Return once the cluster has a worker; until then say what it waits for, every
-    ``report_every`` seconds (SLURM jobs may wait in the queue for minutes or hours)."""
+    ``report_every`` seconds (SLURM jobs may wait in the queue for minutes or hours).
+    """
     if client.scheduler_info(n_workers=-1)["workers"]:
         return
     out = sys.stderr if out is None else out
     asked = workers_asked_for(client)
     which = f"{asked} worker(s) asked for" if asked else "workers"
-    print(f"waiting for the cluster's {which}: batch jobs may wait in the queue (SLURM: squeue --me); "
-          "Ctrl-C stops", file=out, flush=True)
+    print(
+        f"waiting for the cluster's {which}: batch jobs may wait in the queue (SLURM: squeue --me); Ctrl-C stops",
+        file=out,
+        flush=True,
+    )
     start = time.monotonic()
     while True:
         try:
@@ -229,6 +279,6 @@ def _optional(module: str, name: str, extra: str) -> Any:
         return getattr(__import__(module, fromlist=[name]), name)
     except ImportError as err:
         raise ValueError(
-            f"this cluster kind needs {module.split('.')[0]}: pip install \".[{extra}]\" from the symphony_dask "
+            f'this cluster kind needs {module.split(".")[0]}: pip install ".[{extra}]" from the symphony_dask '
             f"repository root (or pip install {module.split('.')[0].replace('_', '-')})"
         ) from err

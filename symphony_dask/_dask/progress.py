@@ -83,8 +83,9 @@ class PassProgress(Callback):
         Draw ipywidgets bars instead of text (see :func:`in_notebook`).
     """
 
-    def __init__(self, minimum: float = 1.0, width: int = 30, out: TextIO | None = None, *,
-                 notebook: bool = False) -> None:
+    def __init__(
+        self, minimum: float = 1.0, width: int = 30, out: TextIO | None = None, *, notebook: bool = False
+    ) -> None:
         super().__init__()
         self.minimum, self.width = minimum, width
         self.out = sys.stderr if out is None else out
@@ -134,15 +135,18 @@ class PassProgress(Callback):
             return
         frac = min(1.0, self.done / max(self.total, 1))
         bar = "#" * int(frac * self.width)
-        self.out.write(f"\r{self.label:<16} [{bar:<{self.width}}] {frac:4.0%} {self.done}/{self.total} tasks"
-                       f" | {now - self.start:5.1f} s")
+        self.out.write(
+            f"\r{self.label:<16} [{bar:<{self.width}}] {frac:4.0%} {self.done}/{self.total} tasks"
+            f" | {now - self.start:5.1f} s"
+        )
         self.out.flush()
         self.shown = True
 
 
 def notebook_progress() -> contextlib.AbstractContextManager:
     """Widget bars for the dask computations of the block, in a Jupyter kernel; nothing elsewhere
-    (terminals get their bars from the command line)."""
+    (terminals get their bars from the command line).
+    """
     if not in_notebook():
         return contextlib.nullcontext()
     return PassProgress(minimum=minimum_s(), notebook=True)
@@ -156,7 +160,8 @@ FEED_WAIT_S = 1.0
 def watch_futures(client: Any, futures: list) -> Iterator[None]:
     """A widget bar for ``futures`` of a distributed cluster while the block waits on them, in a
     Jupyter kernel: the scheduler reports the tasks left (distributed's progress feed) to the
-    client's event loop, which updates the bar; nothing outside a notebook."""
+    client's event loop, which updates the bar; nothing outside a notebook.
+    """
     if not in_notebook():
         yield
         return
@@ -170,7 +175,7 @@ def watch_futures(client: Any, futures: list) -> Iterator[None]:
     class _Fed(ProgressBar):
         widget: WidgetBar | None = None
 
-        def _draw_bar(self, remaining: int, all: int, **kwargs: Any) -> None:  # noqa: A002 (distributed's name)
+        def _draw_bar(self, remaining: int, all: int, **kwargs: Any) -> None:
             if self.widget is None and self.elapsed >= minimum:
                 self.widget = WidgetBar(label)
             if self.widget is not None:

@@ -57,7 +57,8 @@ def hnsw_graph(points: np.ndarray, *, seed: int = 0, inner_product: bool = False
 
 def hnsw_search(index: Any, x: np.ndarray, k: int, ef: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` nearest graph points of each row of ``x`` (indices, and distances or inner
-    products as the graph's metric gives them), searching ``max(ef, k)`` candidates."""
+    products as the graph's metric gives them), searching ``max(ef, k)`` candidates.
+    """
     import faiss
 
     params = faiss.SearchParametersHNSW(efSearch=max(int(ef), k))
@@ -117,6 +118,8 @@ class NeighborIndex:
 
         index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
         if index.ntotal != n_cells or index.d != dim:
-            raise ValueError(f"the saved neighbour index holds {index.ntotal} cells x {index.d} dimensions, "
-                             f"the reference {n_cells} x {dim}")
+            raise ValueError(
+                f"the saved neighbour index holds {index.ntotal} cells x {index.d} dimensions, "
+                f"the reference {n_cells} x {dim}"
+            )
         return cls("hnsw", n_cells, dim, seed, index)

@@ -54,8 +54,9 @@ def find_ab_params(spread: float = 1.0, min_dist: float = 0.1) -> tuple[float, f
     return float(a), float(b)
 
 
-def smooth_knn_dist(distances: np.ndarray, k: float, n_iter: int = 64, local_connectivity: float = 1.0,
-                    bandwidth: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+def smooth_knn_dist(
+    distances: np.ndarray, k: float, n_iter: int = 64, local_connectivity: float = 1.0, bandwidth: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
     """Each cell's distance ``rho`` to its ``local_connectivity``-th nearest neighbour at a nonzero
     distance and the scale ``sigma`` of its fuzzy memberships.
 
@@ -86,8 +87,9 @@ def smooth_knn_dist(distances: np.ndarray, k: float, n_iter: int = 64, local_con
 
 
 @numba.njit(cache=True)
-def _smooth_knn_dist(distances: np.ndarray, target: float, n_iter: int,
-                     local_connectivity: float) -> tuple[np.ndarray, np.ndarray]:
+def _smooth_knn_dist(
+    distances: np.ndarray, target: float, n_iter: int, local_connectivity: float
+) -> tuple[np.ndarray, np.ndarray]:
     n_cells, k = distances.shape
     sigmas = np.zeros(n_cells, dtype=np.float32)
     rhos = np.zeros(n_cells, dtype=np.float32)
@@ -180,7 +182,8 @@ def fuzzy_graph(neighbors: np.ndarray, distances: np.ndarray, n_epochs: int) -> 
 
 def initial_layout(graph: sp.spmatrix, data: np.ndarray, seed: int) -> np.ndarray:
     """The start of the optimization (cells x 2, in [0, 10] on each axis): :func:`spectral_layout`
-    scaled to a largest coordinate of 10 with noise of 1e-4, both seeded."""
+    scaled to a largest coordinate of 10 with noise of 1e-4, both seeded.
+    """
     start = spectral_layout(graph, data, seed)
     rng = np.random.default_rng(seed)
     start = start * (10.0 / np.abs(start).max()) + rng.normal(scale=1e-4, size=start.shape)
@@ -193,7 +196,8 @@ def spectral_layout(graph: sp.spmatrix, data: np.ndarray, seed: int) -> np.ndarr
     normalized Laplacian. A graph of several connected components has each laid out so, scaled to
     half the distance to the nearest other component, around its place in :func:`component_places`.
     Where the eigensolver fails, or for a component of fewer than 4 cells, the cells are spread at
-    random (seeded) over the same range."""
+    random (seeded) over the same range.
+    """
     from scipy.sparse.csgraph import connected_components
 
     rng = np.random.default_rng(seed)
@@ -220,14 +224,18 @@ def spectral_layout(graph: sp.spmatrix, data: np.ndarray, seed: int) -> np.ndarr
 def component_places(data: np.ndarray, labels: np.ndarray, n_components: int) -> np.ndarray:
     """Where the connected components of a graph go (components x 2, within [-1, 1]): up to 4 on the
     ends of the axes, more by the spectral embedding of their centroids in ``data`` (cells x d, rows
-    of unit length) with affinities ``exp(-d^2)`` of their cosine distances ``d``."""
+    of unit length) with affinities ``exp(-d^2)`` of their cosine distances ``d``.
+    """
     if n_components <= 4:
-        return np.array([[1.0, 0.0], [-1.0, 0.0]] if n_components == 2 else
-                        [[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]][:n_components])
+        return np.array(
+            [[1.0, 0.0], [-1.0, 0.0]]
+            if n_components == 2
+            else [[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]][:n_components]
+        )
     centroids = np.zeros((n_components, data.shape[1]))
     np.add.at(centroids, labels, data)
     centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-300)
-    affinity = np.exp(-np.maximum(1.0 - centroids @ centroids.T, 0.0) ** 2)
+    affinity = np.exp(-(np.maximum(1.0 - centroids @ centroids.T, 0.0) ** 2))
     scale = 1.0 / np.sqrt(affinity.sum(axis=1))
     values, vectors = np.linalg.eigh(np.identity(n_components) - scale[:, None] * affinity * scale[None, :])
     places = vectors[:, np.argsort(values)[1:3]] * scale[:, None]
@@ -237,7 +245,8 @@ def component_places(data: np.ndarray, labels: np.ndarray, n_components: int) ->
 def _spectral(graph: sp.spmatrix, seed: int) -> np.ndarray | None:
     """The two smallest non-trivial eigenvectors of a connected graph's normalized Laplacian ``I - A``
     (cells x 2), as the largest of ``A = D^-1/2 W D^-1/2`` (ARPACK from a seeded start, to 1e-4:
-    where eigenvalues are close, a mix of them, which serves as well as a start); None when it fails."""
+    where eigenvalues are close, a mix of them, which serves as well as a start); None when it fails.
+    """
     from scipy.sparse.linalg import ArpackError, eigsh
     from threadpoolctl import threadpool_limits
 
@@ -247,28 +256,54 @@ def _spectral(graph: sp.spmatrix, seed: int) -> np.ndarray | None:
     ncv = min(n_cells, max(7, int(np.sqrt(n_cells))))
     try:
         with threadpool_limits(limits=1, user_api="blas"):  # the same round-off in any process
-            values, vectors = eigsh(scale @ graph @ scale, 3, which="LA", ncv=ncv, tol=1e-4, v0=v0,
-                                    maxiter=n_cells * 5)
+            values, vectors = eigsh(scale @ graph @ scale, 3, which="LA", ncv=ncv, tol=1e-4, v0=v0, maxiter=n_cells * 5)
     except ArpackError:
         return None
     return vectors[:, np.argsort(values)[1::-1]]
 
 
-def fit_layout(neighbors: np.ndarray, distances: np.ndarray, data: np.ndarray, *, a: float, b: float, seed: int,
-               negative_sample_rate: int = 5, learning_rate: float = 1.0) -> np.ndarray:
+def fit_layout(
+    neighbors: np.ndarray,
+    distances: np.ndarray,
+    data: np.ndarray,
+    *,
+    a: float,
+    b: float,
+    seed: int,
+    negative_sample_rate: int = 5,
+    learning_rate: float = 1.0,
+) -> np.ndarray:
     """A UMAP layout (cells x 2) of cells from their neighbours (cells x k, each cell first) and
     distances: :func:`fuzzy_graph`, :func:`initial_layout` and :func:`optimize_layout` with
     :func:`default_epochs`, seeded by ``seed``. ``data`` (cells x d, rows of unit length) places
-    the graph's connected components (:func:`component_places`)."""
+    the graph's connected components (:func:`component_places`).
+    """
     n_epochs = default_epochs(len(neighbors))
     graph = fuzzy_graph(neighbors, distances, n_epochs)
     layout = initial_layout(graph, data, seed)
-    return optimize_layout(layout, graph, a=a, b=b, n_epochs=n_epochs, seed=seed,
-                           negative_sample_rate=negative_sample_rate, learning_rate=learning_rate)
+    return optimize_layout(
+        layout,
+        graph,
+        a=a,
+        b=b,
+        n_epochs=n_epochs,
+        seed=seed,
+        negative_sample_rate=negative_sample_rate,
+        learning_rate=learning_rate,
+    )
 
 
-def optimize_layout(layout: np.ndarray, graph: sp.coo_matrix, *, a: float, b: float, n_epochs: int, seed: int,
-                    negative_sample_rate: int = 5, learning_rate: float = 1.0) -> np.ndarray:
+def optimize_layout(
+    layout: np.ndarray,
+    graph: sp.coo_matrix,
+    *,
+    a: float,
+    b: float,
+    n_epochs: int,
+    seed: int,
+    negative_sample_rate: int = 5,
+    learning_rate: float = 1.0,
+) -> np.ndarray:
     """``n_epochs`` epochs of UMAP's stochastic gradient descent from ``layout`` (cells x 2), both ends
     of an edge moved; an edge of weight ``w`` is sampled every ``max(w) / w`` epochs, each time with
     ``negative_sample_rate`` repulsions from random cells; the learning rate falls linearly to 0.
@@ -279,9 +314,18 @@ def optimize_layout(layout: np.ndarray, graph: sp.coo_matrix, *, a: float, b: fl
         The layout (cells x 2, float64).
     """
     every = graph.data.max() / graph.data
-    return _optimize_layout(np.array(layout, dtype=np.float64), graph.row.astype(np.int64),
-                            graph.col.astype(np.int64), every.astype(np.float64), float(a), float(b),
-                            int(n_epochs), int(negative_sample_rate), float(learning_rate), np.uint64(seed))
+    return _optimize_layout(
+        np.array(layout, dtype=np.float64),
+        graph.row.astype(np.int64),
+        graph.col.astype(np.int64),
+        every.astype(np.float64),
+        float(a),
+        float(b),
+        int(n_epochs),
+        int(negative_sample_rate),
+        float(learning_rate),
+        np.uint64(seed),
+    )
 
 
 @numba.njit(cache=True, inline="always")
@@ -300,8 +344,18 @@ def _clip(value: float) -> float:
 
 
 @numba.njit(cache=True)
-def _optimize_layout(y: np.ndarray, head: np.ndarray, tail: np.ndarray, every: np.ndarray, a: float, b: float,
-                     n_epochs: int, negative_rate: int, alpha0: float, seed: np.uint64) -> np.ndarray:
+def _optimize_layout(
+    y: np.ndarray,
+    head: np.ndarray,
+    tail: np.ndarray,
+    every: np.ndarray,
+    a: float,
+    b: float,
+    n_epochs: int,
+    negative_rate: int,
+    alpha0: float,
+    seed: np.uint64,
+) -> np.ndarray:
     n_cells = y.shape[0]
     every_negative = every / negative_rate
     next_sample = every.copy()
@@ -338,12 +392,23 @@ def _optimize_layout(y: np.ndarray, head: np.ndarray, tail: np.ndarray, every: n
 
 
 @numba.njit(cache=True)
-def optimize_placement(y: np.ndarray, fitted: np.ndarray, neighbors: np.ndarray, weights: np.ndarray, rows: np.ndarray,
-                       seed: np.uint64, a: float, b: float, alpha0: float, negative_rate: int,
-                       n_epochs: int) -> np.ndarray:
+def optimize_placement(
+    y: np.ndarray,
+    fitted: np.ndarray,
+    neighbors: np.ndarray,
+    weights: np.ndarray,
+    rows: np.ndarray,
+    seed: np.uint64,
+    a: float,
+    b: float,
+    alpha0: float,
+    negative_rate: int,
+    n_epochs: int,
+) -> np.ndarray:
     """Move each cell (row of ``y``) towards its neighbours and away from random fitted cells, with
     the fitted layout held fixed (umap-learn's ``optimize_layout_euclidean`` with move_other=False,
-    per-cell random streams, weights scaled by 1). Serial: dask runs chunks in parallel."""
+    per-cell random streams, weights scaled by 1). Serial: dask runs chunks in parallel.
+    """
     n_cells, k = neighbors.shape
     n_fitted = fitted.shape[0]
     out = y.copy()

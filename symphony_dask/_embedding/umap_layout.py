@@ -70,7 +70,8 @@ class UmapParams:
 @dataclass
 class UmapModel:
     """A reference UMAP: the coordinates of every reference cell (cells x 2), which reference rows the
-    layout was fitted on (the others were placed), and its parameters."""
+    layout was fitted on (the others were placed), and its parameters.
+    """
 
     coords: np.ndarray
     fitted: np.ndarray
@@ -78,8 +79,12 @@ class UmapModel:
 
     def placement(self, embedding: np.ndarray, n_cells: int) -> Placement:
         """What placing ``n_cells`` cells needs, from the reference's corrected ``embedding``."""
-        return Placement(np.asarray(embedding[self.fitted], dtype=np.float64), self.coords[self.fitted], self.params,
-                         place_epochs(n_cells))
+        return Placement(
+            np.asarray(embedding[self.fitted], dtype=np.float64),
+            self.coords[self.fitted],
+            self.params,
+            place_epochs(n_cells),
+        )
 
 
 def place_epochs(n_cells: int) -> int:
@@ -90,7 +95,8 @@ def place_epochs(n_cells: int) -> int:
 @dataclass
 class Placement:
     """The fitted cells' embedding (cells x d) and coordinates (cells x 2): call it on cells of the
-    corrected embedding and their rows (see :func:`place_cells`)."""
+    corrected embedding and their rows (see :func:`place_cells`).
+    """
 
     embedding: np.ndarray
     coords: np.ndarray
@@ -101,11 +107,19 @@ class Placement:
         return place_cells(cells, self.embedding, self.coords, self.params, rows=rows, epochs=self.epochs)
 
 
-def fit_umap(embedding: np.ndarray, *, n_neighbors: int = 30, min_dist: float = 0.1, seed: int = 111,
-             max_fit_cells: int = MAX_FIT_CELLS, chunk_size: int = PLACE_CHUNK) -> UmapModel:
+def fit_umap(
+    embedding: np.ndarray,
+    *,
+    n_neighbors: int = 30,
+    min_dist: float = 0.1,
+    seed: int = 111,
+    max_fit_cells: int = MAX_FIT_CELLS,
+    chunk_size: int = PLACE_CHUNK,
+) -> UmapModel:
     """Fit the reference UMAP on the corrected embedding (cells x d), on at most ``max_fit_cells``
     cells (a seeded subsample); the others are placed in chunks of ``chunk_size`` cells with the
-    active dask scheduler (on the workers of a cluster)."""
+    active dask scheduler (on the workers of a cluster).
+    """
     from symphony_dask._dask.chunked import compute, map_rows
 
     embedding = np.asarray(embedding, dtype=np.float64)
@@ -118,8 +132,16 @@ def fit_umap(embedding: np.ndarray, *, n_neighbors: int = 30, min_dist: float = 
     neighbors, distances = _cosine_neighbors(embedding[fitted], embedding[fitted], n_neighbors, seed)
     a, b = find_ab_params(1.0, min_dist)
     params = UmapParams(n_neighbors=n_neighbors, min_dist=min_dist, a=a, b=b, seed=seed)
-    fitted_coords = fit_layout(neighbors, distances, _unit_rows(embedding[fitted]), a=a, b=b, seed=seed,
-                               negative_sample_rate=params.negative_sample_rate, learning_rate=params.learning_rate)
+    fitted_coords = fit_layout(
+        neighbors,
+        distances,
+        _unit_rows(embedding[fitted]),
+        a=a,
+        b=b,
+        seed=seed,
+        negative_sample_rate=params.negative_sample_rate,
+        learning_rate=params.learning_rate,
+    )
     coords = np.empty((n, 2))
     coords[fitted] = fitted_coords
     model = UmapModel(coords, fitted, params)
@@ -134,21 +156,38 @@ def fit_umap(embedding: np.ndarray, *, n_neighbors: int = 30, min_dist: float = 
     return model
 
 
-def place_cells(cells: np.ndarray, fitted_embedding: np.ndarray, fitted_coords: np.ndarray, params: UmapParams,
-                *, rows: np.ndarray, epochs: int = 100) -> np.ndarray:
+def place_cells(
+    cells: np.ndarray,
+    fitted_embedding: np.ndarray,
+    fitted_coords: np.ndarray,
+    params: UmapParams,
+    *,
+    rows: np.ndarray,
+    epochs: int = 100,
+) -> np.ndarray:
     """Kernel: UMAP coordinates (cells x 2) of ``cells`` (cells x d, corrected embedding) in the layout
     ``fitted_coords`` of ``fitted_embedding``. ``rows`` (one per cell, e.g. its row in the query)
-    seeds each cell's random stream, so the result does not depend on how cells are chunked."""
+    seeds each cell's random stream, so the result does not depend on how cells are chunked.
+    """
     cells = np.asarray(cells, dtype=np.float64)
     if len(cells) == 0:
         return np.empty((0, 2))
     neighbors, distances = _cosine_neighbors(cells, fitted_embedding, params.n_neighbors, params.seed)
     weights = _membership(distances, params.n_neighbors)
     start = np.einsum("ck,ckj->cj", weights / weights.sum(axis=1, keepdims=True), fitted_coords[neighbors])
-    return optimize_placement(start.astype(np.float32), fitted_coords.astype(np.float32), neighbors.astype(np.int64),
-                              weights.astype(np.float32), np.asarray(rows, dtype=np.uint64), np.uint64(params.seed),
-                              params.a, params.b, params.learning_rate / 4.0, params.negative_sample_rate,
-                              epochs).astype(np.float64)
+    return optimize_placement(
+        start.astype(np.float32),
+        fitted_coords.astype(np.float32),
+        neighbors.astype(np.int64),
+        weights.astype(np.float32),
+        np.asarray(rows, dtype=np.uint64),
+        np.uint64(params.seed),
+        params.a,
+        params.b,
+        params.learning_rate / 4.0,
+        params.negative_sample_rate,
+        epochs,
+    ).astype(np.float64)
 
 
 def _cosine_neighbors(cells: np.ndarray, fitted: np.ndarray, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -156,21 +195,25 @@ def _cosine_neighbors(cells: np.ndarray, fitted: np.ndarray, k: int, seed: int =
     over unit vectors, whose Euclidean distance ``c`` gives the cosine distance ``c^2 / 2``) up to
     :data:`EXACT_SEARCH_MAX` fitted cells, else through a seeded HNSW graph over them (inner
     product of unit vectors; recall 0.999 at k = 30 on a 20,000-cell PBMC-like layout). Either way
-    a cell's neighbours do not depend on the other cells searched with it."""
+    a cell's neighbours do not depend on the other cells searched with it.
+    """
     unit, queries = _unit_rows(fitted), _unit_rows(cells)
     if len(fitted) <= EXACT_SEARCH_MAX:
         from scipy.spatial import cKDTree
 
         chord, neighbors = cKDTree(unit).query(queries, k=k)
-        return (np.asarray(neighbors, dtype=np.int64).reshape(len(cells), k),
-                np.asarray(chord).reshape(len(cells), k) ** 2 / 2)
+        return (
+            np.asarray(neighbors, dtype=np.int64).reshape(len(cells), k),
+            np.asarray(chord).reshape(len(cells), k) ** 2 / 2,
+        )
     neighbors, products = hnsw_search(_hnsw_index(unit, seed), queries, k, HNSW_EF)
     return neighbors, np.maximum(1.0 - products.astype(np.float64), 0.0)
 
 
 def _hnsw_index(unit: np.ndarray, seed: int):
     """The HNSW graph over the fitted cells (inner product of unit vectors), built once per process
-    (single-threaded and seeded, so every process builds the same graph) and kept for the next chunks."""
+    (single-threaded and seeded, so every process builds the same graph) and kept for the next chunks.
+    """
     digest = hashlib.blake2b(unit.tobytes(), digest_size=16)
     digest.update(str(seed).encode())
     key = digest.digest()

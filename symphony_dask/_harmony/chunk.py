@@ -60,7 +60,8 @@ PIECE_CELLS = 32_768
 @dataclass(frozen=True)
 class RunSpec:
     """What every piece of a run shares: the number of design patterns and blocks, the block hash
-    key, sigma, and what the diversity penalty depends on besides ``S``."""
+    key, sigma, and what the diversity penalty depends on besides ``S``.
+    """
 
     n_patterns: int
     n_blocks: int
@@ -73,7 +74,8 @@ class RunSpec:
 class CorrectionStep:
     """One Harmony correction, as the driver sent it: the centroids ``y`` and block penalties of
     the clustering iteration before it, the batch terms per pattern (p x k x d), and whether it
-    was the last correction."""
+    was the last correction.
+    """
 
     y: np.ndarray
     penalties: np.ndarray
@@ -84,7 +86,8 @@ class CorrectionStep:
 @dataclass
 class IterationSums:
     """What a clustering iteration returns: ``S`` per block after it, the penalty each block saw,
-    the objective's ``sum R log w`` and ``sum (m + log Z)`` terms, and the centroid sums."""
+    the objective's ``sum R log w`` and ``sum (m + log Z)`` terms, and the centroid sums.
+    """
 
     block_s: np.ndarray
     penalties: np.ndarray
@@ -152,11 +155,13 @@ class Piece:
 
     def kernel(self, b: int, y: np.ndarray, sigma: float, buffers: int) -> BlockKernel:
         """The penalty-free half of block ``b``'s assignments (see :class:`BlockKernel`), in this
-        piece's iteration buffers number ``buffers`` (0 or 1)."""
+        piece's iteration buffers number ``buffers`` (0 or 1).
+        """
         return BlockKernel.compute(self.z_corr[self.block(b)], y, sigma, self.buffers[buffers])
 
-    def _assign(self, b: int, z_corr: np.ndarray, y: np.ndarray, sigma: float, weights: np.ndarray,
-                pattern_sums: np.ndarray) -> tuple[BlockKernel, float]:
+    def _assign(
+        self, b: int, z_corr: np.ndarray, y: np.ndarray, sigma: float, weights: np.ndarray, pattern_sums: np.ndarray
+    ) -> tuple[BlockKernel, float]:
         sl = self.block(b)
         return assign(z_corr[sl], y, sigma, weights, self.codes[sl], pattern_sums, self.buffers[0])
 
@@ -180,7 +185,8 @@ class Piece:
 
     def ridge_sums(self, y: np.ndarray, sigma: float, penalties: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``sum R`` (p x k) and ``sum R z`` (p x k x d) per pattern, with ``R`` recomputed per block
-        from the centroids and penalties of the last clustering iteration."""
+        from the centroids and penalties of the last clustering iteration.
+        """
         n_patterns, k, d = penalties.shape[1], y.shape[1], self.z.shape[1]
         s = np.zeros((n_patterns, k))
         t = np.zeros((n_patterns, k, d))
@@ -193,7 +199,8 @@ class Piece:
     def corrected_state(self, step: CorrectionStep, sigma: float) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
         """``z_corr = z - sum_k R_k W_k^T x`` (``step.per_pattern[p] = x_p^T W``), the embedding to keep
         for the output ``R`` (after a final correction), and the new centroid sums ``Z_cos^T R``.
-        Leaves this piece unchanged."""
+        Leaves this piece unchanged.
+        """
         old = self.z_corr
         new = self.z[self.perm]
         centroid_sums = np.zeros_like(step.y)
@@ -215,7 +222,8 @@ class Piece:
 
     def assignments(self, y: np.ndarray, sigma: float, penalties: np.ndarray, out: np.ndarray) -> None:
         """Write ``R`` (cells x k) into ``out`` (this piece's rows) in the original cell order, as
-        the last clustering iteration left it."""
+        the last clustering iteration left it.
+        """
         z_corr = self.z_corr if self.z_clustered is None else self.z_clustered
         pattern_sums = np.zeros((penalties.shape[1], y.shape[1]))
         for b in range(self.n_blocks()):
@@ -227,7 +235,8 @@ class Piece:
 class _Iteration:
     """Scratch of the clustering iteration in progress: per piece, the prepared kernels (two
     buffers, by block parity: one block is weighed and summed while the next is prepared), the
-    futures of the next block's preparation, and the entropy part and centroid sums so far."""
+    futures of the next block's preparation, and the entropy part and centroid sums so far.
+    """
 
     number: int
     y: np.ndarray
@@ -319,8 +328,13 @@ class ChunkGroup:
         Threads of the pool.
     """
 
-    def __init__(self, group_id: str | None, chunks: Sequence[tuple[int, int, np.ndarray, np.ndarray]],
-                 spec: RunSpec, n_threads: int) -> None:
+    def __init__(
+        self,
+        group_id: str | None,
+        chunks: Sequence[tuple[int, int, np.ndarray, np.ndarray]],
+        spec: RunSpec,
+        n_threads: int,
+    ) -> None:
         self.group_id = group_id
         self.spec = spec
         self.pieces: list[Piece] = []
@@ -387,18 +401,28 @@ class ChunkGroup:
 
     # -- a clustering iteration, block by block ------------------------------------------------------
 
-    def block_prepared(self, number: int, position: int,
-                       start: tuple[np.ndarray, Sequence[int]] | None = None) -> list[Future]:
+    def block_prepared(
+        self, number: int, position: int, start: tuple[np.ndarray, Sequence[int]] | None = None
+    ) -> list[Future]:
         """Futures of the kernels of block ``order[position]``, to wait for before :meth:`weigh_block`.
-        The first block starts the iteration: ``start`` gives its centroids and block order."""
+        The first block starts the iteration: ``start`` gives its centroids and block order.
+        """
         if position == 0:
             if start is None:
                 raise RuntimeError(f"clustering iteration {number} needs its centroids and block order")
             self._settle()
             y, order = start
             n = len(self.pieces)
-            self._iteration = it = _Iteration(number, y, list(order), 0, [[None, None] for _ in range(n)], [],
-                                              [0.0] * n, [np.zeros_like(y) for _ in range(n)])
+            self._iteration = it = _Iteration(
+                number,
+                y,
+                list(order),
+                0,
+                [[None, None] for _ in range(n)],
+                [],
+                [0.0] * n,
+                [np.zeros_like(y) for _ in range(n)],
+            )
             it.prepared = [self._submit(i, partial(self._prepare, it, i, 0)) for i in range(n)]
         it = self._iteration
         if it is None or it.number != number or it.position != position:
@@ -411,7 +435,8 @@ class ChunkGroup:
 
     def weigh_block(self, penalty: np.ndarray) -> list[Future]:
         """Weigh the current block of every piece with ``penalty`` (p x k), as urgent jobs; futures
-        of each piece's ``S``."""
+        of each piece's ``S``.
+        """
         it = self._iteration
         b, parity = it.order[it.position], it.position % 2
 
@@ -425,7 +450,8 @@ class ChunkGroup:
 
     def after_block(self) -> bool:
         """Queue the background work that follows a weighed block (the next block's kernels, this
-        block's centroid sums); whether the iteration is complete."""
+        block's centroid sums); whether the iteration is complete.
+        """
         it = self._iteration
         parity = it.position % 2
         it.position += 1
@@ -441,10 +467,12 @@ class ChunkGroup:
         it.centroid_sums[i] += kernel.centroid_sums()
         it.kernels[i][parity] = None
 
-    def update_block(self, number: int, position: int, penalty: np.ndarray,
-                     start: tuple[np.ndarray, Sequence[int]] | None = None) -> BlockResult:
+    def update_block(
+        self, number: int, position: int, penalty: np.ndarray, start: tuple[np.ndarray, Sequence[int]] | None = None
+    ) -> BlockResult:
         """``S`` (p x k) of block ``order[position]`` after weighing it with ``penalty``; after the
-        last block, also the iteration's sums (see :meth:`block_prepared` for ``start``)."""
+        last block, also the iteration's sums (see :meth:`block_prepared` for ``start``).
+        """
         for future in self.block_prepared(number, position, start):
             future.result()
         s = total(*(f.result() for f in self.weigh_block(penalty)))
@@ -461,8 +489,9 @@ class ChunkGroup:
 
     def cluster_iteration(self, number: int, order: Sequence[int], y: np.ndarray, block_s: np.ndarray) -> IterationSums:
         """A whole clustering iteration when this group holds every cell (no reduction across groups)."""
-        return drive_blocks(list(order), y, block_s, self.spec.terms,
-                            lambda *request: [self.update_block(number, *request)])
+        return drive_blocks(
+            list(order), y, block_s, self.spec.terms, lambda *request: [self.update_block(number, *request)]
+        )
 
     # -- correction --------------------------------------------------------------------------------
 
@@ -494,11 +523,19 @@ class ChunkGroup:
 
     # -- outputs -----------------------------------------------------------------------------------
 
-    def output(self, chunk: int, what: str, y: np.ndarray | None = None, penalties: np.ndarray | None = None,
-               out: np.ndarray | None = None, piece: int | None = None) -> np.ndarray:
+    def output(
+        self,
+        chunk: int,
+        what: str,
+        y: np.ndarray | None = None,
+        penalties: np.ndarray | None = None,
+        out: np.ndarray | None = None,
+        piece: int | None = None,
+    ) -> np.ndarray:
         """Chunk ``chunk``'s corrected PCs (``what='corrected'``) or assignments (``'assignments'``),
         in the original cell order (written into ``out`` if given); only its ``piece``-th piece
-        (:func:`piece_bounds`) if given."""
+        (:func:`piece_bounds`) if given.
+        """
         pieces = self.chunk_pieces[chunk] if piece is None else [self.chunk_pieces[chunk][piece]]
         first = self.pieces[pieces[0]].offset
         n = sum(len(self.pieces[i].z) for i in pieces)
@@ -516,9 +553,19 @@ class ChunkGroup:
         return out
 
 
-def chunk_output(z: np.ndarray, codes: np.ndarray, offset: int, chunk: int, spec: RunSpec,
-                 log: Sequence[CorrectionStep], group_id: str, what: str, y: np.ndarray | None = None,
-                 penalties: np.ndarray | None = None, piece: int | None = None) -> np.ndarray:
+def chunk_output(
+    z: np.ndarray,
+    codes: np.ndarray,
+    offset: int,
+    chunk: int,
+    spec: RunSpec,
+    log: Sequence[CorrectionStep],
+    group_id: str,
+    what: str,
+    y: np.ndarray | None = None,
+    penalties: np.ndarray | None = None,
+    piece: int | None = None,
+) -> np.ndarray:
     """An output chunk of a Harmony run (or one ``piece`` of it), as a pure function of the chunk's
     PCs and the run's log.
 
@@ -540,16 +587,19 @@ def chunk_output(z: np.ndarray, codes: np.ndarray, offset: int, chunk: int, spec
 @dataclass
 class BlockResult:
     """A group's answer to a block: its ``S`` (p x k) and, after the last block, the iteration's
-    entropy part and centroid sums."""
+    entropy part and centroid sums.
+    """
 
     s: np.ndarray
     end: tuple[float, np.ndarray] | None
 
 
-def drive_blocks(order: list[int], y: np.ndarray, block_s: np.ndarray, terms: PenaltyTerms,
-                 update: Callable[..., list[BlockResult]]) -> IterationSums:
+def drive_blocks(
+    order: list[int], y: np.ndarray, block_s: np.ndarray, terms: PenaltyTerms, update: Callable[..., list[BlockResult]]
+) -> IterationSums:
     """The block loop of a clustering iteration: ``update(position, penalty, start)`` weighs the
-    block at ``position`` in every group and returns each group's :class:`BlockResult`."""
+    block at ``position`` in every group and returns each group's :class:`BlockResult`.
+    """
     steps = block_steps(order, y, block_s, terms)
     request = next(steps)
     while True:
@@ -563,11 +613,13 @@ def block_steps(order: list[int], y: np.ndarray, block_s: np.ndarray, terms: Pen
     """Generator form of the block loop (for an async driver): yields the arguments of each block's
     update (position, penalty, and for the first block the centroids and the order), receives the
     groups' :class:`BlockResult`, whose ``S`` are added in group order, and returns the iteration's
-    :class:`IterationSums`."""
+    :class:`IterationSums`.
+    """
     ledger = Ledger.start(block_s, order[0], terms)
     for position, b in enumerate(order):
         parts = yield position, ledger.penalty, ((y, order) if position == 0 else None)
         following = order[position + 1] if position + 1 < len(order) else None
         ledger.advance(b, total(*(p.s for p in parts)), following, terms)
-    return IterationSums(ledger.new, ledger.penalties, ledger.logw, total(*(p.end[0] for p in parts)),
-                         total(*(p.end[1] for p in parts)))
+    return IterationSums(
+        ledger.new, ledger.penalties, ledger.logw, total(*(p.end[0] for p in parts)), total(*(p.end[1] for p in parts))
+    )

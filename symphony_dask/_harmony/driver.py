@@ -35,14 +35,14 @@ import dask.array as da
 import numpy as np
 from dask.delayed import Delayed
 
-from symphony_dask._harmony.cluster import groups as harmony_groups
 from symphony_dask._dask.chunked import aligned_blocks, distributed_client, total
+from symphony_dask._dask.timing import timed
 from symphony_dask._harmony.chunk import CorrectionStep, IterationSums, RunSpec, chunk_output, piece_bounds
+from symphony_dask._harmony.cluster import groups as harmony_groups
 from symphony_dask._harmony.cluster.groups import GroupsLost, LocalGroups, local_threads
 from symphony_dask._harmony.kernels import PenaltyTerms, cosine_normalize
 from symphony_dask._harmony.kmeans import SEED_SAMPLE_PER_CLUSTER, kmeans
 from symphony_dask._harmony.mixture import Design, ridge_system, solve_batch_terms, solve_harmony2_terms
-from symphony_dask._dask.timing import timed
 
 logger = logging.getLogger("symphony_dask")
 
@@ -56,7 +56,8 @@ MAX_RECOVERIES = 10
 class _OutputCall:
     """One call of :func:`~symphony_dask._harmony.chunk.chunk_output`: its positional arguments (some
     of them delayed), the piece it asks for (``None``: the whole chunk), the worker holding the
-    chunk's group (``None``: this process) and the rows it gives."""
+    chunk's group (``None``: this process) and the rows it gives.
+    """
 
     args: tuple
     piece: int | None
@@ -137,20 +138,24 @@ class HarmonyResult:
         out = []
         for i, call in enumerate(self._assignment_pieces):
             with call.placement():
-                out.append(dask.delayed(_with_assignments, pure=False)(kernel, call.args, call.piece,
-                                                                      *(b[i] for b in blocks)))
+                out.append(
+                    dask.delayed(_with_assignments, pure=False)(kernel, call.args, call.piece, *(b[i] for b in blocks))
+                )
         return out
 
     def __repr__(self) -> str:
-        return (f"HarmonyResult({self.Z_corr.shape[0]} cells, k={self.centroids.shape[1]}, n_iter={self.n_iter}, "
-                f"converged={self.converged})")
+        return (
+            f"HarmonyResult({self.Z_corr.shape[0]} cells, k={self.centroids.shape[1]}, n_iter={self.n_iter}, "
+            f"converged={self.converged})"
+        )
 
 
 @dataclass(frozen=True)
 class RidgeSettings:
     """The ridge correction's penalty: ``penalty`` ((1 + B,), the intercept's first) fixed, or for
     harmony 2 ``None`` to estimate it as ``alpha E``; harmony 2 leaves out batches whose share of a
-    cluster is at most ``cutoff``."""
+    cluster is at most ``cutoff``.
+    """
 
     penalty: np.ndarray | None
     alpha: float = 0.2
@@ -184,9 +189,20 @@ class HarmonyRun:
         ``'harmony1'`` or ``'harmony2'`` (see the module docstring).
     """
 
-    def __init__(self, Z: np.ndarray | da.Array, design: Design, pr_b: np.ndarray, theta_b: np.ndarray, *,
-                 n_clusters: int, sigma: float, seed: int, n_blocks: int, chunk_size: int | None,
-                 flavor: str = "harmony1") -> None:
+    def __init__(
+        self,
+        Z: np.ndarray | da.Array,
+        design: Design,
+        pr_b: np.ndarray,
+        theta_b: np.ndarray,
+        *,
+        n_clusters: int,
+        sigma: float,
+        seed: int,
+        n_blocks: int,
+        chunk_size: int | None,
+        flavor: str = "harmony1",
+    ) -> None:
         self.flavor = flavor
         self.rng = np.random.default_rng(seed)
         self.n, self.d = int(Z.shape[0]), int(Z.shape[1])
@@ -263,7 +279,9 @@ class HarmonyRun:
                 return step(*args)
             except GroupsLost as lost:
                 if attempt == MAX_RECOVERIES:
-                    raise RuntimeError(f"Harmony lost workers {MAX_RECOVERIES + 1} times in one step; giving up") from lost
+                    raise RuntimeError(
+                        f"Harmony lost workers {MAX_RECOVERIES + 1} times in one step; giving up"
+                    ) from lost
                 self.groups.recover(lost.slots, self.log)
         raise AssertionError("unreachable")
 
@@ -283,7 +301,8 @@ class HarmonyRun:
 
     def _start(self, n_init: int) -> tuple[np.ndarray, _Iteration]:
         """The k-means start and ``R = softmax(-dist / sigma)`` from it; returns the centroids of the
-        first clustering iteration (harmony 0.1: ``Z_cos^T R`` normalized; harmony 2: the start's)."""
+        first clustering iteration (harmony 0.1: ``Z_cos^T R`` normalized; harmony 2: the start's).
+        """
         with timed(self.timings, "start", log=False):
             y0 = cosine_normalize(self._kmeans_start(n_init).T, axis=0)
             it = self._plain_assignments(y0)
@@ -321,8 +340,9 @@ class HarmonyRun:
         s, t = total(*(p[0] for p in parts)), total(*(p[1] for p in parts))
         patterns = self.design.patterns
         if self.flavor == "harmony2":
-            w, intercepts, fitted = solve_harmony2_terms(s, t, patterns, self.design.variables(),
-                                                         alpha=ridge.alpha, cutoff=ridge.cutoff, penalty=ridge.penalty)
+            w, intercepts, fitted = solve_harmony2_terms(
+                s, t, patterns, self.design.variables(), alpha=ridge.alpha, cutoff=ridge.cutoff, penalty=ridge.penalty
+            )
         else:
             w = solve_batch_terms(*ridge_system(s, t, patterns), ridge.penalty)
         step = CorrectionStep(it.y, it.sums.penalties, np.einsum("pa,kad->pkd", patterns, w), final)
@@ -346,8 +366,16 @@ class HarmonyRun:
         finally:
             self.groups.finish()
 
-    def _harmony(self, ridge: RidgeSettings, *, n_init: int, max_iter_harmony: int, max_iter_cluster: int,
-                 epsilon_cluster: float, epsilon_harmony: float) -> HarmonyResult:
+    def _harmony(
+        self,
+        ridge: RidgeSettings,
+        *,
+        n_init: int,
+        max_iter_harmony: int,
+        max_iter_cluster: int,
+        epsilon_cluster: float,
+        epsilon_harmony: float,
+    ) -> HarmonyResult:
         y, it = self._start(n_init)
         obj_kmeans = [self._objective(it)]
         obj_harmony = [obj_kmeans[-1]]
@@ -370,8 +398,14 @@ class HarmonyRun:
             with timed(self.timings, "correction", log=False):
                 y = self._correct(ridge, it, final=converged or n_iter == max_iter_harmony)
             spent = {k: v - before.get(k, 0.0) for k, v in self.timings.items()}
-            logger.info("Harmony iteration %d: objective %.6g; clustering %.2f s (%d rounds), correction %.2f s",
-                        n_iter, new, spent["clustering"], i + 1, spent["correction"])
+            logger.info(
+                "Harmony iteration %d: objective %.6g; clustering %.2f s (%d rounds), correction %.2f s",
+                n_iter,
+                new,
+                spent["clustering"],
+                i + 1,
+                spent["correction"],
+            )
             if converged:
                 break
         return self._result(it, n_iter, obj_harmony, converged)
@@ -390,21 +424,27 @@ class HarmonyRun:
 
     def _calls(self, what: str, *args: Any, by_piece: bool = False) -> list[_OutputCall]:
         """The :func:`~symphony_dask._harmony.chunk.chunk_output` calls that give a per-cell output,
-        one per chunk (or, ``by_piece``, one per piece of at most 32,768 cells), in cell order."""
+        one per chunk (or, ``by_piece``, one per piece of at most 32,768 cells), in cell order.
+        """
         log = dask.delayed(list(self.log), traverse=False)
         calls = []
         for i, (a, s) in enumerate(zip(self.offsets, self.sizes)):
             group_id, worker = self.groups.location(i)
             z = dask.delayed(self.z_chunks[i]) if self.lazy or worker else self.z_chunks[i]
             pieces = list(enumerate(piece_bounds(s))) if by_piece else [(None, (0, s))]
-            calls += [_OutputCall((z, self.codes[i], int(a), i, self.spec, log, group_id, what, *args), piece, worker,
-                                  stop - start) for piece, (start, stop) in pieces]
+            calls += [
+                _OutputCall(
+                    (z, self.codes[i], int(a), i, self.spec, log, group_id, what, *args), piece, worker, stop - start
+                )
+                for piece, (start, stop) in pieces
+            ]
         return calls
 
     def _outputs(self, what: str, width: int, *args: Any) -> da.Array:
         """A per-cell output as a dask array over the chunks: each taken from its group, or
         recomputed from its PCs and the log if the group is gone (see
-        :func:`~symphony_dask._harmony.chunk.chunk_output`)."""
+        :func:`~symphony_dask._harmony.chunk.chunk_output`).
+        """
         parts = []
         for call in self._calls(what, *args):
             with call.placement():
@@ -427,10 +467,18 @@ class HarmonyRun:
             z_corr = self._outputs("corrected", self.d)
             z_corr = z_corr.persist(optimize_graph=False) if self.lazy else z_corr.compute(optimize_graph=False)
         r = assignments if self.lazy else (lambda: assignments.compute(optimize_graph=False))
-        return HarmonyResult(z_corr, it.y, n_iter, objective, converged, dict(self.timings),
-                             cluster_iterations=self._iterations, _assignments=r, _groups=self.groups,
-                             _assignment_pieces=pieces)
-
+        return HarmonyResult(
+            z_corr,
+            it.y,
+            n_iter,
+            objective,
+            converged,
+            dict(self.timings),
+            cluster_iterations=self._iterations,
+            _assignments=r,
+            _groups=self.groups,
+            _assignment_pieces=pieces,
+        )
 
 
 def _window_converged(obj: list[float], epsilon: float) -> bool:

@@ -95,7 +95,8 @@ def _shift_rows(a: np.ndarray, scale: float) -> float:
 @numba.njit(cache=True, nogil=True)
 def _weigh_and_normalize(e: np.ndarray, weights: np.ndarray, codes: np.ndarray, pattern_sums: np.ndarray) -> float:
     """In place ``e[i] = e[i] * weights[codes[i]] / Z_i``; adds each row to ``pattern_sums[codes[i]]``;
-    returns ``sum_i log Z_i``."""
+    returns ``sum_i log Z_i``.
+    """
     n, k = e.shape
     total = 0.0
     for i in range(n):
@@ -118,7 +119,8 @@ def _weigh_and_normalize(e: np.ndarray, weights: np.ndarray, codes: np.ndarray, 
 class Scratch:
     """Reusable buffers for the kernels of one piece of cells (rows x d and rows x k): blocks are
     visited one after another, and fresh arrays of a few MB per block would each be a new mapping
-    and page faults (on dask workers, whose allocator returns freed memory at once)."""
+    and page faults (on dask workers, whose allocator returns freed memory at once).
+    """
 
     def __init__(self) -> None:
         self._buffers: dict[str, np.ndarray] = {}
@@ -166,7 +168,8 @@ class BlockKernel:
     @staticmethod
     def compute(z_corr: np.ndarray, y: np.ndarray, sigma: float, scratch: Scratch | None = None) -> BlockKernel:
         """The kernel of the rows of ``z_corr`` (in ``scratch``'s buffers if given: valid until its
-        next use)."""
+        next use).
+        """
         scratch = scratch or Scratch()
         scale = 2.0 / sigma
         z_cos = normalize_rows_into(z_corr, scratch.get("z_cos", len(z_corr), z_corr.shape[1]))
@@ -178,7 +181,8 @@ class BlockKernel:
     def weigh(self, weights: np.ndarray, codes: np.ndarray, pattern_sums: np.ndarray) -> float:
         """Turn ``e`` into ``R ~ e * weights[pattern]`` (rows sum to one) in place, add ``R`` per
         pattern into ``pattern_sums``; returns ``sum_i (m_i + log Z_i)`` of ``a``, the cells' part of
-        the objective's entropy term."""
+        the objective's entropy term.
+        """
         return _weigh_and_normalize(self.e, weights, codes, pattern_sums) + self.shift
 
     def centroid_sums(self) -> np.ndarray:
@@ -186,10 +190,18 @@ class BlockKernel:
         return self.z_cos.T @ self.e
 
 
-def assign(z_corr: np.ndarray, y: np.ndarray, sigma: float, weights: np.ndarray, codes: np.ndarray,
-           pattern_sums: np.ndarray, scratch: Scratch | None = None) -> tuple[BlockKernel, float]:
+def assign(
+    z_corr: np.ndarray,
+    y: np.ndarray,
+    sigma: float,
+    weights: np.ndarray,
+    codes: np.ndarray,
+    pattern_sums: np.ndarray,
+    scratch: Scratch | None = None,
+) -> tuple[BlockKernel, float]:
     """Soft assignments ``R ~ exp(-dist / sigma) * weights[pattern]`` of the rows of ``z_corr`` (in the
-    returned kernel's ``e``), ``R`` added per pattern into ``pattern_sums``, and the entropy part."""
+    returned kernel's ``e``), ``R`` added per pattern into ``pattern_sums``, and the entropy part.
+    """
     kernel = BlockKernel.compute(z_corr, y, sigma, scratch)
     return kernel, kernel.weigh(weights, codes, pattern_sums)
 
@@ -204,8 +216,9 @@ def _observed_expected(s: np.ndarray, patterns: np.ndarray, pr_b: np.ndarray) ->
     return s.T @ patterns[:, 1:], np.outer(s.sum(axis=0), pr_b)
 
 
-def pattern_penalty(s: np.ndarray, patterns: np.ndarray, pr_b: np.ndarray, theta: np.ndarray,
-                    stabilized: bool = False) -> np.ndarray:
+def pattern_penalty(
+    s: np.ndarray, patterns: np.ndarray, pr_b: np.ndarray, theta: np.ndarray, stabilized: bool = False
+) -> np.ndarray:
     """Diversity penalty of each design pattern (p x k) from the pattern sums ``S`` (p x k).
 
     Per cluster and batch, harmony 0.1's ``((E + 1) / (O + 1)) ** theta``, or with ``stabilized``
@@ -221,10 +234,12 @@ def pattern_penalty(s: np.ndarray, patterns: np.ndarray, pr_b: np.ndarray, theta
     return phi @ (ratio ** theta[None, :]).T
 
 
-def cross_entropy(s: np.ndarray, patterns: np.ndarray, pr_b: np.ndarray, theta: np.ndarray, sigma: float,
-                  stabilized: bool = False) -> float:
+def cross_entropy(
+    s: np.ndarray, patterns: np.ndarray, pr_b: np.ndarray, theta: np.ndarray, sigma: float, stabilized: bool = False
+) -> float:
     """Diversity term of the objective, ``sigma sum_kb theta_b O_kb log(ratio_kb)``: harmony 0.1's
-    ``ratio = (O + 1) / (E + 1)``, or with ``stabilized`` harmony 2's ``(O + E + 1) / (2 E + 1)``."""
+    ``ratio = (O + 1) / (E + 1)``, or with ``stabilized`` harmony 2's ``(O + E + 1) / (2 E + 1)``.
+    """
     o, e = _observed_expected(s, patterns, pr_b)
     ratio = (o + e + 1.0) / (2.0 * e + 1.0) if stabilized else (o + 1.0) / (e + 1.0)
     return float(sigma * (theta[None, :] * np.log(ratio) * o).sum())
@@ -233,7 +248,8 @@ def cross_entropy(s: np.ndarray, patterns: np.ndarray, pr_b: np.ndarray, theta: 
 @dataclass(frozen=True)
 class PenaltyTerms:
     """What the penalty of a pattern depends on besides ``S``: the design patterns, the batch
-    proportions ``Pr_b``, the per-batch ``theta``, and the form (harmony 2's ``stabilized``)."""
+    proportions ``Pr_b``, the per-batch ``theta``, and the form (harmony 2's ``stabilized``).
+    """
 
     patterns: np.ndarray
     pr_b: np.ndarray
@@ -274,7 +290,8 @@ class Ledger:
 
     def advance(self, current: int, done: np.ndarray, following: int | None, terms: PenaltyTerms) -> None:
         """Put block ``current``'s cells back with their new sums ``done`` and take block
-        ``following``'s out."""
+        ``following``'s out.
+        """
         self.new[current] = done
         self.s = self.s + done
         self.logw += float((done * np.log(self.penalty)).sum())

@@ -107,8 +107,9 @@ def add_weighted_sums(t: np.ndarray, z: np.ndarray, r: np.ndarray, runs: list[tu
         t[p] += r[a:b].T @ z[a:b]
 
 
-def subtract_batch_terms(z: np.ndarray, r: np.ndarray, per_pattern: np.ndarray,
-                         runs: list[tuple[int, int, int]]) -> None:
+def subtract_batch_terms(
+    z: np.ndarray, r: np.ndarray, per_pattern: np.ndarray, runs: list[tuple[int, int, int]]
+) -> None:
     """Kernel: in place ``z_i -= R_i M[p]`` over each run ``(p, start, stop)`` of cells of pattern ``p``."""
     for p, a, b in runs:
         z[a:b] -= r[a:b] @ per_pattern[p]
@@ -130,14 +131,22 @@ def solve_batch_terms(a: np.ndarray, b: np.ndarray, penalty: np.ndarray) -> np.n
 
 def expected_cells(s: np.ndarray, patterns: np.ndarray) -> np.ndarray:
     """``E = N_k Pr_b^T`` (k x B): the cells of batch b expected in cluster k, from the pattern sums
-    ``s`` (p x k) of soft assignments whose rows sum to one (so that ``s`` also counts the cells)."""
+    ``s`` (p x k) of soft assignments whose rows sum to one (so that ``s`` also counts the cells).
+    """
     n_b = s.sum(axis=1) @ patterns[:, 1:]  # each batch variable's levels hold all the cells
     return np.outer(s.sum(axis=0), n_b / s.sum())
 
 
-def solve_harmony2_terms(s: np.ndarray, t: np.ndarray, patterns: np.ndarray, variables: np.ndarray,
-                        *, alpha: float, cutoff: float,
-                        penalty: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def solve_harmony2_terms(
+    s: np.ndarray,
+    t: np.ndarray,
+    patterns: np.ndarray,
+    variables: np.ndarray,
+    *,
+    alpha: float,
+    cutoff: float,
+    penalty: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Harmony 2's ridge coefficients from the pattern sums ``s`` (p x k) and ``t`` (p x k x d).
 
     Per cluster k, a batch takes part only if its share of the cluster, ``O_kb / N_b``, is above

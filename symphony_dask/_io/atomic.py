@@ -42,8 +42,14 @@ STALE_AFTER_S = 24 * 3600
 # ----------------------------------------------------------------------------------------------
 
 
-def write_atomically(path: Path, write: Callable[[Path], None], *, overwrite: bool = False,
-                     ours: Callable[[Path], bool] | None = None, what: str = "file or folder") -> Path:
+def write_atomically(
+    path: Path,
+    write: Callable[[Path], None],
+    *,
+    overwrite: bool = False,
+    ours: Callable[[Path], bool] | None = None,
+    what: str = "file or folder",
+) -> Path:
     """Run ``write(tmp)`` on a temporary path beside ``path``, then move the result into place.
 
     Parameters
@@ -98,10 +104,12 @@ def write_atomically(path: Path, write: Callable[[Path], None], *, overwrite: bo
     return path
 
 
-def check_replaceable(path: Path, *, overwrite: bool, ours: Callable[[Path], bool] | None = None,
-                      what: str = "file or folder") -> None:
+def check_replaceable(
+    path: Path, *, overwrite: bool, ours: Callable[[Path], bool] | None = None, what: str = "file or folder"
+) -> None:
     """Refuse, before any work, a ``path`` that exists when it may not be replaced: always without
-    ``overwrite``, and with it unless ``ours(path)`` says symphony_dask wrote it."""
+    ``overwrite``, and with it unless ``ours(path)`` says symphony_dask wrote it.
+    """
     path = Path(path)
     if not (path.exists() or path.is_symlink()):
         return
@@ -114,17 +122,19 @@ def check_replaceable(path: Path, *, overwrite: bool, ours: Callable[[Path], boo
         )
 
 
-def _move_into_place(tmp: Path, path: Path, *, overwrite: bool, ours: Callable[[Path], bool] | None,
-                     what: str) -> None:
+def _move_into_place(tmp: Path, path: Path, *, overwrite: bool, ours: Callable[[Path], bool] | None, what: str) -> None:
     """Move the finished output ``tmp`` to ``path``, where "does not exist" and "is ours" are
-    checked at the moment of the move, not only before the work."""
+    checked at the moment of the move, not only before the work.
+    """
     try:
         _rename_noreplace(tmp, path)
         return
     except FileExistsError:
         if not overwrite:
-            raise FileExistsError(f"{path} appeared while this {what} was written (another process wrote it); "
-                                  f"it was left as it is: {pass_option('overwrite', True)} to replace it") from None
+            raise FileExistsError(
+                f"{path} appeared while this {what} was written (another process wrote it); "
+                f"it was left as it is: {pass_option('overwrite', True)} to replace it"
+            ) from None
     check_replaceable(path, overwrite=True, ours=ours, what=what)
     if _exchange(tmp, path):  # tmp now holds what was at path
         if tmp.is_symlink() or not ours(tmp):  # replaced between the check and the exchange: put it back
@@ -137,15 +147,17 @@ def _move_into_place(tmp: Path, path: Path, *, overwrite: bool, ours: Callable[[
     try:
         _rename_noreplace(tmp, path)
     except FileExistsError:
-        raise FileExistsError(f"{path} appeared again while this {what} replaced it (another process wrote it); "
-                              f"it was left as it is") from None
+        raise FileExistsError(
+            f"{path} appeared again while this {what} replaced it (another process wrote it); it was left as it is"
+        ) from None
     finally:
         _remove(old)
 
 
 def describe(path: Path) -> str:
     """What is at ``path``, in a few words, for messages: a link, a file and its size, or a folder
-    and the first of its entries."""
+    and the first of its entries.
+    """
     path = Path(path)
     if path.is_symlink():
         return f"a symbolic link to {os.readlink(path)}"
@@ -176,8 +188,10 @@ def refuse_overlap(output: str | os.PathLike, inputs: Iterable[str | os.PathLike
     for source in inputs:
         relation = _overlap(out, Path(source))
         if relation is not None:
-            raise ValueError(f"{flag} {output} {relation} the input {source}; writing it would destroy the input, "
-                             f"so nothing was done: choose an output path outside the inputs")
+            raise ValueError(
+                f"{flag} {output} {relation} the input {source}; writing it would destroy the input, "
+                f"so nothing was done: choose an output path outside the inputs"
+            )
 
 
 def _overlap(out: Path, source: Path) -> str | None:
@@ -204,7 +218,8 @@ _CANNOT_WRITE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EP
 
 def _refusal(err: BaseException) -> OSError | None:
     """The file system's refusal (full, read-only, no permission) behind ``err``, if any: writers
-    wrap it in their own errors (anndata names the element it was writing)."""
+    wrap it in their own errors (anndata names the element it was writing).
+    """
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
@@ -216,9 +231,11 @@ def _refusal(err: BaseException) -> OSError | None:
 
 def _unwritable(path: Path, err: OSError) -> OSError:
     """An error that names the output and what to do, for a write the file system refuses."""
-    fix = {errno.ENOSPC: "free some space or write elsewhere", errno.EDQUOT: "free some of your quota or write "
-           "elsewhere", errno.EROFS: "the file system is read-only; write elsewhere"}.get(
-        err.errno, "write to a folder you may write to")
+    fix = {
+        errno.ENOSPC: "free some space or write elsewhere",
+        errno.EDQUOT: "free some of your quota or write elsewhere",
+        errno.EROFS: "the file system is read-only; write elsewhere",
+    }.get(err.errno, "write to a folder you may write to")
     return OSError(err.errno, f"cannot write {path}: {err.strerror}; {fix} (nothing was replaced)")
 
 
@@ -226,7 +243,8 @@ def _rename_noreplace(src: Path, dst: Path) -> None:
     """Rename ``src`` to ``dst`` only if ``dst`` does not exist, in one step: Linux
     ``renameat2(RENAME_NOREPLACE)``; elsewhere a claim that cannot replace (``mkdir`` of the target
     folder, then a rename onto the empty folder; ``link`` for a file). ``FileExistsError`` if
-    ``dst`` exists."""
+    ``dst`` exists.
+    """
     if _renameat2(src, dst, _RENAME_NOREPLACE):
         return
     if src.is_dir() and not src.is_symlink():
@@ -249,7 +267,7 @@ def remove_leftovers(path: Path) -> list[Path]:
         return removed
     for entry in path.parent.iterdir():
         for prefix in prefixes:
-            if entry.name.startswith(prefix) and _is_stale(entry.name[len(prefix):], entry):
+            if entry.name.startswith(prefix) and _is_stale(entry.name[len(prefix) :], entry):
                 _remove(entry)
                 removed.append(entry)
     return removed
@@ -289,13 +307,15 @@ _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
 
 def _exchange(a: Path, b: Path) -> bool:
     """Swap ``a`` and ``b`` in one rename (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
-    system or file system cannot."""
+    system or file system cannot.
+    """
     return _renameat2(a, b, _RENAME_EXCHANGE)
 
 
 def _renameat2(src: Path, dst: Path, flags: int) -> bool:
     """Linux ``renameat2(src, dst, flags)``: True if done, False where the system or file system
-    does not have it; ``FileExistsError`` where ``RENAME_NOREPLACE`` finds ``dst``."""
+    does not have it; ``FileExistsError`` where ``RENAME_NOREPLACE`` finds ``dst``.
+    """
     if not hasattr(os, "sched_getaffinity"):  # not Linux
         return False
     try:
@@ -331,7 +351,8 @@ _ELEMENT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
 def element_checksums(root: Path, elements: Iterable[str]) -> dict[str, dict]:
     """Per element (a file or folder directly under ``root``): the number of files, their bytes,
-    and a BLAKE2b digest of every file's relative name, size and contents."""
+    and a BLAKE2b digest of every file's relative name, size and contents.
+    """
     checksums = {}
     for name in elements:
         digest = _digest(root / check_element_name(name))
@@ -341,7 +362,8 @@ def element_checksums(root: Path, elements: Iterable[str]) -> dict[str, dict]:
 
 def check_element_name(name: object) -> str:
     """``name`` if it is a plain element name (letters, digits, ``_``, ``.``, ``-``; not ``..``);
-    a ``ValueError`` for anything that could reach outside the store (``../x``, ``/usr``)."""
+    a ``ValueError`` for anything that could reach outside the store (``../x``, ``/usr``).
+    """
     if not isinstance(name, str) or not _ELEMENT_NAME.fullmatch(name) or ".." in name:
         raise ValueError(f"{name!r} is not an element name of a reference store (a plain name inside the store)")
     return name
@@ -350,7 +372,8 @@ def check_element_name(name: object) -> str:
 def verify_checksums(root: Path, expected: dict[str, dict]) -> list[str]:
     """The elements whose files do not match ``expected`` (see :func:`element_checksums`), each
     with what differs. Names are checked first (:func:`check_element_name`), so nothing outside
-    ``root`` is read; symbolic links, which a store never holds, count as damage."""
+    ``root`` is read; symbolic links, which a store never holds, count as damage.
+    """
     for name in expected:
         check_element_name(name)
     damaged = []
@@ -380,7 +403,8 @@ def json_digest(value: object) -> str:
 
 def _digest(path: Path) -> dict:
     """Digest of the file ``path`` or of every file under the folder ``path`` (links not followed;
-    they are listed under ``links``)."""
+    they are listed under ``links``).
+    """
     links: list[str] = []
     if path.is_symlink():
         files, links = [], [path.name]

@@ -106,7 +106,8 @@ def _layer_names(adata: ad.AnnData) -> tuple[str, ...]:
 
 def _backed(adata: ad.AnnData, chunk_size: int | None, layer: str | None) -> Expression:
     """A backed AnnData (or a view of one): the matrix read lazily from its file, only the cells and
-    genes of the view; ``obs``, ``var`` and ``obsm`` as the AnnData holds them in memory."""
+    genes of the view; ``obs``, ``var`` and ``obsm`` as the AnnData holds them in memory.
+    """
     path = Path(adata.filename)
     expr = _read_store(path, chunk_size, layer)
     if not adata.is_view and adata.shape == expr.X.shape:
@@ -115,8 +116,13 @@ def _backed(adata: ad.AnnData, chunk_size: int | None, layer: str | None) -> Exp
     cols = _positions(expr.var.index, adata.var_names, "genes", "var_names", path)
     x = expr.X
     if len(cols) != x.shape[1] or np.any(cols != np.arange(x.shape[1])):
-        x = x.map_blocks(_take_columns, cols, chunks=(x.chunks[0], (len(cols),)), dtype=x.dtype,
-                         meta=x._meta[:, :0] if x._meta.ndim == 2 else x._meta)
+        x = x.map_blocks(
+            _take_columns,
+            cols,
+            chunks=(x.chunks[0], (len(cols),)),
+            dtype=x.dtype,
+            meta=x._meta[:, :0] if x._meta.ndim == 2 else x._meta,
+        )
     keep = np.zeros(x.shape[0], dtype=bool)
     keep[rows] = True
     subset = keep_cells(Expression(x, expr.obs, expr.var, expr.source), keep)
@@ -127,15 +133,19 @@ def _positions(stored: pd.Index, wanted: pd.Index, what: str, names: str, path: 
     """Positions in the file of a view's cells or genes, which must keep the file's order."""
     how = "load the view with .to_memory(), or write it to its own file and pass that path"
     if not stored.is_unique:
-        raise ValueError(f"a view of the backed AnnData {path} cannot be matched to its file: the file's {names} "
-                         f"are not unique; {how}")
+        raise ValueError(
+            f"a view of the backed AnnData {path} cannot be matched to its file: the file's {names} "
+            f"are not unique; {how}"
+        )
     positions = stored.get_indexer(wanted)
     if np.any(positions < 0):
-        raise ValueError(f"a view of the backed AnnData {path} has {what} that are not in its file "
-                         f"(renamed {names}?); {how}")
+        raise ValueError(
+            f"a view of the backed AnnData {path} has {what} that are not in its file (renamed {names}?); {how}"
+        )
     if np.any(np.diff(positions) <= 0):
-        raise ValueError(f"a view of the backed AnnData {path} takes its {what} in another order than the file "
-                         f"(or twice); {how}")
+        raise ValueError(
+            f"a view of the backed AnnData {path} takes its {what} in another order than the file (or twice); {how}"
+        )
     return positions
 
 
@@ -151,7 +161,8 @@ def _supported_chunks(x: da.Array) -> da.Array:
     """Chunks the kernels can use: NumPy arrays or scipy CSR matrices of integers, float32 or
     float64. Other sparse formats (COO, CSC, pydata ``sparse``) become CSR and other floats
     (float16, long double) float32/float64, chunk by chunk; anything else is refused here, with
-    what was found, rather than deep inside a kernel."""
+    what was found, rather than deep inside a kernel.
+    """
     meta = x._meta
     dtype = np.dtype(x.dtype)
     if dtype.kind == "f" and dtype not in _FLOAT_KINDS:
@@ -186,18 +197,23 @@ def _checked_chunk(block):
         return _to_csr(block)
     if hasattr(block, "__array__"):
         return np.asarray(block)
-    raise TypeError(f"a chunk of the expression matrix is a {type(block).__module__}.{type(block).__name__}; "
-                    "expected NumPy arrays or scipy sparse matrices")
+    raise TypeError(
+        f"a chunk of the expression matrix is a {type(block).__module__}.{type(block).__name__}; "
+        "expected NumPy arrays or scipy sparse matrices"
+    )
 
 
 def _from_memory(adata: ad.AnnData, chunk_size: int | None, layer: str | None) -> Expression:
     if layer is not None and layer not in adata.layers:
-        raise ValueError(f"the AnnData has no layer {layer!r}; its layers are: "
-                         f"{', '.join(map(repr, adata.layers.keys())) or 'none'}")
+        raise ValueError(
+            f"the AnnData has no layer {layer!r}; its layers are: {', '.join(map(repr, adata.layers.keys())) or 'none'}"
+        )
     x = adata.X if layer is None else adata.layers[layer]
     if x is None:
-        raise ValueError(f"the AnnData has no X; pass {option('layer')} to name the matrix to use "
-                         f"(its layers: {', '.join(map(repr, adata.layers.keys())) or 'none'})")
+        raise ValueError(
+            f"the AnnData has no X; pass {option('layer')} to name the matrix to use "
+            f"(its layers: {', '.join(map(repr, adata.layers.keys())) or 'none'})"
+        )
     if isinstance(x, da.Array):
         arr = x if chunk_size is None else x.rechunk({0: chunk_size})
         arr = _single_column_chunk(arr)
@@ -221,7 +237,8 @@ def _from_memory(adata: ad.AnnData, chunk_size: int | None, layer: str | None) -
 class _InMemoryRows:
     """An in-memory matrix as ``da.from_array`` sees it: shape, dtype and row chunks, but no ``copy``
     (from_array copies what has one: a whole query, to guard against later changes we do not make).
-    A chunk of rows is a view of the matrix (CSR: views of its values and column indices)."""
+    A chunk of rows is a view of the matrix (CSR: views of its values and column indices).
+    """
 
     def __init__(self, x: np.ndarray | sp.csr_matrix) -> None:
         self.x, self.shape, self.dtype, self.ndim = x, x.shape, x.dtype, 2
@@ -260,7 +277,8 @@ def default_chunk_size(n_genes: int, values_per_cell: float) -> int:
     """Cells per chunk that one task can hold: 90% of the memory per task (a distributed worker's
     memory limit over its threads; on threads, the machine's memory over the threads), less
     :data:`WORKER_BASE_BYTES`, over the bytes per cell of a pass, between
-    :data:`MIN_DEFAULT_CHUNK_SIZE` and :data:`DEFAULT_CHUNK_SIZE`."""
+    :data:`MIN_DEFAULT_CHUNK_SIZE` and :data:`DEFAULT_CHUNK_SIZE`.
+    """
     per_cell = max(BYTES_PER_GENE * n_genes, BYTES_PER_VALUE * values_per_cell) * MEMORY_MARGIN
     budget = 0.9 * memory_per_task() - WORKER_BASE_BYTES
     return int(np.clip(budget / max(per_cell, 1.0), MIN_DEFAULT_CHUNK_SIZE, DEFAULT_CHUNK_SIZE))
@@ -269,7 +287,8 @@ def default_chunk_size(n_genes: int, values_per_cell: float) -> int:
 def memory_per_task() -> float:
     """Bytes of memory a task may use: the smallest worker memory limit over its threads on a
     distributed cluster (the machine's memory for workers without a limit), else the machine's
-    memory over dask's threads."""
+    memory over dask's threads.
+    """
     import psutil
 
     from symphony_dask._dask.chunked import distributed_client
@@ -299,8 +318,10 @@ def _read_store(path: Path, chunk_size: int | None, layer: str | None) -> Expres
     if layer is not None and layer not in layers:
         raise ValueError(f"{path} has no layer {layer!r}; its layers are: {', '.join(map(repr, layers)) or 'none'}")
     if key not in group:
-        raise ValueError(f"{path} has no {key!r}: it is not an AnnData with an expression matrix "
-                         f"(its layers: {', '.join(map(repr, layers)) or 'none'})")
+        raise ValueError(
+            f"{path} has no {key!r}: it is not an AnnData with an expression matrix "
+            f"(its layers: {', '.join(map(repr, layers)) or 'none'})"
+        )
     obs = ad.io.read_elem(group["obs"])
     var = ad.io.read_elem(group["var"])
     elem = group[key]
@@ -331,8 +352,11 @@ def keep_cells(expr: Expression, keep: np.ndarray) -> Expression:
         rows = np.flatnonzero(keep[start : start + size])
         start += size
         if len(rows):
-            parts.append(da.from_delayed(take(block, rows), shape=(len(rows), expr.X.shape[1]),
-                                         dtype=expr.X.dtype, meta=expr.X._meta))
+            parts.append(
+                da.from_delayed(
+                    take(block, rows), shape=(len(rows), expr.X.shape[1]), dtype=expr.X.dtype, meta=expr.X._meta
+                )
+            )
     obsm = {k: v.loc[keep] if isinstance(v, pd.DataFrame) else np.asarray(v)[keep] for k, v in expr.obsm.items()}
     return Expression(da.concatenate(parts, axis=0), expr.obs[keep], expr.var, expr.source, obsm, expr.layers)
 

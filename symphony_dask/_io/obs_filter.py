@@ -23,16 +23,28 @@ from symphony_dask._io.validation import option
 
 logger = logging.getLogger(__name__)
 
-GRAMMAR = ("a filter may use obs column names (in `backticks` if they hold spaces), numbers, quoted strings, True "
-           "and False, comparisons (== != < <= > >=), in / not in [a list], & | ~ (or and, or, not) and parentheses, "
-           "e.g. \"donor != 'd7' & n_genes > 500\"")
+GRAMMAR = (
+    "a filter may use obs column names (in `backticks` if they hold spaces), numbers, quoted strings, True "
+    "and False, comparisons (== != < <= > >=), in / not in [a list], & | ~ (or and, or, not) and parentheses, "
+    "e.g. \"donor != 'd7' & n_genes > 500\""
+)
 
 _COMPARE: dict[type, Callable] = {
-    ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le, ast.Gt: operator.gt,
+    ast.Eq: operator.eq,
+    ast.NotEq: operator.ne,
+    ast.Lt: operator.lt,
+    ast.LtE: operator.le,
+    ast.Gt: operator.gt,
     ast.GtE: operator.ge,
 }
-_FLIPPED: dict[type, type] = {ast.Eq: ast.Eq, ast.NotEq: ast.NotEq, ast.Lt: ast.Gt, ast.LtE: ast.GtE, ast.Gt: ast.Lt,
-                              ast.GtE: ast.LtE}
+_FLIPPED: dict[type, type] = {
+    ast.Eq: ast.Eq,
+    ast.NotEq: ast.NotEq,
+    ast.Lt: ast.Gt,
+    ast.LtE: ast.GtE,
+    ast.Gt: ast.Lt,
+    ast.GtE: ast.LtE,
+}
 _PLACEHOLDER = "__obs_column_{}__"
 
 
@@ -75,8 +87,10 @@ def cells_where(obs: pd.DataFrame, expression: str) -> np.ndarray:
         raise ValueError(f"{flag} {expression!r}: {err}; {GRAMMAR}") from None
     except KeyError as err:
         columns = ", ".join(map(repr, obs.columns)) or "(none)"
-        raise ValueError(f"{flag} {expression!r} names {err.args[0]!r}, which is not an obs column; the columns are: "
-                         f"{columns} (write names with spaces in backticks)") from None
+        raise ValueError(
+            f"{flag} {expression!r} names {err.args[0]!r}, which is not an obs column; the columns are: "
+            f"{columns} (write names with spaces in backticks)"
+        ) from None
     if not keep.any():
         raise ValueError(f"{flag} {expression!r} keeps none of the {len(obs)} cells")
     logger.info("%s %r keeps %d of %d cells", flag, expression, int(keep.sum()), len(obs))
@@ -85,7 +99,8 @@ def cells_where(obs: pd.DataFrame, expression: str) -> np.ndarray:
 
 def _rewrite(expression: str) -> tuple[str, dict[str, str]]:
     """The filter with backtick names replaced by placeholders and ``& | ~`` spelled ``and or
-    not`` (pandas' precedence), outside string literals; the placeholders' column names."""
+    not`` (pandas' precedence), outside string literals; the placeholders' column names.
+    """
     out: list[str] = []
     names: dict[str, str] = {}
     i, n = 0, len(expression)
@@ -108,8 +123,10 @@ def _rewrite(expression: str) -> tuple[str, dict[str, str]]:
             out.append(placeholder)
             i = j + 1
         elif c == "@":
-            raise _Refused(re.match(r"@[\w.]*", expression[i:]).group(), "'@' refers to Python variables, which a "
-                           "filter cannot reach")
+            raise _Refused(
+                re.match(r"@[\w.]*", expression[i:]).group(),
+                "'@' refers to Python variables, which a filter cannot reach",
+            )
         else:
             out.append({"&": " and ", "|": " or ", "~": " not "}.get(c, c))
             i += 1
@@ -154,8 +171,9 @@ class _Evaluator:
         if isinstance(node, ast.Name):
             column = self.column(node)
             if not (pd.api.types.is_bool_dtype(column.dtype)):
-                raise _Refused(self.part(node), f"the column holds {column.dtype} values, not True/False; compare it "
-                                                "with a value")
+                raise _Refused(
+                    self.part(node), f"the column holds {column.dtype} values, not True/False; compare it with a value"
+                )
             return column.fillna(False).to_numpy(dtype=bool)
         raise _Refused(self.part(node), self.why(node))
 
@@ -168,8 +186,9 @@ class _Evaluator:
         return result
 
     def comparison(self, whole: str, left: ast.AST, op: ast.cmpop, right: ast.AST) -> np.ndarray:
-        if isinstance(op, (ast.In, ast.NotIn)) or (isinstance(op, (ast.Eq, ast.NotEq))
-                                                    and isinstance(right, (ast.List, ast.Tuple))):
+        if isinstance(op, (ast.In, ast.NotIn)) or (
+            isinstance(op, (ast.Eq, ast.NotEq)) and isinstance(right, (ast.List, ast.Tuple))
+        ):
             if not isinstance(left, ast.Name):
                 raise _Refused(self.part(left), "the left side of 'in' must be an obs column")
             values = self.values(right)
@@ -200,9 +219,13 @@ class _Evaluator:
         """A literal: a number (possibly negative), a string, True, False or None."""
         if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, str, bool, type(None))):
             return node.value
-        if (isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd))
-                and isinstance(node.operand, ast.Constant) and isinstance(node.operand.value, (int, float))
-                and not isinstance(node.operand.value, bool)):
+        if (
+            isinstance(node, ast.UnaryOp)
+            and isinstance(node.op, (ast.USub, ast.UAdd))
+            and isinstance(node.operand, ast.Constant)
+            and isinstance(node.operand.value, (int, float))
+            and not isinstance(node.operand.value, bool)
+        ):
             return -node.operand.value if isinstance(node.op, ast.USub) else node.operand.value
         raise _Refused(self.part(node), self.why(node))
 

@@ -23,9 +23,13 @@ from symphony_dask._preprocessing.csr_kernels import as_csr, value_counts
 _command_line: contextvars.ContextVar[bool] = contextvars.ContextVar("symphony_dask_command_line", default=False)
 
 #: Boolean keyword arguments whose command-line flag sets the value given here.
-_FLAG_OF = {"normalize": ("--no-normalize", False), "keep_embedding": ("--minimal", False),
-            "overwrite": ("--overwrite", True), "neighbor_index": ("--no-neighbor-index", False),
-            "umap": ("--no-umap", False)}
+_FLAG_OF = {
+    "normalize": ("--no-normalize", False),
+    "keep_embedding": ("--minimal", False),
+    "overwrite": ("--overwrite", True),
+    "neighbor_index": ("--no-neighbor-index", False),
+    "umap": ("--no-umap", False),
+}
 #: Keyword arguments that the command line spells other than ``--name-with-dashes``.
 _RENAMED = {"batch_keys": "--batch-key", "n_hvg": "--n-hvg"}
 
@@ -33,7 +37,8 @@ _RENAMED = {"batch_keys": "--batch-key", "n_hvg": "--n-hvg"}
 @contextmanager
 def command_line_spelling() -> Iterator[None]:
     """Inside this block, messages name options as ``symphony-dask`` takes them (``--no-normalize``)
-    instead of as Python keyword arguments (``normalize=False``)."""
+    instead of as Python keyword arguments (``normalize=False``).
+    """
     token = _command_line.set(True)
     try:
         yield
@@ -43,7 +48,8 @@ def command_line_spelling() -> Iterator[None]:
 
 def option(name: str, value: object = ...) -> str:
     """The keyword argument ``name`` (set to ``value``, if given) as the user passes it: ``name=value``
-    in Python, ``--name value`` on the command line (see :func:`command_line_spelling`)."""
+    in Python, ``--name value`` on the command line (see :func:`command_line_spelling`).
+    """
     if not _command_line.get():
         return name if value is ... else f"{name}={value!r}"
     if name in _FLAG_OF and isinstance(value, bool):
@@ -54,8 +60,9 @@ def option(name: str, value: object = ...) -> str:
 
 
 def pass_option(name: str, value: object) -> str:
-    """"pass ``name=value``" in Python; "pass --flag", "leave out --flag" or "pass --name value"
-    on the command line."""
+    """ "pass ``name=value``" in Python; "pass --flag", "leave out --flag" or "pass --name value"
+    on the command line.
+    """
     spelled = option(name, value)
     return f"leave out {spelled[3:]}" if spelled.startswith("no --") else f"pass {spelled}"
 
@@ -91,8 +98,7 @@ def check_obs_keys(obs: pd.DataFrame, keys: Sequence[str], *, what: str = "batch
 MANY_BATCH_VALUES = 100
 
 
-def check_batch_values(obs: pd.DataFrame, keys: Sequence[str], *, what: str = "batch key",
-                       where: str = "obs") -> None:
+def check_batch_values(obs: pd.DataFrame, keys: Sequence[str], *, what: str = "batch key", where: str = "obs") -> None:
     """Every key must name groups of cells, and its values must stay distinct when read as text.
 
     A column with more than :data:`MANY_BATCH_VALUES` distinct values and more than half
@@ -121,8 +127,13 @@ def _check_values_read_apart(column: pd.Series, *, what: str, where: str) -> Non
     values = column.cat.remove_unused_categories().cat.categories if column.dtype == "category" else column
     if values.dtype != object or not pd.api.types.infer_dtype(values).startswith("mixed"):  # one kind throughout
         return
-    distinct = pd.DataFrame({"value": values.to_numpy(), "text": values.astype(str).to_numpy(),
-                             "kind": [_kind(v) for v in values.to_numpy()]}).drop_duplicates(["text", "kind"])
+    distinct = pd.DataFrame(
+        {
+            "value": values.to_numpy(),
+            "text": values.astype(str).to_numpy(),
+            "kind": [_kind(v) for v in values.to_numpy()],
+        }
+    ).drop_duplicates(["text", "kind"])
     clashing = distinct[distinct["text"].duplicated(keep=False)]
     if len(clashing):
         first = clashing[clashing["text"] == clashing["text"].iloc[0]]
@@ -171,7 +182,8 @@ class ValueCounts:
 
 def count_bad_values(block: np.ndarray | sp.spmatrix) -> ValueCounts:
     """Kernel: counts of NaN, infinite, negative and non-integer stored values of one block, and of
-    its cells whose values sum to zero."""
+    its cells whose values sum to zero.
+    """
     if sp.issparse(block):
         block = as_csr(block)
         indptr, values = block.indptr, block.data
@@ -184,8 +196,9 @@ def count_bad_values(block: np.ndarray | sp.spmatrix) -> ValueCounts:
     return ValueCounts(n_nan, n_inf, n_negative, n_fraction, int(values.size), n_empty)
 
 
-def raise_on_bad_values(counts: ValueCounts, *, where: str, normalize: bool, warn_empty: bool = True,
-                        layers: Sequence[str] = ()) -> None:
+def raise_on_bad_values(
+    counts: ValueCounts, *, where: str, normalize: bool, warn_empty: bool = True, layers: Sequence[str] = ()
+) -> None:
     """Error for NaN, inf or negative values; warn when the values do not look like the chosen input.
 
     ``layers`` are the other matrices of the AnnData read (``layers``), named in the warning when
@@ -219,14 +232,19 @@ def raise_on_bad_values(counts: ValueCounts, *, where: str, normalize: bool, war
             stacklevel=3,
         )
     if normalize and counts.n_non_integer:
-        expects = ("symphony-dask expects raw counts unless --no-normalize is given" if _command_line.get()
-                   else "normalize=True expects raw counts")
+        expects = (
+            "symphony-dask expects raw counts unless --no-normalize is given"
+            if _command_line.get()
+            else "normalize=True expects raw counts"
+        )
         hint = f"if they are log(CP10K+1) values, {pass_option('normalize', False)}"
         counts_layers = [name for name in layers if "count" in name.lower()] or list(layers)
         if counts_layers:
             shown = ", ".join(repr(name) for name in layers)
-            hint = (f"if the raw counts are in a layer (this AnnData has layers {shown}), "
-                    f"{pass_option('layer', counts_layers[0])}; {hint}")
+            hint = (
+                f"if the raw counts are in a layer (this AnnData has layers {shown}), "
+                f"{pass_option('layer', counts_layers[0])}; {hint}"
+            )
         warnings.warn(
             f"{where} holds {counts.n_non_integer} non-integer value(s) but {expects}: they would be "
             f"normalized twice. {hint[0].upper()}{hint[1:]}",

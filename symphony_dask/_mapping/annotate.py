@@ -69,8 +69,9 @@ def transfer_labels(
     if labels.isna().any():
         raise ValueError(f"reference obs column {key!r} has {int(labels.isna().sum())} missing label(s)")
     neighbours = _neighbours(reference, query, k, embedding_key)
-    winner, votes = majority_vote(labels.codes[neighbours], len(labels.categories), seed=seed,
-                                  cell_keys=cell_keys(query.obs_names))
+    winner, votes = majority_vote(
+        labels.codes[neighbours], len(labels.categories), seed=seed, cell_keys=cell_keys(query.obs_names)
+    )
     conf = votes / k
     predicted = pd.Categorical.from_codes(winner, categories=labels.categories)
     if min_confidence is not None:
@@ -126,10 +127,12 @@ def transfer_values(
     return query
 
 
-def check_transfers(reference: Reference, *, labels: Sequence[str] = (), values: Sequence[str] = (),
-                    k: int = 5) -> None:
+def check_transfers(
+    reference: Reference, *, labels: Sequence[str] = (), values: Sequence[str] = (), k: int = 5
+) -> None:
     """Raise, before any mapping, what :func:`transfer_labels` of ``labels`` and
-    :func:`transfer_values` of ``values`` with ``k`` neighbours would raise for this reference."""
+    :func:`transfer_values` of ``values`` with ``k`` neighbours would raise for this reference.
+    """
     for key in labels:
         _reference_column(reference, key)
     for key in values:
@@ -138,8 +141,9 @@ def check_transfers(reference: Reference, *, labels: Sequence[str] = (), values:
         raise ValueError(f"{option('k', k)}: between 1 and the reference's {reference.n_cells} cells")
 
 
-def majority_vote(codes: np.ndarray, n_labels: int, *, seed: int = 0,
-                  cell_keys: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def majority_vote(
+    codes: np.ndarray, n_labels: int, *, seed: int = 0, cell_keys: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Winning label code per row of neighbour label codes, ties broken at random; and its votes.
 
     The tie-break of a row is drawn from ``(seed, its cell key, the label)`` alone (``cell_keys``:
@@ -193,8 +197,9 @@ def _neighbours(reference: Reference, query: ad.AnnData, k: int, embedding_key: 
         raise ValueError(f"the query has no obsm[{embedding_key!r}]; map it first with map_query")
     emb = np.asarray(query.obsm[embedding_key], dtype=np.float64)
     if emb.shape[1] != reference.n_pcs:
-        raise ValueError(f"obsm[{embedding_key!r}] has {emb.shape[1]} dimensions but the reference has "
-                         f"{reference.n_pcs}")
+        raise ValueError(
+            f"obsm[{embedding_key!r}] has {emb.shape[1]} dimensions but the reference has {reference.n_pcs}"
+        )
     return reference.neighbor_index().query(emb, k)
 
 
@@ -221,8 +226,10 @@ def _reference_values(reference: Reference, key: str) -> tuple[str, np.ndarray |
     else:
         cols = ", ".join(map(repr, reference.obs.columns)) or "(none)"
         keys = ", ".join(map(repr, reference.obsm)) or "(none)"
-        raise ValueError(f"{key!r} is neither a column of the reference obs nor a reference obsm key; the obs columns "
-                         f"are: {cols}; the obsm keys: {keys}")
+        raise ValueError(
+            f"{key!r} is neither a column of the reference obs nor a reference obsm key; the obs columns "
+            f"are: {cols}; the obsm keys: {keys}"
+        )
     if np.isnan(np.asarray(values, dtype=np.float64)).any():
         raise ValueError(f"reference {target} {key!r} has missing values; fill or drop them before transfer")
     if len(values) != reference.n_cells:

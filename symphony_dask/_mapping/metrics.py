@@ -66,7 +66,8 @@ def lisi(embedding: np.ndarray, labels: pd.Series | np.ndarray, *, perplexity: f
 
 def _perplexity_weights(dist: np.ndarray, perplexity: float) -> np.ndarray:
     """Row-normalized ``exp(-beta_i d_ij)`` with each ``beta_i`` set by bisection so that the
-    entropy of row i is ``log(perplexity)``."""
+    entropy of row i is ``log(perplexity)``.
+    """
     n = dist.shape[0]
     target = np.log(perplexity)
     beta = np.ones(n)
@@ -83,14 +84,18 @@ def _perplexity_weights(dist: np.ndarray, perplexity: float) -> np.ndarray:
         up = diff > 0  # too flat: increase the precision
         lo = np.where(up, beta, lo)
         hi = np.where(up, hi, beta)
-        beta = np.where(up, np.where(np.isinf(hi), beta * 2.0, (beta + hi) / 2.0),
-                        np.where(np.isinf(lo), beta / 2.0, (beta + lo) / 2.0))
+        beta = np.where(
+            up,
+            np.where(np.isinf(hi), beta * 2.0, (beta + hi) / 2.0),
+            np.where(np.isinf(lo), beta / 2.0, (beta + lo) / 2.0),
+        )
     p = np.exp(-dist * beta[:, None])
     return p / p.sum(axis=1, keepdims=True)
 
 
-def per_cell_mapping_metric(reference: Reference, query: ad.AnnData, *, pca_key: str = "X_symphony_pca",
-                            r_key: str = "X_symphony_R") -> pd.Series:
+def per_cell_mapping_metric(
+    reference: Reference, query: ad.AnnData, *, pca_key: str = "X_symphony_pca", r_key: str = "X_symphony_R"
+) -> pd.Series:
     """Symphony's per-cell mapping metric: the R_q-weighted mean Mahalanobis distance of each query
     cell's projection to the reference clusters in pre-Harmony PC space.
 
@@ -106,12 +111,14 @@ def per_cell_mapping_metric(reference: Reference, query: ad.AnnData, *, pca_key:
     """
     moments = reference.pca_moments
     if moments is None:
-        raise ValueError("the reference has no pca_moments (per-cluster moments of its pre-Harmony PCs); "
-                         "rebuild it with build_reference, or pass pca_moments= to Reference.from_arrays")
+        raise ValueError(
+            "the reference has no pca_moments (per-cluster moments of its pre-Harmony PCs); "
+            "rebuild it with build_reference, or pass pca_moments= to Reference.from_arrays"
+        )
     zq, rq = _mapped(query, pca_key, reference.n_pcs), _mapped(query, r_key, reference.n_clusters)
     weight = reference.cluster_sizes
     center = moments.first / weight[:, None]
-    cov = (moments.second / weight[:, None, None] - np.einsum("ki,kj->kij", center, center))
+    cov = moments.second / weight[:, None, None] - np.einsum("ki,kj->kij", center, center)
     cov /= (1.0 - moments.weight_sq / weight**2)[:, None, None]
     score = np.zeros(len(zq))
     for k in range(len(weight)):
@@ -121,8 +128,15 @@ def per_cell_mapping_metric(reference: Reference, query: ad.AnnData, *, pca_key:
     return pd.Series(score, index=query.obs_names, name="per_cell_mapping_metric")
 
 
-def per_cluster_mapping_metric(reference: Reference, query: ad.AnnData, labels: str | Sequence, *, u: float = 2.0,
-                               lamb: float = 0.0, pca_key: str = "X_symphony_pca") -> pd.DataFrame:
+def per_cluster_mapping_metric(
+    reference: Reference,
+    query: ad.AnnData,
+    labels: str | Sequence,
+    *,
+    u: float = 2.0,
+    lamb: float = 0.0,
+    pca_key: str = "X_symphony_pca",
+) -> pd.DataFrame:
     """Symphony's per-cluster mapping metric for user-defined query clusters.
 
     For each query cluster: the mean and covariance of its cells' projections into the reference
@@ -161,24 +175,34 @@ def per_cluster_mapping_metric(reference: Reference, query: ad.AnnData, labels: 
     return pd.DataFrame(rows, columns=["query_cluster", "distance_score"])
 
 
-def knn_corr(gold_reference: np.ndarray, gold_query: np.ndarray, alt_reference: np.ndarray,
-             alt_query: np.ndarray, *, k: int = 500) -> np.ndarray:
+def knn_corr(
+    gold_reference: np.ndarray,
+    gold_query: np.ndarray,
+    alt_reference: np.ndarray,
+    alt_query: np.ndarray,
+    *,
+    k: int = 500,
+) -> np.ndarray:
     """k-NN correlation (paper, Methods): for each query cell, the Spearman correlation between the
     distances to its k nearest reference cells in the gold-standard embedding and the distances of
-    the same pairs in the alternative embedding. 1 means the neighbourhood order is preserved."""
+    the same pairs in the alternative embedding. 1 means the neighbourhood order is preserved.
+    """
     k = min(k, len(gold_reference))
-    dist, idx = cKDTree(np.asarray(gold_reference, dtype=np.float64)).query(np.asarray(gold_query, dtype=np.float64),
-                                                                            k=k, workers=-1)
+    dist, idx = cKDTree(np.asarray(gold_reference, dtype=np.float64)).query(
+        np.asarray(gold_query, dtype=np.float64), k=k, workers=-1
+    )
     alt = np.linalg.norm(np.asarray(alt_reference)[idx] - np.asarray(alt_query)[:, None, :], axis=2)
     return _spearman_rows(dist.reshape(len(idx), k), alt)
 
 
 def within_query_knn_corr(gold_query: np.ndarray, alt_query: np.ndarray, *, k: int = 100) -> np.ndarray:
     """k-NN correlation among query cells: neighbours found in the gold embedding (e.g. the query's
-    own PCA), distances compared in the alternative one (e.g. the mapped embedding)."""
+    own PCA), distances compared in the alternative one (e.g. the mapped embedding).
+    """
     k = min(k, len(gold_query) - 1)
-    dist, idx = cKDTree(np.asarray(gold_query, dtype=np.float64)).query(np.asarray(gold_query, dtype=np.float64),
-                                                                        k=k + 1, workers=-1)
+    dist, idx = cKDTree(np.asarray(gold_query, dtype=np.float64)).query(
+        np.asarray(gold_query, dtype=np.float64), k=k + 1, workers=-1
+    )
     dist, idx = dist[:, 1:], idx[:, 1:]
     alt = np.linalg.norm(np.asarray(alt_query)[idx] - np.asarray(alt_query)[:, None, :], axis=2)
     return _spearman_rows(dist, alt)

@@ -34,6 +34,19 @@ import dask.array as da
 import numpy as np
 import pandas as pd
 
+from symphony_dask._dask.chunked import as_row_chunked, compute, map_reduce, map_rows, one_blas_thread_per_task
+from symphony_dask._embedding.umap_layout import Placement
+from symphony_dask._harmony.kernels import cosine_normalize, soft_assign
+from symphony_dask._harmony.mixture import (
+    Design,
+    apply_batch_terms,
+    expected_cells,
+    make_design,
+    ridge_statistics,
+    ridge_system,
+    solve_batch_terms,
+)
+from symphony_dask._io.expression import AnnDataLike, Expression, read_expression
 from symphony_dask._io.validation import (
     ValueCounts,
     as_key_list,
@@ -44,21 +57,8 @@ from symphony_dask._io.validation import (
     option,
     raise_on_bad_values,
 )
-from symphony_dask._dask.chunked import as_row_chunked, compute, map_reduce, map_rows, one_blas_thread_per_task
-from symphony_dask._harmony.kernels import cosine_normalize, soft_assign
-from symphony_dask._io.expression import AnnDataLike, Expression, read_expression
-from symphony_dask._harmony.mixture import (
-    Design,
-    apply_batch_terms,
-    expected_cells,
-    make_design,
-    ridge_statistics,
-    ridge_system,
-    solve_batch_terms,
-)
 from symphony_dask._preprocessing.pca import project
 from symphony_dask._reference.model import Reference, load_reference
-from symphony_dask._embedding.umap_layout import Placement
 
 logger = logging.getLogger("symphony_dask")
 
@@ -133,12 +133,16 @@ def map_query(
     if isinstance(reference, (str, os.PathLike)):
         reference = load_reference(reference)
     elif not isinstance(reference, Reference):
-        raise TypeError(f"reference must be a Reference or the path of a reference store, got {type(reference).__name__}")
+        raise TypeError(
+            f"reference must be a Reference or the path of a reference store, got {type(reference).__name__}"
+        )
     shards = query_shards(query)
     keys = as_key_list(batch_keys)
     exprs = [read_expression(shard, chunk_size=chunk_size, layer=layer) for shard in shards]
-    matched = [_match(reference, expr, keys, gene_key, where=_name(shard, i, len(shards)))
-               for i, (shard, expr) in enumerate(zip(shards, exprs))]
+    matched = [
+        _match(reference, expr, keys, gene_key, where=_name(shard, i, len(shards)))
+        for i, (shard, expr) in enumerate(zip(shards, exprs))
+    ]
     obs = exprs[0].obs if len(exprs) == 1 else pd.concat([e.obs for e in exprs])
     check_batch_values(obs, keys, where="the query's obs")
     design = query_design(obs, keys)
@@ -177,7 +181,9 @@ def map_query(
     return out
 
 
-def match_genes(reference_genes: pd.Index, query_genes: pd.Index, *, where: str = "the query") -> tuple[np.ndarray, np.ndarray]:
+def match_genes(
+    reference_genes: pd.Index, query_genes: pd.Index, *, where: str = "the query"
+) -> tuple[np.ndarray, np.ndarray]:
     """Query column and reference row of each reference gene found in the query.
 
     Raises when no gene is shared and warns when fewer than half of the reference genes are found.
@@ -211,10 +217,12 @@ def query_design(obs: pd.DataFrame, keys: list[str]) -> Design:
 
 class _BatchTerms:
     """The per-cluster batch coefficients from the ridge sums, as ``M[p] = x_p^T B`` per pattern;
-    the penalty is ``lamb``, or with ``lamb=None`` ``alpha E_kb`` (Harmony 2's estimate)."""
+    the penalty is ``lamb``, or with ``lamb=None`` ``alpha E_kb`` (Harmony 2's estimate).
+    """
 
-    def __init__(self, reference: Reference, design: Design, lamb: float | None, alpha: float | None,
-                 per_batch: bool) -> None:
+    def __init__(
+        self, reference: Reference, design: Design, lamb: float | None, alpha: float | None, per_batch: bool
+    ) -> None:
         self.reference, self.design, self.per_batch = reference, design, per_batch
         self.lamb, self.alpha = (None if lamb is None else float(lamb)), alpha
 
@@ -242,7 +250,8 @@ class _BatchTerms:
 @dataclass(frozen=True)
 class _ValueCheck:
     """How the query's values are checked: as raw counts (``normalize``) or log values; ``layers``
-    are named in the warning when log values are read as counts."""
+    are named in the warning when log values are read as counts.
+    """
 
     normalize: bool
     layers: tuple[str, ...]
@@ -263,10 +272,20 @@ def _map_in_memory(reference, expr, matched, design, terms, sigma32, values: _Va
 
 def _map_chunked(reference, exprs, matched, design, terms, sigma32, values: _ValueCheck, placement: Placement | None):
     """The same kernels over the chunks of every shard: projection and assignment, one tree-reduced
-    ridge for all shards, correction."""
-    zq = da.concatenate([map_rows(_project_checked_later, e.X, n_out=reference.n_pcs,
-                                  **_projection(reference, m, values.normalize, e.X.shape[1]))
-                         for e, m in zip(exprs, matched)], axis=0)
+    ridge for all shards, correction.
+    """
+    zq = da.concatenate(
+        [
+            map_rows(
+                _project_checked_later,
+                e.X,
+                n_out=reference.n_pcs,
+                **_projection(reference, m, values.normalize, e.X.shape[1]),
+            )
+            for e, m in zip(exprs, matched)
+        ],
+        axis=0,
+    )
     counts = [map_reduce(count_bad_values, e.X, combine=ValueCounts.__add__) for e in exprs]
     rq = map_rows(_assign, zq, n_out=reference.n_clusters, centroids=reference.centroids, sigma=sigma32)
     zq, rq, *counts = dask.persist(zq, rq, *counts)
@@ -295,8 +314,14 @@ def _projection(reference: Reference, matched, normalize: bool, n_columns: int) 
     if normalize and reference.idf is not None:
         idf = np.ones(n_columns)
         idf[query_cols] = reference.idf[ref_rows]
-    return dict(genes=query_cols, mean=reference.mean[ref_rows], std=reference.std[ref_rows],
-                loadings=reference.loadings[ref_rows], normalize=normalize, idf=idf)
+    return dict(
+        genes=query_cols,
+        mean=reference.mean[ref_rows],
+        std=reference.std[ref_rows],
+        loadings=reference.loadings[ref_rows],
+        normalize=normalize,
+        idf=idf,
+    )
 
 
 def _assign(zq: np.ndarray, *, centroids: np.ndarray, sigma: float) -> np.ndarray:

@@ -13,7 +13,8 @@ import scipy.sparse as sp
 
 def as_csr(block: sp.spmatrix | sp.sparray) -> sp.csr_matrix | sp.csr_array:
     """The block in CSR form, as it is when it already is one (``sp.csr_matrix(block)`` would copy
-    values that are views of a larger matrix)."""
+    values that are views of a larger matrix).
+    """
     return block if block.format == "csr" else sp.csr_matrix(block)
 
 
@@ -34,7 +35,8 @@ def row_totals(indptr: np.ndarray, data: np.ndarray) -> np.ndarray:
 def value_counts(indptr: np.ndarray, data: np.ndarray) -> tuple[int, int, int, int, int]:
     """Counts of NaN, infinite, negative (``-inf`` included) and finite non-integer values, and of
     rows whose values sum to zero, in one pass (a dense matrix is one row per cell with ``indptr``
-    at multiples of its width)."""
+    at multiples of its width).
+    """
     n_nan = n_inf = n_negative = n_fraction = n_empty = 0
     for i in range(len(indptr) - 1):
         total = 0.0
@@ -56,9 +58,18 @@ def value_counts(indptr: np.ndarray, data: np.ndarray) -> tuple[int, int, int, i
 
 
 @numba.njit(cache=True, nogil=True)
-def project_rows(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, position: np.ndarray,
-                 mean: np.ndarray, std: np.ndarray, loadings: np.ndarray, clip: float,
-                 scale_factor: float, gene_factors: np.ndarray) -> np.ndarray:
+def project_rows(
+    indptr: np.ndarray,
+    indices: np.ndarray,
+    data: np.ndarray,
+    position: np.ndarray,
+    mean: np.ndarray,
+    std: np.ndarray,
+    loadings: np.ndarray,
+    clip: float,
+    scale_factor: float,
+    gene_factors: np.ndarray,
+) -> np.ndarray:
     """``clip((x - mean) / std, -clip, clip) @ loadings`` of the chosen genes of each row.
 
     ``position[c]`` is the row of ``mean``/``std``/``loadings`` of column ``c`` (-1: not chosen).
@@ -106,7 +117,8 @@ def project_rows(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, posi
 def _stored_value(x, factor: float, gene_factor: float, transform: bool) -> float:
     """A stored value as the moments see it: ``log1p(x * factor * gene_factor)`` when ``transform``
     (log-normalization, the same operations in the same order as
-    :func:`~symphony_dask._preprocessing.normalize.log_normalize`), else ``x`` in float64."""
+    :func:`~symphony_dask._preprocessing.normalize.log_normalize`), else ``x`` in float64.
+    """
     v = np.float64(x)
     if transform:
         v = np.log1p(v * factor * gene_factor)
@@ -114,9 +126,17 @@ def _stored_value(x, factor: float, gene_factor: float, transform: bool) -> floa
 
 
 @numba.njit(cache=True, nogil=True)
-def group_moment_sums(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, group: np.ndarray, n_groups: int,
-                      n_genes: int, row_factors: np.ndarray, gene_factors: np.ndarray,
-                      transform: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def group_moment_sums(
+    indptr: np.ndarray,
+    indices: np.ndarray,
+    data: np.ndarray,
+    group: np.ndarray,
+    n_groups: int,
+    n_genes: int,
+    row_factors: np.ndarray,
+    gene_factors: np.ndarray,
+    transform: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per group (``group[i]`` in ``0..n_groups-1`` for row ``i``): its number of rows, and per gene
     the mean, the sum of squared deviations and the largest of the values, zeros included (two
     passes over the stored values, as ``bincount`` sums them: row by row in order).
@@ -160,12 +180,22 @@ def group_moment_sums(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray,
 
 
 @numba.njit(cache=True, nogil=True)
-def group_clipped_squares(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, group: np.ndarray,
-                          mean: np.ndarray, inverse_sd: np.ndarray, clip: float, row_factors: np.ndarray,
-                          gene_factors: np.ndarray, transform: bool) -> tuple[np.ndarray, np.ndarray]:
+def group_clipped_squares(
+    indptr: np.ndarray,
+    indices: np.ndarray,
+    data: np.ndarray,
+    group: np.ndarray,
+    mean: np.ndarray,
+    inverse_sd: np.ndarray,
+    clip: float,
+    row_factors: np.ndarray,
+    gene_factors: np.ndarray,
+    transform: bool,
+) -> tuple[np.ndarray, np.ndarray]:
     """Per group and gene: the sum over stored values of ``min(clip, (v - mean) * inverse_sd)**2``
     and the number of stored values (``mean``/``inverse_sd``: groups x genes; ``v`` as in
-    :func:`group_moment_sums`)."""
+    :func:`group_moment_sums`).
+    """
     n_groups, n_genes = mean.shape
     squares = np.zeros((n_groups, n_genes))
     stored = np.zeros((n_groups, n_genes), dtype=np.int64)
@@ -181,9 +211,18 @@ def group_clipped_squares(indptr: np.ndarray, indices: np.ndarray, data: np.ndar
 
 
 @numba.njit(cache=True, nogil=True)
-def scaled_rows(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, position: np.ndarray, mean: np.ndarray,
-                std: np.ndarray, clip: float, row_factors: np.ndarray, gene_factors: np.ndarray,
-                transform: bool) -> np.ndarray:
+def scaled_rows(
+    indptr: np.ndarray,
+    indices: np.ndarray,
+    data: np.ndarray,
+    position: np.ndarray,
+    mean: np.ndarray,
+    std: np.ndarray,
+    clip: float,
+    row_factors: np.ndarray,
+    gene_factors: np.ndarray,
+    transform: bool,
+) -> np.ndarray:
     """Dense ``clip((v - mean) / std, -clip, clip)`` of the chosen genes of each row (rows x chosen).
 
     ``position[c]`` is the chosen gene of column ``c`` (-1: not chosen); ``v`` is a stored value

@@ -42,7 +42,8 @@ def log_normalize(block: Block, scale_factor: float = SCALE_FACTOR, idf: np.ndar
 
 def _log_scaled(values: Block, totals: np.ndarray, scale_factor: float, idf: np.ndarray | None = None) -> Block:
     """``log1p(values / total * scale_factor)`` row by row (times ``idf`` per column when given); a
-    sparse ``values`` must be a matrix of the caller's own (float64 CSR), changed in place."""
+    sparse ``values`` must be a matrix of the caller's own (float64 CSR), changed in place.
+    """
     factor = _safe_inverse(totals) * scale_factor
     if sp.issparse(values):
         values.data *= np.repeat(factor, np.diff(values.indptr))
@@ -94,7 +95,8 @@ def cell_totals(block: Block) -> np.ndarray:
 @dataclass
 class Moments:
     """Count ``n``, per-gene ``mean``, sum of squared deviations ``m2`` and largest value
-    ``maximum`` of a set of cells (-inf for no cells)."""
+    ``maximum`` of a set of cells (-inf for no cells).
+    """
 
     n: int
     mean: np.ndarray
@@ -128,8 +130,17 @@ class Moments:
             return Moments(0, np.zeros(g), np.zeros(g), np.full(g, -np.inf))
         if sp.issparse(block):
             block = as_csr(block)
-            _, mean, m2, maximum = group_moment_sums(block.indptr, block.indices, block.data,
-                                                     np.zeros(n, dtype=np.int64), 1, g, np.ones(n), np.ones(g), False)
+            _, mean, m2, maximum = group_moment_sums(
+                block.indptr,
+                block.indices,
+                block.data,
+                np.zeros(n, dtype=np.int64),
+                1,
+                g,
+                np.ones(n),
+                np.ones(g),
+                False,
+            )
             return Moments(n, mean[0], m2[0], maximum[0])
         block = np.asarray(block, dtype=np.float64)
         mean = block.mean(axis=0)
@@ -167,8 +178,9 @@ def rows_by_group(codes: np.ndarray) -> dict[int, np.ndarray]:
     return {int(c): order[s:e] for c, s, e in zip(present, starts, bounds)}
 
 
-def group_moments(block: Block, codes: np.ndarray, *, normalize: bool = False,
-                  idf: np.ndarray | None = None) -> GroupMoments:
+def group_moments(
+    block: Block, codes: np.ndarray, *, normalize: bool = False, idf: np.ndarray | None = None
+) -> GroupMoments:
     """Kernel: per-group gene moments of one chunk (of its log-normalized values when ``normalize``,
     TF-IDF with ``idf``); ``codes`` gives each cell's group.
 
@@ -181,17 +193,27 @@ def group_moments(block: Block, codes: np.ndarray, *, normalize: bool = False,
     block = as_csr(block)
     present, group = np.unique(np.asarray(codes), return_inverse=True)
     row_factors, gene_factors = stored_value_factors(block, normalize=normalize, idf=idf)
-    sizes, mean, m2, maximum = group_moment_sums(block.indptr, block.indices, block.data, group.ravel(),
-                                                 len(present), block.shape[1], row_factors, gene_factors,
-                                                 bool(normalize))
+    sizes, mean, m2, maximum = group_moment_sums(
+        block.indptr,
+        block.indices,
+        block.data,
+        group.ravel(),
+        len(present),
+        block.shape[1],
+        row_factors,
+        gene_factors,
+        bool(normalize),
+    )
     return GroupMoments({int(c): Moments(int(sizes[i]), mean[i], m2[i], maximum[i]) for i, c in enumerate(present)})
 
 
-def stored_value_factors(block: sp.csr_matrix, *, normalize: bool,
-                         idf: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def stored_value_factors(
+    block: sp.csr_matrix, *, normalize: bool, idf: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """The factors a CSR kernel normalizes a stored value ``x`` of row ``i`` and column ``g`` with,
     ``log1p(x * row_factors[i] * gene_factors[g])`` (:func:`log_normalize`): ``1e4 / cell total``
-    per row (0 for an empty cell) and the ``idf`` (or ones) per column."""
+    per row (0 for an empty cell) and the ``idf`` (or ones) per column.
+    """
     n_cells, n_genes = block.shape
     row_factors = _safe_inverse(cell_totals(block)) * SCALE_FACTOR if normalize else np.ones(n_cells)
     gene_factors = np.ones(n_genes) if idf is None else np.asarray(idf, dtype=np.float64)
@@ -224,7 +246,8 @@ def has_counts(block: Block) -> np.ndarray:
 def normalized_genes(block: Block, genes: np.ndarray, *, normalize: bool, idf: np.ndarray | None = None) -> Block:
     """Kernel: the chosen genes (columns) of one chunk, log-normalized by each cell's total over
     *all* genes when ``normalize`` (only the chosen genes' values are transformed; ``idf``, one
-    value per column of the block, makes it TF-IDF)."""
+    value per column of the block, makes it TF-IDF).
+    """
     if not normalize:
         return block[:, genes]
     sub = block[:, genes]  # a new matrix already
@@ -233,8 +256,15 @@ def normalized_genes(block: Block, genes: np.ndarray, *, normalize: bool, idf: n
     return _log_scaled(sub, cell_totals(block), SCALE_FACTOR, None if idf is None else idf[genes])
 
 
-def scale(block: Block, genes: np.ndarray, mean: np.ndarray, std: np.ndarray, *, normalize: bool,
-          idf: np.ndarray | None = None) -> np.ndarray:
+def scale(
+    block: Block,
+    genes: np.ndarray,
+    mean: np.ndarray,
+    std: np.ndarray,
+    *,
+    normalize: bool,
+    idf: np.ndarray | None = None,
+) -> np.ndarray:
     """Kernel: dense ``clip((x - mean) / std, -10, 10)`` of the chosen genes of one chunk.
 
     ``genes`` are column indices into the block; ``mean`` and ``std`` belong to those genes. The
@@ -246,9 +276,18 @@ def scale(block: Block, genes: np.ndarray, mean: np.ndarray, std: np.ndarray, *,
         position = np.full(block.shape[1], -1, dtype=np.int64)
         position[genes] = np.arange(len(genes))
         row_factors, gene_factors = stored_value_factors(block, normalize=normalize, idf=idf)
-        return scaled_rows(block.indptr, block.indices, block.data, position, np.asarray(mean, dtype=np.float64),
-                           np.asarray(std, dtype=np.float64), float(SCALE_CLIP), row_factors, gene_factors,
-                           bool(normalize))
+        return scaled_rows(
+            block.indptr,
+            block.indices,
+            block.data,
+            position,
+            np.asarray(mean, dtype=np.float64),
+            np.asarray(std, dtype=np.float64),
+            float(SCALE_CLIP),
+            row_factors,
+            gene_factors,
+            bool(normalize),
+        )
     sub = normalized_genes(block, genes, normalize=normalize, idf=idf)
     dense = sub.toarray() if sp.issparse(sub) else np.array(sub, dtype=np.float64)
     if dense.dtype != np.float64:

@@ -51,15 +51,30 @@ KRYLOV_TYPICAL_PASSES = 15
 DENSIFY_COST = 200
 
 
-def gram(block: Block, genes: np.ndarray, mean: np.ndarray, std: np.ndarray, *, normalize: bool,
-         idf: np.ndarray | None = None) -> np.ndarray:
+def gram(
+    block: Block,
+    genes: np.ndarray,
+    mean: np.ndarray,
+    std: np.ndarray,
+    *,
+    normalize: bool,
+    idf: np.ndarray | None = None,
+) -> np.ndarray:
     """Kernel: ``S^T S`` of the scaled chosen genes ``S`` of one chunk (genes x genes)."""
     s = scale(block, genes, mean, std, normalize=normalize, idf=idf)
     return s.T @ s
 
 
-def project(block: Block, genes: np.ndarray, mean: np.ndarray, std: np.ndarray, loadings: np.ndarray, *,
-            normalize: bool, idf: np.ndarray | None = None) -> np.ndarray:
+def project(
+    block: Block,
+    genes: np.ndarray,
+    mean: np.ndarray,
+    std: np.ndarray,
+    loadings: np.ndarray,
+    *,
+    normalize: bool,
+    idf: np.ndarray | None = None,
+) -> np.ndarray:
     """Kernel: PC embedding ``scale(block) @ loadings`` of one chunk (cells x d); ``idf`` (one value
     per column of the block) makes the normalization TF-IDF.
 
@@ -74,13 +89,30 @@ def project(block: Block, genes: np.ndarray, mean: np.ndarray, std: np.ndarray, 
     position = np.full(block.shape[1], -1, dtype=np.int64)
     position[genes] = np.arange(len(genes))
     gene_factors = np.ones(len(genes)) if idf is None else np.asarray(idf, dtype=np.float64)[genes]
-    return project_rows(block.indptr, block.indices, block.data, position, np.asarray(mean, dtype=np.float64),
-                        np.asarray(std, dtype=np.float64), np.ascontiguousarray(loadings, dtype=np.float64),
-                        float(SCALE_CLIP), float(SCALE_FACTOR) if normalize else 0.0, gene_factors)
+    return project_rows(
+        block.indptr,
+        block.indices,
+        block.data,
+        position,
+        np.asarray(mean, dtype=np.float64),
+        np.asarray(std, dtype=np.float64),
+        np.ascontiguousarray(loadings, dtype=np.float64),
+        float(SCALE_CLIP),
+        float(SCALE_FACTOR) if normalize else 0.0,
+        gene_factors,
+    )
 
 
-def apply_gram(block: Block, genes: np.ndarray, mean: np.ndarray, std: np.ndarray, w: np.ndarray, *,
-               normalize: bool, idf: np.ndarray | None = None) -> np.ndarray:
+def apply_gram(
+    block: Block,
+    genes: np.ndarray,
+    mean: np.ndarray,
+    std: np.ndarray,
+    w: np.ndarray,
+    *,
+    normalize: bool,
+    idf: np.ndarray | None = None,
+) -> np.ndarray:
     """Kernel: ``S^T (S W)`` for one chunk (genes x l), without forming ``S^T S``."""
     s = scale(block, genes, mean, std, normalize=normalize, idf=idf)
     return s.T @ (s @ w)
@@ -123,7 +155,8 @@ def choose_solver(n_genes: int, n_components: int) -> Literal["gram", "krylov"]:
 class FittedPCA:
     """A PCA fitted by passes over the cells: ``loadings`` (genes x d, each column oriented so its
     largest entry is positive), the ``singular_values`` of the scaled matrix, the ``solver`` used
-    and the number of ``passes`` over the data it took."""
+    and the number of ``passes`` over the data it took.
+    """
 
     loadings: np.ndarray
     singular_values: np.ndarray
@@ -131,8 +164,7 @@ class FittedPCA:
     passes: int
 
 
-def fit_pca(x: da.Array, scaling: dict, n_components: int, *, solver: PCASolver = "auto",
-            seed: int = 0) -> FittedPCA:
+def fit_pca(x: da.Array, scaling: dict, n_components: int, *, solver: PCASolver = "auto", seed: int = 0) -> FittedPCA:
     """The top ``n_components`` principal axes of the scaled chosen genes, from passes over ``x``.
 
     ``scaling`` holds the :func:`~symphony_dask._preprocessing.normalize.scale` arguments (chosen genes, their

@@ -66,7 +66,7 @@ def expected_variance(mean: np.ndarray, variance: np.ndarray, span: float = LOES
         )
     fit = loess(log_mean, np.log10(variance[varying]), span=span, degree=2)
     fit.fit()
-    expected[varying] = 10.0 ** fit.outputs.fitted_values
+    expected[varying] = 10.0**fit.outputs.fitted_values
     return expected
 
 
@@ -88,8 +88,14 @@ class ClippedSquares:
 
 
 def clipped_squares(
-    block: Block, codes: np.ndarray, *, mean: dict[int, np.ndarray], sd: dict[int, np.ndarray], clip: float,
-    normalize: bool, idf: np.ndarray | None = None,
+    block: Block,
+    codes: np.ndarray,
+    *,
+    mean: dict[int, np.ndarray],
+    sd: dict[int, np.ndarray],
+    clip: float,
+    normalize: bool,
+    idf: np.ndarray | None = None,
 ) -> ClippedSquares:
     """Kernel: per group, sum of ``min(clip, (x - mean) / sd)**2`` over stored values and their count.
 
@@ -102,8 +108,18 @@ def clipped_squares(
         means = np.stack([mean[int(c)] for c in present])
         inverse = _inverse(np.stack([sd[int(c)] for c in present]))
         row_factors, gene_factors = stored_value_factors(block, normalize=normalize, idf=idf)
-        squares, stored = group_clipped_squares(block.indptr, block.indices, block.data, group.ravel(), means, inverse,
-                                                float(clip), row_factors, gene_factors, bool(normalize))
+        squares, stored = group_clipped_squares(
+            block.indptr,
+            block.indices,
+            block.data,
+            group.ravel(),
+            means,
+            inverse,
+            float(clip),
+            row_factors,
+            gene_factors,
+            bool(normalize),
+        )
         return ClippedSquares({int(c): (squares[i], stored[i]) for i, c in enumerate(present)})
     values = log_normalize(block, idf=idf) if normalize else block
     out = {}
@@ -122,13 +138,17 @@ def _inverse(sd: np.ndarray) -> np.ndarray:
 
 def clip_reached(moments: Moments, sd: np.ndarray, clip: float) -> bool:
     """Whether any value of a group reaches the clip, ``(x - mean) / sd > clip`` for a gene with
-    ``sd > 0`` (only its largest value can: zeros are below the mean)."""
+    ``sd > 0`` (only its largest value can: zeros are below the mean).
+    """
     varying = sd > 0
     return bool(np.any(moments.maximum[varying] - moments.mean[varying] > clip * sd[varying]))
 
 
 def vst_table(
-    moments: GroupMoments, squares: ClippedSquares | None, expected: dict[int, np.ndarray], group_names: list[str],
+    moments: GroupMoments,
+    squares: ClippedSquares | None,
+    expected: dict[int, np.ndarray],
+    group_names: list[str],
     genes: pd.Index,
 ) -> pd.DataFrame:
     """Per-group VST table (group, symbol, rank, mean, variance, expected and standardized variance).
@@ -186,7 +206,8 @@ MVP_MIN_DISPERSION = 0.0
 
 def mvp_table(moments: GroupMoments, group_names: list[str], genes: pd.Index) -> pd.DataFrame:
     """Per-group mean.var.plot table (group, symbol, rank, mean, variance, dispersion and its z-score
-    within the mean bin) of the genes that pass the cut-offs, best first."""
+    within the mean bin) of the genes that pass the cut-offs, best first.
+    """
     tables = []
     for code, name in enumerate(group_names):
         m = moments.groups[code]
@@ -195,8 +216,16 @@ def mvp_table(moments: GroupMoments, group_names: list[str], genes: pd.Index) ->
         dispersion[np.isnan(dispersion)] = 0.0
         log_mean = np.log1p(m.mean)
         scaled = _scaled_within_bins(dispersion, _equal_width_bins(log_mean, MVP_BINS))
-        t = pd.DataFrame({"group": name, "symbol": genes, "mean": log_mean, "variance": m.variance,
-                          "dispersion": dispersion, "dispersion_scaled": scaled})
+        t = pd.DataFrame(
+            {
+                "group": name,
+                "symbol": genes,
+                "mean": log_mean,
+                "variance": m.variance,
+                "dispersion": dispersion,
+                "dispersion_scaled": scaled,
+            }
+        )
         t = t[(log_mean >= MVP_MIN_MEAN) & (dispersion >= MVP_MIN_DISPERSION)]
         # best z-score first (NaN last), ties by dispersion, then gene order (as R's stable sorts)
         key_scaled = np.where(np.isnan(t["dispersion_scaled"]), -np.inf, _tie_key(t["dispersion_scaled"].to_numpy()))
@@ -209,7 +238,8 @@ def mvp_table(moments: GroupMoments, group_names: list[str], genes: pd.Index) ->
 
 def _equal_width_bins(x: np.ndarray, n_bins: int) -> np.ndarray:
     """Bin of each value among ``n_bins`` equal-width right-closed intervals over its range, with
-    the outer limits moved out by 0.1% of the range (R's ``cut(x, n_bins)``)."""
+    the outer limits moved out by 0.1% of the range (R's ``cut(x, n_bins)``).
+    """
     low, high = float(x.min()), float(x.max())
     width = high - low
     if width == 0:
@@ -237,7 +267,8 @@ def _scaled_within_bins(x: np.ndarray, bins: np.ndarray) -> np.ndarray:
 def _tie_key(x: np.ndarray, digits: int = RANK_DIGITS) -> np.ndarray:
     """``x`` rounded to ``digits`` significant digits, so that genes whose values are equal in exact
     arithmetic (e.g. identical expression) tie exactly whatever the summation order, and the stable
-    sort then ranks them in gene order as R does."""
+    sort then ranks them in gene order as R does.
+    """
     exponent = np.zeros_like(x)
     np.floor(np.log10(np.abs(x), out=exponent, where=x != 0), out=exponent)
     scale = 10.0**exponent

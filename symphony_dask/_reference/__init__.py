@@ -1,2 +1,3 @@
 """The Symphony reference: the model, its store (save, load, checksums), the build as stage functions,
-compression, and references made elsewhere (R's .rds, scanpy's layout)."""
+compression, and references made elsewhere (R's .rds, scanpy's layout).
+"""

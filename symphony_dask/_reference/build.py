@@ -24,15 +24,6 @@ import numpy as np
 import pandas as pd
 
 from symphony_dask import __version__
-from symphony_dask._io.validation import (
-    ValueCounts,
-    as_key_list,
-    check_batch_values,
-    check_obs_keys,
-    check_unique_genes,
-    option,
-    raise_on_bad_values,
-)
 from symphony_dask._dask.chunked import (
     advise,
     as_row_chunked,
@@ -44,7 +35,9 @@ from symphony_dask._dask.chunked import (
     persist_now,
     tree_reduce,
 )
-from symphony_dask._reference.compression import CompressionSums, compression_sums
+from symphony_dask._dask.timing import timed
+from symphony_dask._embedding.neighbors import EXACT_MAX_CELLS, NeighborIndex
+from symphony_dask._embedding.umap_layout import fit_umap
 from symphony_dask._harmony.harmonize import (
     Flavor,
     check_clusters,
@@ -55,9 +48,16 @@ from symphony_dask._harmony.harmonize import (
     soft_kmeans,
 )
 from symphony_dask._io.expression import AnnDataLike, Expression, keep_cells, memory_per_task, read_expression
-from symphony_dask._embedding.neighbors import EXACT_MAX_CELLS, NeighborIndex
 from symphony_dask._io.obs_filter import cells_where
-from symphony_dask._preprocessing.pca import PCASolver, fit_pca, project
+from symphony_dask._io.validation import (
+    ValueCounts,
+    as_key_list,
+    check_batch_values,
+    check_obs_keys,
+    check_unique_genes,
+    option,
+    raise_on_bad_values,
+)
 from symphony_dask._preprocessing.normalize import (
     ColumnSums,
     FirstPass,
@@ -67,9 +67,7 @@ from symphony_dask._preprocessing.normalize import (
     has_counts,
     inverse_document_frequency,
 )
-from symphony_dask._reference.model import Reference
-from symphony_dask._dask.timing import timed
-from symphony_dask._embedding.umap_layout import fit_umap
+from symphony_dask._preprocessing.pca import PCASolver, fit_pca, project
 from symphony_dask._preprocessing.variable_genes import (
     ClippedSquares,
     clip_reached,
@@ -80,6 +78,8 @@ from symphony_dask._preprocessing.variable_genes import (
     select_top,
     vst_table,
 )
+from symphony_dask._reference.compression import CompressionSums, compression_sums
+from symphony_dask._reference.model import Reference
 
 logger = logging.getLogger("symphony_dask")
 
@@ -209,23 +209,66 @@ def build_reference(
         return _build_reference(**locals())
 
 
-def _build_reference(data, batch_keys, *, normalize, n_hvg, hvg_batch_key, n_pcs, n_clusters, theta, tau, sigma, lamb,
-                     max_iter_harmony, seed, chunk_size, layer, obs_filter, block_size, max_iter_cluster, epsilon_cluster,
-                     epsilon_harmony, n_init, harmony_flavor, alpha, batch_prop_cutoff, pca_solver, keep_embedding,
-                     neighbor_index, umap, variable_genes, additional_genes) -> Reference:
+def _build_reference(
+    data,
+    batch_keys,
+    *,
+    normalize,
+    n_hvg,
+    hvg_batch_key,
+    n_pcs,
+    n_clusters,
+    theta,
+    tau,
+    sigma,
+    lamb,
+    max_iter_harmony,
+    seed,
+    chunk_size,
+    layer,
+    obs_filter,
+    block_size,
+    max_iter_cluster,
+    epsilon_cluster,
+    epsilon_harmony,
+    n_init,
+    harmony_flavor,
+    alpha,
+    batch_prop_cutoff,
+    pca_solver,
+    keep_embedding,
+    neighbor_index,
+    umap,
+    variable_genes,
+    additional_genes,
+) -> Reference:
     timings: dict[str, float] = {}
     if normalize not in (True, False, "tfidf"):
         raise ValueError(f"{option('normalize', normalize)}: must be True, False or 'tfidf'")
     if variable_genes not in ("vst", "mvp"):
         raise ValueError(f"{option('variable_genes', variable_genes)}: must be 'vst' or 'mvp'")
     # resolved here, before any pass over the data, so that the reference records what was run
-    harmony_settings = flavor_settings(harmony_flavor, lamb=lamb, max_iter_cluster=max_iter_cluster,
-                                       epsilon_cluster=epsilon_cluster, epsilon_harmony=epsilon_harmony, n_init=n_init,
-                                       alpha=alpha, batch_prop_cutoff=batch_prop_cutoff)
+    harmony_settings = flavor_settings(
+        harmony_flavor,
+        lamb=lamb,
+        max_iter_cluster=max_iter_cluster,
+        epsilon_cluster=epsilon_cluster,
+        epsilon_harmony=epsilon_harmony,
+        n_init=n_init,
+        alpha=alpha,
+        batch_prop_cutoff=batch_prop_cutoff,
+    )
     if max_iter_harmony is None:
         max_iter_harmony = 20 if harmony_flavor == "harmony1" else 10
-    check_harmony_settings(len(as_key_list(batch_keys)), theta=theta, tau=tau, sigma=sigma, block_size=block_size,
-                           max_iter_harmony=max_iter_harmony, **harmony_settings)
+    check_harmony_settings(
+        len(as_key_list(batch_keys)),
+        theta=theta,
+        tau=tau,
+        sigma=sigma,
+        block_size=block_size,
+        max_iter_harmony=max_iter_harmony,
+        **harmony_settings,
+    )
     expr = read_expression(data, chunk_size=chunk_size, layer=layer)
     if obs_filter is not None:
         expr = keep_cells(expr, cells_where(expr.obs, obs_filter))
@@ -256,8 +299,13 @@ def _build_reference(data, batch_keys, *, normalize, n_hvg, hvg_batch_key, n_pcs
         first: FirstPass = compute(
             map_reduce(first_pass, expr.X, codes_da, combine=FirstPass.merge, normalize=bool(normalize), idf=idf)
         )[0]
-    raise_on_bad_values(first.counts, where="the reference expression", normalize=bool(normalize), warn_empty=False,
-                        layers=expr.layers if layer is None else ())
+    raise_on_bad_values(
+        first.counts,
+        where="the reference expression",
+        normalize=bool(normalize),
+        warn_empty=False,
+        layers=expr.layers if layer is None else (),
+    )
     _check_some_expression(first.counts, n, expr.X.shape[1], layer)
     if normalize and first.counts.n_empty_cells:
         expr, first = _drop_empty_cells(expr, first.counts.n_empty_cells, hvg_keys, idf, timings)
@@ -268,8 +316,11 @@ def _build_reference(data, batch_keys, *, normalize, n_hvg, hvg_batch_key, n_pcs
 
     with timed(timings, "variable_genes"):
         if variable_genes == "mvp":
-            moments = compute(map_reduce(exp_moments, expr.X, codes_da, combine=GroupMoments.merge,
-                                         normalize=bool(normalize), idf=idf))[0]
+            moments = compute(
+                map_reduce(
+                    exp_moments, expr.X, codes_da, combine=GroupMoments.merge, normalize=bool(normalize), idf=idf
+                )
+            )[0]
             table = mvp_table(moments, group_names, expr.genes)
         else:
             table = _vst(expr, first, codes_da, group_names, bool(normalize), idf)
@@ -283,8 +334,10 @@ def _build_reference(data, batch_keys, *, normalize, n_hvg, hvg_batch_key, n_pcs
     std = np.sqrt(total.variance[gene_idx])
     constant = [gene for gene, sd in zip(chosen, std) if sd == 0]
     if constant:
-        raise ValueError(f"additional gene(s) {', '.join(constant[:5])} do not vary over the reference cells; "
-                         "a constant gene cannot be scaled: leave it out of additional_genes")
+        raise ValueError(
+            f"additional gene(s) {', '.join(constant[:5])} do not vary over the reference cells; "
+            "a constant gene cannot be scaled: leave it out of additional_genes"
+        )
 
     scaling = dict(genes=gene_idx, mean=mean, std=std, normalize=bool(normalize), idf=idf)
     with timed(timings, "pca"):
@@ -302,13 +355,24 @@ def _build_reference(data, batch_keys, *, normalize, n_hvg, hvg_batch_key, n_pcs
     with timed(timings, "harmony"):
         if keys:
             res = harmonize(
-                z, expr.obs, keys, n_clusters=k, theta=theta, tau=tau, sigma=sigma, block_size=block_size,
-                max_iter_harmony=max_iter_harmony, seed=seed, chunk_size=harmony_chunks, flavor=harmony_flavor,
+                z,
+                expr.obs,
+                keys,
+                n_clusters=k,
+                theta=theta,
+                tau=tau,
+                sigma=sigma,
+                block_size=block_size,
+                max_iter_harmony=max_iter_harmony,
+                seed=seed,
+                chunk_size=harmony_chunks,
+                flavor=harmony_flavor,
                 **harmony_settings,
             )
         else:
-            res = soft_kmeans(z, k, sigma=sigma, n_init=harmony_settings["n_init"], seed=seed,
-                              chunk_size=harmony_chunks)
+            res = soft_kmeans(
+                z, k, sigma=sigma, n_init=harmony_settings["n_init"], seed=seed, chunk_size=harmony_chunks
+            )
 
     timings.update({f"harmony {name}": seconds for name, seconds in res.timings_s.items()})
     with timed(timings, "compression"), one_blas_thread_per_task():
@@ -333,34 +397,67 @@ def _build_reference(data, batch_keys, *, normalize, n_hvg, hvg_batch_key, n_pcs
             layout = fit_umap(embedding, seed=seed)
 
     params = dict(
-        batch_keys=keys, normalize=normalize, n_hvg=n_hvg, hvg_batch_key=hvg_batch_key, n_pcs=n_pcs,
-        obs_filter=obs_filter, n_clusters=k, theta=theta, tau=tau, sigma=sigma, max_iter_harmony=max_iter_harmony,
-        seed=seed, block_size=block_size, harmony_flavor=harmony_flavor, **harmony_settings, n_cells=n, n_variable_genes=len(chosen),
-        variable_genes=variable_genes, additional_genes=extra,
-        singular_values=pca.singular_values, pca_solver=pca.solver, pca_passes=pca.passes, harmony_iterations=res.n_iter, harmony_converged=res.converged,
+        batch_keys=keys,
+        normalize=normalize,
+        n_hvg=n_hvg,
+        hvg_batch_key=hvg_batch_key,
+        n_pcs=n_pcs,
+        obs_filter=obs_filter,
+        n_clusters=k,
+        theta=theta,
+        tau=tau,
+        sigma=sigma,
+        max_iter_harmony=max_iter_harmony,
+        seed=seed,
+        block_size=block_size,
+        harmony_flavor=harmony_flavor,
+        **harmony_settings,
+        n_cells=n,
+        n_variable_genes=len(chosen),
+        variable_genes=variable_genes,
+        additional_genes=extra,
+        singular_values=pca.singular_values,
+        pca_solver=pca.solver,
+        pca_passes=pca.passes,
+        harmony_iterations=res.n_iter,
+        harmony_converged=res.converged,
         harmony_cluster_iterations=res.cluster_iterations,
-        timings_s=timings, symphony_dask_version=__version__,
+        timings_s=timings,
+        symphony_dask_version=__version__,
     )
     return Reference(
-        genes=chosen, mean=mean, std=std, loadings=loadings, centroids=sums.centroids,
-        cluster_sizes=sums.cluster_sizes, compression=sums.compression,
-        embedding=embedding, obs=expr.obs.copy() if keep_embedding else None,
+        genes=chosen,
+        mean=mean,
+        std=std,
+        loadings=loadings,
+        centroids=sums.centroids,
+        cluster_sizes=sums.cluster_sizes,
+        compression=sums.compression,
+        embedding=embedding,
+        obs=expr.obs.copy() if keep_embedding else None,
         obsm=dict(expr.obsm) if keep_embedding else {},
-        pca_moments=sums.pca_moments, params=params, variable_gene_table=table, neighbors=neighbors,
-        umap_layout=layout, idf=None if idf is None else idf[gene_idx],
+        pca_moments=sums.pca_moments,
+        params=params,
+        variable_gene_table=table,
+        neighbors=neighbors,
+        umap_layout=layout,
+        idf=None if idf is None else idf[gene_idx],
         sources=(Path(data),) if isinstance(data, (str, os.PathLike)) else (),
     )
 
 
 def _memory_advice(expr: Expression) -> str:
     rows = int(max(expr.X.chunks[0]))
-    return (f"The matrix is read in chunks of {rows:,} cells x {expr.X.shape[1]:,} genes, with "
-            f"{memory_per_task() / 2**30:.1f} GiB of memory per task: pass a smaller chunk size "
-            f"(e.g. {option('chunk_size', max(rows // 4, 100))}) or give the workers more memory.")
+    return (
+        f"The matrix is read in chunks of {rows:,} cells x {expr.X.shape[1]:,} genes, with "
+        f"{memory_per_task() / 2**30:.1f} GiB of memory per task: pass a smaller chunk size "
+        f"(e.g. {option('chunk_size', max(rows // 4, 100))}) or give the workers more memory."
+    )
 
 
-def _drop_empty_cells(expr: Expression, n_empty: int, hvg_keys: list[str], idf: np.ndarray | None,
-                      timings: dict[str, float]) -> tuple[Expression, FirstPass]:
+def _drop_empty_cells(
+    expr: Expression, n_empty: int, hvg_keys: list[str], idf: np.ndarray | None, timings: dict[str, float]
+) -> tuple[Expression, FirstPass]:
     """Leave out cells with zero total counts (they cannot be normalized) and redo the first pass."""
     warnings.warn(
         f"{n_empty} of {expr.n_cells} reference cells have zero total counts and are left out of the "
@@ -372,8 +469,11 @@ def _drop_empty_cells(expr: Expression, n_empty: int, hvg_keys: list[str], idf: 
     expr = keep_cells(expr, keep)
     _, codes = _groups(expr, hvg_keys)
     with timed(timings, "moments"):
-        first = compute(map_reduce(first_pass, expr.X, as_row_chunked(codes, expr.X), combine=FirstPass.merge,
-                                        normalize=True, idf=idf))[0]
+        first = compute(
+            map_reduce(
+                first_pass, expr.X, as_row_chunked(codes, expr.X), combine=FirstPass.merge, normalize=True, idf=idf
+            )
+        )[0]
     return expr, first
 
 
@@ -412,14 +512,17 @@ def _additional_genes(genes: Sequence[str] | None, available: pd.Index) -> list[
     genes = [genes] if isinstance(genes, str) else [str(g) for g in genes]
     missing = [g for g in genes if g not in available]
     if missing:
-        raise ValueError(f"additional_genes {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} "
-                         f"are not genes of the reference data (its genes look like {', '.join(available[:3])})")
+        raise ValueError(
+            f"additional_genes {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} "
+            f"are not genes of the reference data (its genes look like {', '.join(available[:3])})"
+        )
     return list(dict.fromkeys(genes))
 
 
 def _vst(expr, first, codes_da, group_names, normalize, idf):
     """VST per group (loess on the moments; then, only if some value reaches the clip, a pass for
-    the clipped standardized variances): its table."""
+    the clipped standardized variances): its table.
+    """
     expected, mean, sd = {}, {}, {}
     for code, name in enumerate(group_names):
         m = first.moments.groups[code]
@@ -433,11 +536,21 @@ def _vst(expr, first, codes_da, group_names, normalize, idf):
     if any(clip_reached(first.moments.groups[code], sd[code], clip) for code in sd):
         squares = compute(
             map_reduce(
-                clipped_squares, expr.X, codes_da, combine=ClippedSquares.merge,
-                mean=mean, sd=sd, clip=clip, normalize=normalize, idf=idf,
+                clipped_squares,
+                expr.X,
+                codes_da,
+                combine=ClippedSquares.merge,
+                mean=mean,
+                sd=sd,
+                clip=clip,
+                normalize=normalize,
+                idf=idf,
             )
         )[0]
     else:
-        logger.info("variable genes: no value reaches the clip of sqrt(%d cells); standardized variances from "
-                    "the moments, without a pass of their own", expr.n_cells)
+        logger.info(
+            "variable genes: no value reaches the clip of sqrt(%d cells); standardized variances from "
+            "the moments, without a pass of their own",
+            expr.n_cells,
+        )
     return vst_table(first.moments, squares, expected, group_names, expr.genes)

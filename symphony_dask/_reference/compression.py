@@ -55,7 +55,8 @@ class CompressionSums:
 
 def compression_sums(z_orig: np.ndarray, z_corr: np.ndarray, r: np.ndarray) -> CompressionSums:
     """Kernel: the compression sums of one chunk of cells (no temporary the size of ``r``: a
-    Harmony chunk holds up to 250,000 cells)."""
+    Harmony chunk holds up to 250,000 cells).
+    """
     second = np.stack([(z_orig * r[:, j, None]).T @ z_orig for j in range(r.shape[1])])
     return CompressionSums(
         cluster_sizes=r.sum(axis=0),

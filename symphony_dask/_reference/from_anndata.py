@@ -63,8 +63,10 @@ def reference_from_anndata(
     loadings_all = np.asarray(_element(adata.varm, loadings_key, "varm"), dtype=np.float64)
     d = loadings_all.shape[1]
     if z_corr.shape[1] != d:
-        raise ValueError(f"obsm[{corrected_key!r}] has {z_corr.shape[1]} dimensions but varm[{loadings_key!r}] "
-                         f"has {d} PCs; they must come from the same PCA")
+        raise ValueError(
+            f"obsm[{corrected_key!r}] has {z_corr.shape[1]} dimensions but varm[{loadings_key!r}] "
+            f"has {d} PCs; they must come from the same PCA"
+        )
     genes = np.flatnonzero(np.any(loadings_all != 0, axis=1))
     if len(genes) == 0:
         raise ValueError(f"varm[{loadings_key!r}] is all zero")
@@ -83,17 +85,35 @@ def reference_from_anndata(
     else:
         R = np.asarray(R, dtype=np.float64)
         if R.ndim != 2 or R.shape[0] != n:
-            raise ValueError(f"R must be cells x clusters with {n} cells, got shape {R.shape} "
-                             "(harmonypy's R is clusters x cells: pass its transpose)")
+            raise ValueError(
+                f"R must be cells x clusters with {n} cells, got shape {R.shape} "
+                "(harmonypy's R is clusters x cells: pass its transpose)"
+            )
         if np.any(R < 0) or np.abs(R.sum(axis=1) - 1).max() > 1e-6:
             raise ValueError("R must hold soft assignments: non-negative rows that sum to 1")
         how = "given R"
     sums = compression_sums(z_corr if z_orig is None else z_orig, z_corr, R)
     return Reference.from_arrays(
-        adata.var_names[genes], mean, std, loadings_all[genes], sums.centroids, sums.cluster_sizes, sums.compression,
-        embedding=z_corr, obs=adata.obs.copy(), pca_moments=None if z_orig is None else sums.pca_moments,
-        params={"source": "reference_from_anndata", "corrected_key": corrected_key, "pca_key": pca_key,
-                "clusters": how, "sigma": sigma, "n_clusters": int(R.shape[1]), "n_pcs": d, "n_cells": n},
+        adata.var_names[genes],
+        mean,
+        std,
+        loadings_all[genes],
+        sums.centroids,
+        sums.cluster_sizes,
+        sums.compression,
+        embedding=z_corr,
+        obs=adata.obs.copy(),
+        pca_moments=None if z_orig is None else sums.pca_moments,
+        params={
+            "source": "reference_from_anndata",
+            "corrected_key": corrected_key,
+            "pca_key": pca_key,
+            "clusters": how,
+            "sigma": sigma,
+            "n_clusters": int(R.shape[1]),
+            "n_pcs": d,
+            "n_cells": n,
+        },
     )
 
 
@@ -113,6 +133,8 @@ def _obsm(adata, key: str) -> np.ndarray:
 def _var(adata, key: str) -> np.ndarray:
     if key not in adata.var.columns:
         cols = ", ".join(map(repr, adata.var.columns)) or "(none)"
-        raise ValueError(f"{key!r} is not a column of the AnnData's var (sc.pp.scale writes 'mean' and 'std'); "
-                         f"its columns are: {cols}")
+        raise ValueError(
+            f"{key!r} is not a column of the AnnData's var (sc.pp.scale writes 'mean' and 'std'); "
+            f"its columns are: {cols}"
+        )
     return adata.var[key].to_numpy(dtype=np.float64)

@@ -44,8 +44,8 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from symphony_dask._io.validation import pass_option
 from symphony_dask._embedding.neighbors import INDEX_FORMAT, Method, NeighborIndex
+from symphony_dask._embedding.umap_layout import Placement, UmapModel, UmapParams
 from symphony_dask._io.atomic import (
     check_element_name,
     element_checksums,
@@ -54,13 +54,16 @@ from symphony_dask._io.atomic import (
     verify_checksums,
     write_atomically,
 )
-from symphony_dask._embedding.umap_layout import Placement, UmapModel, UmapParams
+from symphony_dask._io.validation import pass_option
 
 
 def no_per_cell_data() -> str:
     """Error of annotation transfer from a reference saved without its cells."""
-    return ("this reference was saved without its per-cell embedding and obs, which label transfer needs; "
-            f"rebuild it ({pass_option('keep_embedding', True)})")
+    return (
+        "this reference was saved without its per-cell embedding and obs, which label transfer needs; "
+        f"rebuild it ({pass_option('keep_embedding', True)})"
+    )
+
 
 STORE_FORMAT = "symphony_dask._reference.model"
 #: 3: checksums of the elements and of the root metadata (parameters), and a generation per save;
@@ -207,7 +210,8 @@ class Reference:
         """The reference cells as an AnnData for scanpy and other AnnData tools: ``obs``,
         ``obsm['X_symphony']`` (corrected embedding), ``obsm['X_umap']`` (if the reference has a UMAP)
         and the reference's own ``obsm`` matrices; no expression matrix (``X`` is None) and the build
-        parameters in ``uns['symphony']``."""
+        parameters in ``uns['symphony']``.
+        """
         if self.embedding is None or self.obs is None:
             raise ValueError(no_per_cell_data().replace("label transfer needs", "to_anndata needs"))
         obsm = {"X_symphony": np.asarray(self.embedding), **self.obsm}
@@ -222,7 +226,8 @@ class Reference:
         ``loadings`` (gene x pc), ``centroids`` (pc x cluster; Y_cos), ``cluster_sizes`` (cluster; N_r),
         ``compression`` (cluster x pc; C) and, with the reference cells, ``embedding`` (cell x pc) and
         ``umap`` (cell x umap_axis); the build parameters as JSON in ``attrs['params']``. Select by
-        name (``ds.loadings.sel(gene='CD3E')``) or write it with ``ds.to_netcdf`` / ``ds.to_zarr``."""
+        name (``ds.loadings.sel(gene='CD3E')``) or write it with ``ds.to_netcdf`` / ``ds.to_zarr``.
+        """
         import xarray as xr
 
         pcs = np.arange(1, self.n_pcs + 1)
@@ -295,8 +300,13 @@ class Reference:
         """
         path = Path(path)
         refuse_overlap(path, self.sources, flag="the save target")
-        return write_atomically(path, lambda tmp: _write_store(self, tmp), overwrite=overwrite,
-                                ours=is_reference_store, what="reference store")
+        return write_atomically(
+            path,
+            lambda tmp: _write_store(self, tmp),
+            overwrite=overwrite,
+            ours=is_reference_store,
+            what="reference store",
+        )
 
 
 def _write_store(ref: Reference, path: Path) -> None:
@@ -320,10 +330,18 @@ def _write_store(ref: Reference, path: Path) -> None:
         if ref.obsm:
             ad.io.write_elem(group, "obsm", ref.obsm)
         if ref.neighbors is not None and ref.neighbors.method == "hnsw":
-            index = group.create_array("neighbor_index", data=np.frombuffer(ref.neighbors.to_bytes(), dtype=np.uint8),
-                                       chunks=(64 * 2**20,))
-            index.attrs.update({"method": "hnsw", "format": INDEX_FORMAT, "n_cells": ref.neighbors.n_cells,
-                                "dim": ref.neighbors.dim, "seed": ref.neighbors.seed})
+            index = group.create_array(
+                "neighbor_index", data=np.frombuffer(ref.neighbors.to_bytes(), dtype=np.uint8), chunks=(64 * 2**20,)
+            )
+            index.attrs.update(
+                {
+                    "method": "hnsw",
+                    "format": INDEX_FORMAT,
+                    "n_cells": ref.neighbors.n_cells,
+                    "dim": ref.neighbors.dim,
+                    "seed": ref.neighbors.seed,
+                }
+            )
         if ref.umap_layout is not None:
             layout = group.create_group("umap")
             layout.attrs["params"] = ref.umap_layout.params.to_dict()
@@ -332,13 +350,19 @@ def _write_store(ref: Reference, path: Path) -> None:
         elements = sorted(p.name for p in path.iterdir() if p.name != "zarr.json")
         checksums = element_checksums(path, elements)
     root = _root_without_marker(json.loads((path / "zarr.json").read_text()))
-    group.attrs["symphony_dask"] = {"format": STORE_FORMAT, "version": STORE_VERSION, "generation": uuid.uuid4().hex,
-                                    "root": json_digest(root), "checksums": checksums}
+    group.attrs["symphony_dask"] = {
+        "format": STORE_FORMAT,
+        "version": STORE_VERSION,
+        "generation": uuid.uuid4().hex,
+        "root": json_digest(root),
+        "checksums": checksums,
+    }
 
 
 def _root_without_marker(meta: dict) -> dict:
     """The store's root metadata (``zarr.json``) without the marker, which the marker's ``root``
-    digest covers: the build parameters and zarr's own fields."""
+    digest covers: the build parameters and zarr's own fields.
+    """
     meta = dict(meta)
     attributes = dict(meta.get("attributes") or {})
     attributes.pop("symphony_dask", None)
@@ -348,7 +372,8 @@ def _root_without_marker(meta: dict) -> dict:
 
 def is_reference_store(path: Path) -> bool:
     """Whether ``path`` is a folder whose root metadata carries symphony_dask's reference marker
-    (what :meth:`Reference.save` may replace with ``overwrite=True``)."""
+    (what :meth:`Reference.save` may replace with ``overwrite=True``).
+    """
     meta = Path(path) / "zarr.json"
     if Path(path).is_symlink() or not Path(path).is_dir() or meta.is_symlink() or not meta.is_file():
         return False
@@ -361,7 +386,8 @@ def is_reference_store(path: Path) -> bool:
 
 def _write_embedding(group: zarr.Group, embedding: np.ndarray | da.Array) -> None:
     """Write the per-cell embedding chunk by chunk with the active dask scheduler (on the workers of
-    a distributed cluster, which then need the store's file system), in anndata's array encoding."""
+    a distributed cluster, which then need the store's file system), in anndata's array encoding.
+    """
     rows = int(max(embedding.chunks[0])) if isinstance(embedding, da.Array) else max(1, min(len(embedding), 100_000))
     target = group.create_array("embedding", shape=embedding.shape, dtype="float64", chunks=(rows, embedding.shape[1]))
     target.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
@@ -418,13 +444,16 @@ def load_reference(path: str | os.PathLike, *, lazy_embedding: bool = False) -> 
             raise
         if _root_bytes(path) == before:
             return ref
-    raise ValueError(f"{path} was replaced by other saves {LOAD_ATTEMPTS} times while it was read; load it again "
-                     "once they have finished")
+    raise ValueError(
+        f"{path} was replaced by other saves {LOAD_ATTEMPTS} times while it was read; load it again "
+        "once they have finished"
+    )
 
 
 def _root_bytes(path: Path) -> bytes | None:
     """The store's root metadata as stored (``None`` where there is none): it holds the
-    generation of the save, so equal bytes before and after a read mean one store was read."""
+    generation of the save, so equal bytes before and after a read mean one store was read.
+    """
     try:
         return (path / "zarr.json").read_bytes()
     except OSError:
@@ -435,12 +464,12 @@ def _load_once(path: Path, root: bytes | None, *, lazy_embedding: bool) -> Refer
     marker = _read_marker(path, root)
     version = marker.get("version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise ValueError(f"{path}: the store's version attribute is {version!r}, not a version number; "
-                         "the store is damaged (symphony_dask/version in its zarr.json)")
-    if version > STORE_VERSION:
         raise ValueError(
-            f"{path} was written by a newer symphony_dask (store version {version}); upgrade to read it"
+            f"{path}: the store's version attribute is {version!r}, not a version number; "
+            "the store is damaged (symphony_dask/version in its zarr.json)"
         )
+    if version > STORE_VERSION:
+        raise ValueError(f"{path} was written by a newer symphony_dask (store version {version}); upgrade to read it")
     _verify_store(path, marker, version, root)
     group = zarr.open_group(str(path), mode="r")
     missing = [name for name in _REQUIRED if name not in group]
@@ -450,7 +479,9 @@ def _load_once(path: Path, root: bytes | None, *, lazy_embedding: bool) -> Refer
         elems = {name: ad.io.read_elem(group[name]) for name in _REQUIRED}
         moments = None
         if "pca_moments" in group:
-            moments = ClusterMoments(**{n: ad.io.read_elem(group["pca_moments"][n]) for n in ("weight_sq", "first", "second")})
+            moments = ClusterMoments(
+                **{n: ad.io.read_elem(group["pca_moments"][n]) for n in ("weight_sq", "first", "second")}
+            )
         embedding = None
         if "embedding" in group:
             node = group["embedding"]
@@ -464,14 +495,17 @@ def _load_once(path: Path, root: bytes | None, *, lazy_embedding: bool) -> Refer
             layout = UmapModel(node["coords"][:], node["fitted"][:], UmapParams(**dict(node.attrs["params"])))
         neighbors = None
         if "neighbor_index" in group and group["neighbor_index"].attrs.get("format") != INDEX_FORMAT:
-            warnings.warn(f"{path} holds a neighbour index from an older version (hnswlib); it is ignored and a "
-                          "new one is built at the first label transfer (save the reference again to keep it)",
-                          stacklevel=3)
+            warnings.warn(
+                f"{path} holds a neighbour index from an older version (hnswlib); it is ignored and a "
+                "new one is built at the first label transfer (save the reference again to keep it)",
+                stacklevel=3,
+            )
         elif "neighbor_index" in group:
             node = group["neighbor_index"]
             meta = dict(node.attrs)
-            neighbors = NeighborIndex.from_bytes(node[:].tobytes(), n_cells=meta["n_cells"], dim=meta["dim"],
-                                                 seed=meta["seed"])
+            neighbors = NeighborIndex.from_bytes(
+                node[:].tobytes(), n_cells=meta["n_cells"], dim=meta["dim"], seed=meta["seed"]
+            )
     except Exception as err:
         raise ValueError(f"{path} is a corrupt reference store: {err}") from err
     return Reference(
@@ -497,34 +531,47 @@ def _load_once(path: Path, root: bytes | None, *, lazy_embedding: bool) -> Refer
 def _verify_store(path: Path, marker: dict, version: int, root: bytes | None) -> None:
     """Every element the store holds is listed by its checksums and matches them, and the root
     metadata matches its digest (version 3); names that could reach outside the store are refused
-    before anything is read."""
+    before anything is read.
+    """
     checksums = marker.get("checksums")
     if checksums is None:
-        raise ValueError(f"{path} carries no checksums (store version {version}), so damage to it cannot be "
-                         "detected and it is not read; build the reference again (stores saved by symphony_dask "
-                         "since version 2 carry checksums)")
+        raise ValueError(
+            f"{path} carries no checksums (store version {version}), so damage to it cannot be "
+            "detected and it is not read; build the reference again (stores saved by symphony_dask "
+            "since version 2 carry checksums)"
+        )
     if not isinstance(checksums, dict):
         raise ValueError(f"{path} is a damaged store: the checksums in its root metadata are not a table")
     for name in checksums:
         try:
             check_element_name(name)
         except ValueError as err:
-            raise ValueError(f"{path} is refused: its checksums name {name!r}, which is not an element inside the "
-                             "store (the store's root metadata is damaged or was crafted)") from err
-    unlisted = sorted(entry.name for entry in os.scandir(path)
-                      if entry.name != "zarr.json" and not entry.name.startswith(".") and entry.name not in checksums)
+            raise ValueError(
+                f"{path} is refused: its checksums name {name!r}, which is not an element inside the "
+                "store (the store's root metadata is damaged or was crafted)"
+            ) from err
+    unlisted = sorted(
+        entry.name
+        for entry in os.scandir(path)
+        if entry.name != "zarr.json" and not entry.name.startswith(".") and entry.name not in checksums
+    )
     if unlisted:
-        raise ValueError(f"{path} holds {', '.join(unlisted)}, which its checksums do not list (added after it was "
-                         "saved); it is refused: remove what was added, or restore the store from a copy")
+        raise ValueError(
+            f"{path} holds {', '.join(unlisted)}, which its checksums do not list (added after it was "
+            "saved); it is refused: remove what was added, or restore the store from a copy"
+        )
     damaged = verify_checksums(path, checksums)
     if version >= 3:
         meta = json.loads(root)
         if json_digest(_root_without_marker(meta)) != marker.get("root"):
             damaged.insert(0, "zarr.json (the root metadata: parameters or zarr fields altered)")
     else:
-        warnings.warn(f"{path} was saved by an earlier symphony_dask (store version {version}), whose checksums do "
-                      "not cover the build parameters in its root metadata; load it and save it again to cover them",
-                      UserWarning, stacklevel=4)
+        warnings.warn(
+            f"{path} was saved by an earlier symphony_dask (store version {version}), whose checksums do "
+            "not cover the build parameters in its root metadata; load it and save it again to cover them",
+            UserWarning,
+            stacklevel=4,
+        )
     if damaged:
         raise ValueError(
             f"reference store {path} is damaged: {'; '.join(damaged)} do not match the checksums recorded "
@@ -535,13 +582,16 @@ def _verify_store(path: Path, marker: dict, version: int, root: bytes | None) ->
 
 def _read_marker(path: Path, root: bytes | None) -> dict:
     """The ``symphony_dask`` marker of a store's root metadata ``root`` (the bytes of its
-    ``zarr.json``), with clear errors for what is not a readable reference store."""
+    ``zarr.json``), with clear errors for what is not a readable reference store.
+    """
     if path.is_dir() and root is not None:
         try:
             attrs = json.loads(root).get("attributes", {})
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
-            raise ValueError(f"{path} is a damaged store: its root metadata {path / 'zarr.json'} is not valid JSON "
-                             f"({err}); restore the store from a copy or build the reference again") from err
+            raise ValueError(
+                f"{path} is a damaged store: its root metadata {path / 'zarr.json'} is not valid JSON "
+                f"({err}); restore the store from a copy or build the reference again"
+            ) from err
     else:
         try:
             attrs = dict(zarr.open_group(str(path), mode="r").attrs)
@@ -597,15 +647,19 @@ def _check_elements(ref: Reference) -> None:
             raise ValueError(f"obs has {len(ref.obs)} rows but the embedding has {ref.embedding.shape[0]} cells")
         for key, values in ref.obsm.items():
             if len(values) != ref.embedding.shape[0]:
-                raise ValueError(f"obsm[{key!r}] has {len(values)} rows but the embedding has "
-                                 f"{ref.embedding.shape[0]} cells")
+                raise ValueError(
+                    f"obsm[{key!r}] has {len(values)} rows but the embedding has {ref.embedding.shape[0]} cells"
+                )
     if ref.umap_layout is not None:
         layout = ref.umap_layout
         n = None if ref.embedding is None else ref.embedding.shape[0]
         if layout.coords.ndim != 2 or layout.coords.shape[1] != 2 or (n is not None and len(layout.coords) != n):
             raise ValueError(f"the UMAP coordinates must be cells x 2 for {n} cells, got shape {layout.coords.shape}")
-        if layout.fitted.ndim != 1 or len(layout.fitted) <= layout.params.n_neighbors or (
-                len(layout.fitted) and not 0 <= layout.fitted.min() <= layout.fitted.max() < len(layout.coords)):
+        if (
+            layout.fitted.ndim != 1
+            or len(layout.fitted) <= layout.params.n_neighbors
+            or (len(layout.fitted) and not 0 <= layout.fitted.min() <= layout.fitted.max() < len(layout.coords))
+        ):
             raise ValueError("the UMAP's fitted rows are not rows of its coordinates")
         if not np.all(np.isfinite(layout.coords)):
             raise ValueError("the UMAP coordinates hold NaN or infinite values")

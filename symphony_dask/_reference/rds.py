@@ -21,10 +21,10 @@ from typing import NoReturn
 import numpy as np
 import pandas as pd
 
-from symphony_dask._reference.compression import compression_sums
-from symphony_dask._reference.model import Reference
 from symphony_dask._embedding.umap_kernels import find_ab_params
 from symphony_dask._embedding.umap_layout import UmapModel, UmapParams
+from symphony_dask._reference.compression import compression_sums
+from symphony_dask._reference.model import Reference
 
 #: Elements every R Symphony reference has.
 _REQUIRED = ("vargenes", "loadings", "centroids", "cache")
@@ -52,8 +52,10 @@ def read_symphony_rds(path: str | os.PathLike, *, umap_min_dist: float = 0.1, se
     obj = _parse(Path(path))
     missing = [name for name in _REQUIRED if name not in obj]
     if missing:
-        raise ValueError(f"{path} is not an R Symphony reference: it has no {', '.join(missing)} "
-                         f"(its elements: {', '.join(map(str, obj))})")
+        raise ValueError(
+            f"{path} is not an R Symphony reference: it has no {', '.join(missing)} "
+            f"(its elements: {', '.join(map(str, obj))})"
+        )
     element = _Elements(Path(path), obj)
     vargenes = element.vargenes()
     g = len(vargenes)
@@ -76,11 +78,22 @@ def read_symphony_rds(path: str | os.PathLike, *, umap_min_dist: float = 0.1, se
             coords = element.matrix("umap$embedding", "the UMAP coordinates", (n, 2), umap["embedding"])
             layout = _layout(coords, umap_min_dist, seed)
     reference = Reference.from_arrays(
-        np.asarray(vargenes["symbol"], dtype=str), vargenes["mean"].to_numpy(dtype=np.float64),
-        vargenes["stddev"].to_numpy(dtype=np.float64), loadings, centroids, n_r, c, embedding=embedding, obs=obs,
+        np.asarray(vargenes["symbol"], dtype=str),
+        vargenes["mean"].to_numpy(dtype=np.float64),
+        vargenes["stddev"].to_numpy(dtype=np.float64),
+        loadings,
+        centroids,
+        n_r,
+        c,
+        embedding=embedding,
+        obs=obs,
         pca_moments=moments,
-        params={"source": f"R Symphony reference {Path(path).name}", "n_pcs": int(c.shape[1]),
-                "n_clusters": int(c.shape[0]), "n_cells": None if embedding is None else len(embedding)},
+        params={
+            "source": f"R Symphony reference {Path(path).name}",
+            "n_pcs": int(c.shape[1]),
+            "n_clusters": int(c.shape[0]),
+            "n_cells": None if embedding is None else len(embedding),
+        },
     )
     reference.umap_layout = layout
     return reference
@@ -88,21 +101,27 @@ def read_symphony_rds(path: str | os.PathLike, *, umap_min_dist: float = 0.1, se
 
 class _Elements:
     """The elements of a parsed R Symphony reference, each checked for its R type and shape; a
-    mismatch raises a ValueError naming the file, the element, what it should be and what it is."""
+    mismatch raises a ValueError naming the file, the element, what it should be and what it is.
+    """
 
     def __init__(self, path: Path, obj: dict) -> None:
         self.path, self.obj = path, obj
 
     def fail(self, name: str, expected: str, value: object) -> NoReturn:
-        raise ValueError(f"{self.path} is not an R Symphony reference as buildReference saves it: {name} should be "
-                         f"{expected}, found {_describe(value)}")
+        raise ValueError(
+            f"{self.path} is not an R Symphony reference as buildReference saves it: {name} should be "
+            f"{expected}, found {_describe(value)}"
+        )
 
     def matrix(self, name: str, what: str, shape: tuple[int | None, int | None], value: object = None) -> np.ndarray:
         """Element ``name`` (or ``value``) as a float64 matrix of ``shape`` (``None``: any length)."""
         value = self.obj[name] if value is None else value
         array = np.asarray(value)
-        if (array.ndim != 2 or array.dtype.kind not in "biuf"
-                or any(want is not None and got != want for got, want in zip(array.shape, shape))):
+        if (
+            array.ndim != 2
+            or array.dtype.kind not in "biuf"
+            or any(want is not None and got != want for got, want in zip(array.shape, shape))
+        ):
             rows, cols = ("any number of" if n is None else f"{n:,}" for n in shape)
             self.fail(name, f"{what}, a numeric matrix of {rows} rows x {cols} columns", value)
         return array.astype(np.float64)
@@ -111,8 +130,11 @@ class _Elements:
         """The variable genes: a data frame with a text ``symbol`` and numeric ``mean`` and ``stddev``."""
         table = self.obj["vargenes"]
         expected = "the variable genes, a data frame with columns symbol, mean and stddev (numeric)"
-        if (not isinstance(table, pd.DataFrame) or not {"symbol", "mean", "stddev"} <= set(map(str, table.columns))
-                or not all(pd.api.types.is_numeric_dtype(table[column]) for column in ("mean", "stddev"))):
+        if (
+            not isinstance(table, pd.DataFrame)
+            or not {"symbol", "mean", "stddev"} <= set(map(str, table.columns))
+            or not all(pd.api.types.is_numeric_dtype(table[column]) for column in ("mean", "stddev"))
+        ):
             self.fail("vargenes", expected, table)
         return table
 

@@ -11,9 +11,9 @@ import time
 from typing import Any
 
 from symphony_dask._mapping.annotate import evaluate, transfer_labels
+from symphony_dask._mapping.query import map_query
 from symphony_dask._reference.build import build_reference
 from symphony_dask.datasets import pbmcs_small
-from symphony_dask._mapping.query import map_query
 
 REFERENCE_DONORS = ("3pv2", "5p")
 QUERY_DONOR = "3pv1"
@@ -30,8 +30,16 @@ def run_demo(*, chunk_size: int | None = None, seed: int = 111) -> dict[str, Any
 
     start = time.perf_counter()
     reference = build_reference(
-        ref_cells, "donor", normalize=False, n_hvg=1000, hvg_batch_key="donor", n_pcs=20, n_clusters=100,
-        theta=2.0, seed=seed, chunk_size=chunk_size,
+        ref_cells,
+        "donor",
+        normalize=False,
+        n_hvg=1000,
+        hvg_batch_key="donor",
+        n_pcs=20,
+        n_clusters=100,
+        theta=2.0,
+        seed=seed,
+        chunk_size=chunk_size,
     )
     timings["build reference"] = time.perf_counter() - start
     for stage, seconds in reference.params["timings_s"].items():

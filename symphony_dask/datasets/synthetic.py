@@ -90,14 +90,18 @@ class Model:
         for sel, prop in rows:
             mu = lib[sel, None] * prop[None, self.dense_genes]
             dense = sp.csr_matrix(rng.poisson(rng.gamma(THETA, mu / THETA)).astype(np.float32))
-            dense = sp.csr_matrix((dense.data, self.dense_genes[dense.indices], dense.indptr), shape=(len(sel), self.n_genes))
+            dense = sp.csr_matrix(
+                (dense.data, self.dense_genes[dense.indices], dense.indptr), shape=(len(sel), self.n_genes)
+            )
             sparse_p = prop[self.sparse_genes]
             totals = rng.poisson(lib[sel] * sparse_p.sum())
             cdf = np.cumsum(sparse_p) / sparse_p.sum()
             picks = np.searchsorted(cdf, rng.random(totals.sum()), side="right").clip(0, len(cdf) - 1)
             owner = np.repeat(np.arange(len(sel)), totals)
-            tail = sp.coo_matrix((np.ones(len(picks), dtype=np.float32), (owner, self.sparse_genes[picks])),
-                                 shape=(len(sel), self.n_genes)).tocsr()  # duplicates are summed
+            tail = sp.coo_matrix(
+                (np.ones(len(picks), dtype=np.float32), (owner, self.sparse_genes[picks])),
+                shape=(len(sel), self.n_genes),
+            ).tocsr()  # duplicates are summed
             parts.append(dense + tail)
             order.append(sel)
         x = sp.vstack(parts).tocsr()[np.argsort(np.concatenate(order))]
@@ -113,8 +117,16 @@ class Model:
         }
 
 
-def write_synthetic_atlas(path: str | Path, n_cells: int, *, n_genes: int = 20_000, n_types: int = 20,
-                          n_donors: int | None = None, seed: int = 0, workers: int = 2) -> dict:
+def write_synthetic_atlas(
+    path: str | Path,
+    n_cells: int,
+    *,
+    n_genes: int = 20_000,
+    n_types: int = 20,
+    n_donors: int | None = None,
+    seed: int = 0,
+    workers: int = 2,
+) -> dict:
     """Write a synthetic atlas of raw counts to ``path`` (a new AnnData zarr v3 store).
 
     Parameters
@@ -195,8 +207,15 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    summary = write_synthetic_atlas(args.out, args.cells, n_genes=args.genes, n_types=args.types, n_donors=args.donors,
-                          seed=args.seed, workers=args.workers)
+    summary = write_synthetic_atlas(
+        args.out,
+        args.cells,
+        n_genes=args.genes,
+        n_types=args.types,
+        n_donors=args.donors,
+        seed=args.seed,
+        workers=args.workers,
+    )
     print(json.dumps(summary, indent=2))
 
 

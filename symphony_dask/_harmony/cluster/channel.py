@@ -137,8 +137,7 @@ def decode(body: bytes) -> Any:
 def _take(view: memoryview, at: int, n: int, what: str) -> int:
     """The offset after ``n`` bytes of ``what`` at ``at``; ``ValueError`` unless the message holds them."""
     if n > len(view) - at:
-        raise ValueError(f"truncated channel message: {what} needs {n} byte(s) at offset {at}, "
-                         f"{len(view) - at} left")
+        raise ValueError(f"truncated channel message: {what} needs {n} byte(s) at offset {at}, {len(view) - at} left")
     return at + n
 
 
@@ -245,7 +244,7 @@ async def serve(host: str, token: bytes, handler: Callable[..., Awaitable[Any]])
                     if fn is None:
                         raise RuntimeError("the chunk group behind this channel is gone")
                     reply = encode(("ok", await fn(*request)))
-                except Exception as err:  # noqa: BLE001 (sent back to the leader, which raises it)
+                except Exception as err:
                     reply = encode(("error", f"{type(err).__name__}: {err}"))
                 writer.write(reply)
                 await writer.drain()

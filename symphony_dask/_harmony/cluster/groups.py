@@ -36,8 +36,8 @@ import numpy as np
 from distributed.protocol import to_serialize
 
 from symphony_dask._dask.chunked import total
-from symphony_dask._harmony.cluster.channel import TOKEN_BYTES, Channel, serve
 from symphony_dask._harmony.chunk import BlockResult, ChunkGroup, CorrectionStep, IterationSums, RunSpec, block_steps
+from symphony_dask._harmony.cluster.channel import TOKEN_BYTES, Channel, serve
 
 logger = logging.getLogger("symphony_dask")
 
@@ -61,11 +61,12 @@ class GroupsLost(Exception):
         self.causes = causes
 
 
-
 class LocalGroups:
     """All chunks in one group in this process, worked on by ``n_threads`` threads."""
 
-    def __init__(self, chunks: Sequence[tuple[int, int, np.ndarray, np.ndarray]], spec: RunSpec, n_threads: int) -> None:
+    def __init__(
+        self, chunks: Sequence[tuple[int, int, np.ndarray, np.ndarray]], spec: RunSpec, n_threads: int
+    ) -> None:
         self.group = ChunkGroup(f"harmony-{uuid.uuid4().hex}", chunks, spec, n_threads)
 
     def __len__(self) -> int:
@@ -106,8 +107,9 @@ class ActorChunkGroup(ChunkGroup):
         # the leader, having fallen back to dask's RPC, starts the iteration again
         self._one_block = asyncio.Lock()
 
-    async def update_block_async(self, number: int, position: int, penalty: np.ndarray,
-                                 start: tuple[np.ndarray, Sequence[int]] | None = None) -> BlockResult:
+    async def update_block_async(
+        self, number: int, position: int, penalty: np.ndarray, start: tuple[np.ndarray, Sequence[int]] | None = None
+    ) -> BlockResult:
         """:meth:`~ChunkGroup.update_block`, waiting on the event loop instead of in a thread."""
         async with self._one_block:
             await _all(self.block_prepared(number, position, start))
@@ -120,8 +122,9 @@ class ActorChunkGroup(ChunkGroup):
     async def ping(self) -> None:
         """Nothing: that this answers through dask's RPC shows the group and its worker are there."""
 
-    async def cluster_iteration_async(self, number: int, order: list[int], y: np.ndarray,
-                                      block_s: np.ndarray) -> IterationSums:
+    async def cluster_iteration_async(
+        self, number: int, order: list[int], y: np.ndarray, block_s: np.ndarray
+    ) -> IterationSums:
         """:meth:`~ChunkGroup.cluster_iteration` on the event loop (no thread hop per call)."""
         if self._pool.inline:  # one piece: a few milliseconds of work, no waiting on threads
             return self.cluster_iteration(number, order, y, block_s)
@@ -133,7 +136,8 @@ class ActorChunkGroup(ChunkGroup):
 
     async def open_channel(self, token: bytes) -> tuple[str, int] | None:
         """Listen for the leader's channel (see :mod:`symphony_dask._harmony.cluster.channel`); the endpoint,
-        or ``None`` where the worker's comms are not plain TCP."""
+        or ``None`` where the worker's comms are not plain TCP.
+        """
         from distributed import get_worker
 
         scheme, _, location = get_worker().address.partition("://")
@@ -153,13 +157,21 @@ class ActorChunkGroup(ChunkGroup):
             channel.close()
         self._channels = None
 
-    async def lead_iteration(self, number: int, order: list[int], y: np.ndarray, block_s: np.ndarray,
-                             peers: list[Any], endpoints: list[tuple[str, int] | None],
-                             token: bytes) -> IterationSums | _Lost | _NoChannel:
+    async def lead_iteration(
+        self,
+        number: int,
+        order: list[int],
+        y: np.ndarray,
+        block_s: np.ndarray,
+        peers: list[Any],
+        endpoints: list[tuple[str, int] | None],
+        token: bytes,
+    ) -> IterationSums | _Lost | _NoChannel:
         """A whole clustering iteration over this group (slot 0) and its ``peers`` (slots 1, 2, ...),
         reached at ``endpoints`` (``None``: through dask's RPC); a :class:`_Lost` naming the slots of
         peers that could not be reached, or else a :class:`_NoChannel` naming those reached only
-        through dask's RPC (the iteration is then to be repeated with their endpoints ``None``)."""
+        through dask's RPC (the iteration is then to be repeated with their endpoints ``None``).
+        """
         if self._channels is None:
             self._channels = {}
         steps = block_steps(order, y, block_s, self.spec.terms)
@@ -168,8 +180,10 @@ class ActorChunkGroup(ChunkGroup):
             position, penalty, start = request
             wire = None if start is None else (start[0], np.asarray(start[1], dtype=np.int64))
             calls = [self.update_block_async(number, position, penalty, start)]
-            calls += [self._peer_block(slot, peer, endpoint, token, number, position, penalty, wire)
-                      for slot, (peer, endpoint) in enumerate(zip(peers, endpoints), start=1)]
+            calls += [
+                self._peer_block(slot, peer, endpoint, token, number, position, penalty, wire)
+                for slot, (peer, endpoint) in enumerate(zip(peers, endpoints), start=1)
+            ]
             parts = await asyncio.gather(*calls)
             lost = [slot for slot, r in enumerate(parts) if isinstance(r, _Lost)]
             if lost:
@@ -184,10 +198,12 @@ class ActorChunkGroup(ChunkGroup):
             except StopIteration as done:
                 return done.value
 
-    async def _peer_block(self, slot: int, peer: Any, endpoint: tuple[str, int] | None, token: bytes,
-                          *request: Any) -> BlockResult | _Lost | _NoChannel:
+    async def _peer_block(
+        self, slot: int, peer: Any, endpoint: tuple[str, int] | None, token: bytes, *request: Any
+    ) -> BlockResult | _Lost | _NoChannel:
         """The block ``request`` on the peer of ``slot``; where its channel cannot be opened or
-        breaks, a :class:`_Lost` unless the peer answers through dask's RPC, else a :class:`_NoChannel`."""
+        breaks, a :class:`_Lost` unless the peer answers through dask's RPC, else a :class:`_NoChannel`.
+        """
         if endpoint is None:
             return await _peer_call(peer, "update_block_async", *request)
         try:
@@ -219,10 +235,12 @@ async def actor_call(rpc: Any, actor: Any, method: str, *args: Any) -> Any:
     """Call ``method`` of ``actor`` through the worker's ``actor_execute`` handler with ``rpc`` (a
     connection pool's rpc to the actor's worker): what :class:`distributed.Actor` does for a method
     call, without its per-call future machinery (~1 ms of Python per call here). A
-    :class:`_Lost` if the worker, or the actor on it, is gone."""
+    :class:`_Lost` if the worker, or the actor on it, is gone.
+    """
     try:
-        response = await rpc.actor_execute(function=method, actor=actor.key,
-                                           args=[to_serialize(a) for a in args], kwargs={})
+        response = await rpc.actor_execute(
+            function=method, actor=actor.key, args=[to_serialize(a) for a in args], kwargs={}
+        )
         if response["status"] != "OK":
             raise response["exception"]
         return response["result"]
@@ -240,7 +258,8 @@ async def _peer_call(peer: Any, method: str, *args: Any) -> Any:
 
 async def _unanswered(peer: Any) -> _Lost | None:
     """``None`` if ``peer`` answers through dask's RPC within :data:`PEER_TIMEOUT` seconds, else a
-    :class:`_Lost`."""
+    :class:`_Lost`.
+    """
     try:
         answer = await asyncio.wait_for(_peer_call(peer, "ping"), PEER_TIMEOUT)
     except asyncio.TimeoutError as err:
@@ -264,8 +283,9 @@ class ClusterGroups:
         What the run's pieces share.
     """
 
-    def __init__(self, client, chunks: Sequence[tuple[int, int, Any, np.ndarray]], sizes: Sequence[int],
-                 spec: RunSpec) -> None:
+    def __init__(
+        self, client, chunks: Sequence[tuple[int, int, Any, np.ndarray]], sizes: Sequence[int], spec: RunSpec
+    ) -> None:
         self.client = client
         self.chunks = list(chunks)
         self.spec = spec
@@ -301,9 +321,16 @@ class ClusterGroups:
         address = self.workers[slot]
         self.ids[slot] = f"harmony-{uuid.uuid4().hex}"
         self.futures[slot] = self.client.submit(
-            ActorChunkGroup, self.ids[slot], [self.chunks[i] for i in self.slots[slot]], self.spec,
-            workers[address]["nthreads"], actor=True, workers=[address], allow_other_workers=False,
-            pure=False, key=self.ids[slot],
+            ActorChunkGroup,
+            self.ids[slot],
+            [self.chunks[i] for i in self.slots[slot]],
+            self.spec,
+            workers[address]["nthreads"],
+            actor=True,
+            workers=[address],
+            allow_other_workers=False,
+            pure=False,
+            key=self.ids[slot],
         )
 
     # -- calls -------------------------------------------------------------------------------------
@@ -328,8 +355,18 @@ class ClusterGroups:
         if len(self) == 1:
             return self.call("cluster_iteration_async", number, order, y, block_s)[0]
         while True:  # repeated when peers turn out unreachable on their channels (at most once each)
-            result = self.client.sync(self._call, 0, "lead_iteration", number, order, y, block_s, self.actors[1:],
-                                      self.endpoints[1:], self.token)
+            result = self.client.sync(
+                self._call,
+                0,
+                "lead_iteration",
+                number,
+                order,
+                y,
+                block_s,
+                self.actors[1:],
+                self.endpoints[1:],
+                self.token,
+            )
             if isinstance(result, _Lost):
                 raise GroupsLost(result.slots, [result.cause])
             if not isinstance(result, _NoChannel):
@@ -340,9 +377,15 @@ class ClusterGroups:
     def _fall_back(self, slot: int, cause: BaseException) -> None:
         """Reach the group of ``slot`` through dask's RPC from now on: its channel failed with ``cause``."""
         host, port = self.endpoints[slot]
-        logger.warning("Harmony: no channel to the chunk group on %s (%s port %d: %s: %s); its blocks go "
-                       "through dask's RPC for the rest of the run", self.workers[slot], host, port,
-                       type(cause).__name__, cause)
+        logger.warning(
+            "Harmony: no channel to the chunk group on %s (%s port %d: %s: %s); its blocks go "
+            "through dask's RPC for the rest of the run",
+            self.workers[slot],
+            host,
+            port,
+            type(cause).__name__,
+            cause,
+        )
         self.endpoints[slot] = None
         self.without_channel.add(self.workers[slot])
 
@@ -383,8 +426,12 @@ class ClusterGroups:
             free = sorted(set(workers) - taken) or sorted(workers)
             self.workers[slot] = free[0]
             self._create(slot, workers)
-            logger.warning("Harmony: chunk group %d lost with its worker; rebuilt on %s from the PCs and "
-                           "%d correction(s)", slot, self.workers[slot], len(log))
+            logger.warning(
+                "Harmony: chunk group %d lost with its worker; rebuilt on %s from the PCs and %d correction(s)",
+                slot,
+                self.workers[slot],
+                len(log),
+            )
         for slot in slots:
             self.actors[slot] = self.futures[slot].result()
         results = self.client.sync(self._replay, slots, list(log))
@@ -397,7 +444,8 @@ class ClusterGroups:
         """The workers to rebuild lost groups on, never one of the ``dead`` addresses (the scheduler
         may still list a killed worker for a moment, and a group pinned to it would wait forever):
         as many as before if a nanny restarts them within REPLACEMENT_WAIT seconds, else whichever
-        live workers there are within RECOVERY_TIMEOUT."""
+        live workers there are within RECOVERY_TIMEOUT.
+        """
         start = time.monotonic()
         while True:
             info = self.client.scheduler_info(n_workers=-1)["workers"]
@@ -426,7 +474,8 @@ class _Lost:
 
 class _NoChannel:
     """Peers (by slot) whose channel could not be used, each for its ``cause``, though they answer
-    through dask's RPC."""
+    through dask's RPC.
+    """
 
     def __init__(self, slots: list[int], causes: list[BaseException]) -> None:
         self.slots = slots
@@ -460,8 +509,9 @@ def _contiguous_runs(sizes: Sequence[int], n_groups: int) -> list[list[int]]:
     return runs
 
 
-def _place(slots: list[list[int]], futures: list[Any], sizes: Sequence[int], workers: dict[str, dict],
-           client) -> list[str]:
+def _place(
+    slots: list[list[int]], futures: list[Any], sizes: Sequence[int], workers: dict[str, dict], client
+) -> list[str]:
     """A distinct worker per slot, preferring the worker that already holds most of its cells."""
     who_has = client.who_has(futures)
     free = sorted(workers)
@@ -480,7 +530,8 @@ def _place(slots: list[list[int]], futures: list[Any], sizes: Sequence[int], wor
 
 def local_threads() -> int:
     """Threads for a group in this process: dask's ``num_workers``, one for its synchronous
-    scheduler, else the number of CPUs."""
+    scheduler, else the number of CPUs.
+    """
     import os
 
     scheduler = dask.config.get("scheduler", None)
