@@ -9,7 +9,7 @@ block) in a seeded order, with O and E refreshed between blocks and the diversit
 less than ``epsilon_harmony`` (relative).
 
 Harmony 2 (R harmony 2.0, harmonypy 2.1; ``flavor="harmony2"``) differs in four places: the
-penalty is the stabilised ``((2 E + 1) / (O + E + 1)) ** theta``; the centroids stay fixed through
+penalty is the stabilized ``((2 E + 1) / (O + E + 1)) ** theta``; the centroids stay fixed through
 an iteration's clustering rounds, and from the second iteration on ``R`` restarts from the plain
 softmax of the corrected cells before them; the ridge penalty of a cluster and batch is
 ``alpha E_kb`` and batches with a share of a cluster at most ``batch_prop_cutoff`` are left out of
@@ -54,9 +54,10 @@ MAX_RECOVERIES = 10
 
 @dataclass(frozen=True)
 class _OutputCall:
-    """One call of :func:`~symphony_dask._harmony.chunk.chunk_output`: its positional arguments (some
-    of them delayed), the piece it asks for (``None``: the whole chunk), the worker holding the
-    chunk's group (``None``: this process) and the rows it gives.
+    """One call of :func:`~symphony_dask._harmony.chunk.chunk_output`.
+
+    Its positional arguments (some of them delayed), the piece it asks for (``None``: the whole
+    chunk), the worker holding the chunk's group (``None``: this process) and the rows it gives.
     """
 
     args: tuple
@@ -122,8 +123,7 @@ class HarmonyResult:
         return self._assignments
 
     def map_assignment_pieces(self, kernel: Callable[..., Any], *aligned: da.Array) -> list[Delayed]:
-        """``kernel(*aligned_rows, R_rows)`` over Harmony's pieces of at most 32,768 cells, as
-        delayed results in cell order.
+        """``kernel(*aligned_rows, R_rows)`` over Harmony's pieces of at most 32,768 cells, delayed, in cell order.
 
         Each task computes its piece of ``R`` and hands it straight to ``kernel``, so a running task
         holds no more than a piece of ``R``. (``R`` itself is chunked by Harmony's chunks of up to
@@ -152,9 +152,10 @@ class HarmonyResult:
 
 @dataclass(frozen=True)
 class RidgeSettings:
-    """The ridge correction's penalty: ``penalty`` ((1 + B,), the intercept's first) fixed, or for
-    harmony 2 ``None`` to estimate it as ``alpha E``; harmony 2 leaves out batches whose share of a
-    cluster is at most ``cutoff``.
+    """The ridge correction's penalty, fixed or (harmony 2) estimated.
+
+    ``penalty`` ((1 + B,), the intercept's first) is fixed, or for harmony 2 ``None`` to estimate
+    it as ``alpha E``; harmony 2 leaves out batches whose share of a cluster is at most ``cutoff``.
     """
 
     penalty: np.ndarray | None
@@ -241,12 +242,14 @@ class HarmonyRun:
             Z = np.asarray(Z, dtype=np.float64)
             step = chunk_size or max(len(Z), 1)
             sizes = tuple(min(step, len(Z) - a) for a in range(0, len(Z), step))
-            offsets = np.cumsum((0,) + sizes[:-1])
-            blocks = [Z[a : a + s] for a, s in zip(offsets, sizes)]
-        self.sizes, self.offsets = tuple(int(s) for s in sizes), np.cumsum((0,) + tuple(sizes[:-1]))
-        self.codes = [codes[a : a + s] for a, s in zip(self.offsets, self.sizes)]
+            offsets = np.cumsum((0, *sizes[:-1]))
+            blocks = [Z[a : a + s] for a, s in zip(offsets, sizes, strict=True)]
+        self.sizes, self.offsets = tuple(int(s) for s in sizes), np.cumsum((0, *sizes[:-1]))
+        self.codes = [codes[a : a + s] for a, s in zip(self.offsets, self.sizes, strict=True)]
         self.z_chunks: list[Any] = list(blocks)
-        chunks = [(i, int(a), z, c) for i, (a, z, c) in enumerate(zip(self.offsets, self.z_chunks, self.codes))]
+        chunks = [
+            (i, int(a), z, c) for i, (a, z, c) in enumerate(zip(self.offsets, self.z_chunks, self.codes, strict=True))
+        ]
         self.groups: LocalGroups | harmony_groups.ClusterGroups = LocalGroups(chunks, self.spec, local_threads())
 
     def _set_cluster(self, client, Z, codes: np.ndarray, chunk_size: int | None) -> None:
@@ -265,10 +268,12 @@ class HarmonyRun:
         Z = Z.astype(np.float64).persist()
         by_key = {f.key: f for f in futures_of(Z)}
         self.sizes = tuple(int(s) for s in Z.chunks[0])
-        self.offsets = np.cumsum((0,) + self.sizes[:-1])
-        self.codes = [codes[a : a + s] for a, s in zip(self.offsets, self.sizes)]
+        self.offsets = np.cumsum((0, *self.sizes[:-1]))
+        self.codes = [codes[a : a + s] for a, s in zip(self.offsets, self.sizes, strict=True)]
         self.z_chunks = [by_key[key] for key in (k[0] if isinstance(k, list) else k for k in Z.__dask_keys__())]
-        chunks = [(i, int(a), f, c) for i, (a, f, c) in enumerate(zip(self.offsets, self.z_chunks, self.codes))]
+        chunks = [
+            (i, int(a), f, c) for i, (a, f, c) in enumerate(zip(self.offsets, self.z_chunks, self.codes, strict=True))
+        ]
         self.groups = harmony_groups.ClusterGroups(client, chunks, self.sizes, self.spec)
         self.client = client
 
@@ -288,11 +293,11 @@ class HarmonyRun:
     # -- start ---------------------------------------------------------------------------------------
 
     def _kmeans_start(self, n_init: int, max_iter: int = 25) -> np.ndarray:
-        """Seeded k-means on Z_cos: best of ``n_init`` starts (k-means++ then Lloyd) on a seeded sample
-        of at most 256 cells per cluster, drawn by global cell index; all cells when there are fewer.
+        """Seeded k-means on Z_cos: best of ``n_init`` starts (k-means++ then Lloyd) on a seeded sample.
 
-        The sample bounds the start's cost; the full data enter at once through Harmony's first
-        clustering iteration, which recomputes the centroids from all cells.
+        The sample holds at most 256 cells per cluster, drawn by global cell index (all cells when
+        there are fewer). It bounds the start's cost; the full data enter at once through Harmony's
+        first clustering iteration, which recomputes the centroids from all cells.
         """
         m = min(self.n, SEED_SAMPLE_PER_CLUSTER * self.k)
         index = np.sort(self.rng.choice(self.n, m, replace=False)) if m < self.n else np.arange(self.n)
@@ -300,8 +305,10 @@ class HarmonyRun:
         return kmeans(sample, self.k, n_init=n_init, max_iter=max_iter, seed=int(self.rng.integers(2**31)))
 
     def _start(self, n_init: int) -> tuple[np.ndarray, _Iteration]:
-        """The k-means start and ``R = softmax(-dist / sigma)`` from it; returns the centroids of the
-        first clustering iteration (harmony 0.1: ``Z_cos^T R`` normalized; harmony 2: the start's).
+        """The k-means start and ``R = softmax(-dist / sigma)`` from it.
+
+        Returns the centroids of the first clustering iteration (harmony 0.1: ``Z_cos^T R``
+        normalized; harmony 2: the start's) and the start's iteration (its sums).
         """
         with timed(self.timings, "start", log=False):
             y0 = cosine_normalize(self._kmeans_start(n_init).T, axis=0)
@@ -423,12 +430,13 @@ class HarmonyRun:
     # -- outputs -------------------------------------------------------------------------------------
 
     def _calls(self, what: str, *args: Any, by_piece: bool = False) -> list[_OutputCall]:
-        """The :func:`~symphony_dask._harmony.chunk.chunk_output` calls that give a per-cell output,
-        one per chunk (or, ``by_piece``, one per piece of at most 32,768 cells), in cell order.
+        """The :func:`~symphony_dask._harmony.chunk.chunk_output` calls that give a per-cell output, in cell order.
+
+        One call per chunk, or with ``by_piece`` one per piece of at most 32,768 cells.
         """
         log = dask.delayed(list(self.log), traverse=False)
         calls = []
-        for i, (a, s) in enumerate(zip(self.offsets, self.sizes)):
+        for i, (a, s) in enumerate(zip(self.offsets, self.sizes, strict=True)):
             group_id, worker = self.groups.location(i)
             z = dask.delayed(self.z_chunks[i]) if self.lazy or worker else self.z_chunks[i]
             pieces = list(enumerate(piece_bounds(s))) if by_piece else [(None, (0, s))]
@@ -441,9 +449,10 @@ class HarmonyRun:
         return calls
 
     def _outputs(self, what: str, width: int, *args: Any) -> da.Array:
-        """A per-cell output as a dask array over the chunks: each taken from its group, or
-        recomputed from its PCs and the log if the group is gone (see
-        :func:`~symphony_dask._harmony.chunk.chunk_output`).
+        """A per-cell output as a dask array over the chunks.
+
+        Each chunk's part is taken from its group, or recomputed from its PCs and the log if the
+        group is gone (see :func:`~symphony_dask._harmony.chunk.chunk_output`).
         """
         parts = []
         for call in self._calls(what, *args):
@@ -459,7 +468,7 @@ class HarmonyRun:
         if isinstance(self.groups, LocalGroups):
             group = self.groups.group
             z_corr = np.empty((self.n, self.d))
-            for i, (a, s) in enumerate(zip(self.offsets, self.sizes)):
+            for i, (a, s) in enumerate(zip(self.offsets, self.sizes, strict=True)):
                 group.output(i, "corrected", out=z_corr[a : a + s])
             if self.lazy:
                 z_corr = da.from_array(z_corr, chunks=(self.sizes, self.d))

@@ -1,9 +1,9 @@
-"""Harmony's kernels: pure NumPy/numba functions on one piece of the embedding, and the small
-bookkeeping of O and E between blocks.
+"""Harmony's kernels: pure NumPy/numba functions on one piece of the embedding, and the bookkeeping of O and E.
 
-Nothing here knows about chunks, threads or workers; :mod:`symphony_dask._harmony.chunk` applies
-these kernels to row chunks, :mod:`symphony_dask._harmony.driver` combines their sums, and query
-mapping and compression use :func:`cosine_normalize` and :func:`soft_assign` directly.
+The bookkeeping of O and E is carried from block to block (:class:`Ledger`). Nothing here knows
+about chunks, threads or workers; :mod:`symphony_dask._harmony.chunk` applies these kernels to row
+chunks, :mod:`symphony_dask._harmony.driver` combines their sums, and query mapping and compression
+use :func:`cosine_normalize` and :func:`soft_assign` directly.
 
 Notation (cells are rows): ``Z`` (n x d) PCs, ``Z_cos`` its rows L2-normalized, ``Y`` (d x k)
 L2-normalized centroids, ``R`` (n x k) soft assignments. A cell's *design pattern* is its row of
@@ -94,8 +94,9 @@ def _shift_rows(a: np.ndarray, scale: float) -> float:
 
 @numba.njit(cache=True, nogil=True)
 def _weigh_and_normalize(e: np.ndarray, weights: np.ndarray, codes: np.ndarray, pattern_sums: np.ndarray) -> float:
-    """In place ``e[i] = e[i] * weights[codes[i]] / Z_i``; adds each row to ``pattern_sums[codes[i]]``;
-    returns ``sum_i log Z_i``.
+    """In place ``e[i] = e[i] * weights[codes[i]] / Z_i``, adding each row to ``pattern_sums[codes[i]]``.
+
+    Returns ``sum_i log Z_i``.
     """
     n, k = e.shape
     total = 0.0
@@ -117,9 +118,10 @@ def _weigh_and_normalize(e: np.ndarray, weights: np.ndarray, codes: np.ndarray, 
 
 
 class Scratch:
-    """Reusable buffers for the kernels of one piece of cells (rows x d and rows x k): blocks are
-    visited one after another, and fresh arrays of a few MB per block would each be a new mapping
-    and page faults (on dask workers, whose allocator returns freed memory at once).
+    """Reusable buffers for the kernels of one piece of cells (rows x d and rows x k).
+
+    Blocks are visited one after another, and fresh arrays of a few MB per block would each be a
+    new mapping and page faults (on dask workers, whose allocator returns freed memory at once).
     """
 
     def __init__(self) -> None:
@@ -152,9 +154,10 @@ def normalize_rows_into(z: np.ndarray, out: np.ndarray) -> np.ndarray:
 
 @dataclass
 class BlockKernel:
-    """The penalty-free half of the soft assignments of some cells: ``z_cos`` (their rows
-    L2-normalized), ``e = exp(a - m)`` with ``a = -dist / sigma = (2 / sigma) (cos - 1)`` shifted by
-    its row maxima, and ``shift = sum_i (m_i - 2 / sigma)``.
+    """The penalty-free half of the soft assignments of some cells.
+
+    ``z_cos`` holds their rows L2-normalized, ``e = exp(a - m)`` with ``a = -dist / sigma =
+    (2 / sigma) (cos - 1)`` shifted by its row maxima, and ``shift = sum_i (m_i - 2 / sigma)``.
 
     Computed once the centroids are known (a product and an exp: the heavy part), it is turned
     into ``R`` by :meth:`weigh` once the diversity penalty is known (a light pass), so the heavy
@@ -167,9 +170,7 @@ class BlockKernel:
 
     @staticmethod
     def compute(z_corr: np.ndarray, y: np.ndarray, sigma: float, scratch: Scratch | None = None) -> BlockKernel:
-        """The kernel of the rows of ``z_corr`` (in ``scratch``'s buffers if given: valid until its
-        next use).
-        """
+        """The kernel of the rows of ``z_corr`` (in ``scratch``'s buffers if given: valid until its next use)."""
         scratch = scratch or Scratch()
         scale = 2.0 / sigma
         z_cos = normalize_rows_into(z_corr, scratch.get("z_cos", len(z_corr), z_corr.shape[1]))
@@ -179,9 +180,9 @@ class BlockKernel:
         return BlockKernel(z_cos, e, shift)
 
     def weigh(self, weights: np.ndarray, codes: np.ndarray, pattern_sums: np.ndarray) -> float:
-        """Turn ``e`` into ``R ~ e * weights[pattern]`` (rows sum to one) in place, add ``R`` per
-        pattern into ``pattern_sums``; returns ``sum_i (m_i + log Z_i)`` of ``a``, the cells' part of
-        the objective's entropy term.
+        """Turn ``e`` into ``R ~ e * weights[pattern]`` (rows sum to one) in place, adding ``R`` into ``pattern_sums``.
+
+        Returns ``sum_i (m_i + log Z_i)`` of ``a``, the cells' part of the objective's entropy term.
         """
         return _weigh_and_normalize(self.e, weights, codes, pattern_sums) + self.shift
 
@@ -199,15 +200,17 @@ def assign(
     pattern_sums: np.ndarray,
     scratch: Scratch | None = None,
 ) -> tuple[BlockKernel, float]:
-    """Soft assignments ``R ~ exp(-dist / sigma) * weights[pattern]`` of the rows of ``z_corr`` (in the
-    returned kernel's ``e``), ``R`` added per pattern into ``pattern_sums``, and the entropy part.
+    """Soft assignments ``R ~ exp(-dist / sigma) * weights[pattern]`` of the rows of ``z_corr``.
+
+    ``R`` is left in the returned kernel's ``e`` and added per pattern into ``pattern_sums``; the
+    entropy part is returned beside the kernel.
     """
     kernel = BlockKernel.compute(z_corr, y, sigma, scratch)
     return kernel, kernel.weigh(weights, codes, pattern_sums)
 
 
 # ----------------------------------------------------------------------------------------------
-# diversity penalty and objective (harmony 0.1, and harmony 2's stabilised form)
+# diversity penalty and objective (harmony 0.1, and harmony 2's stabilized form)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -237,8 +240,10 @@ def pattern_penalty(
 def cross_entropy(
     s: np.ndarray, patterns: np.ndarray, pr_b: np.ndarray, theta: np.ndarray, sigma: float, stabilized: bool = False
 ) -> float:
-    """Diversity term of the objective, ``sigma sum_kb theta_b O_kb log(ratio_kb)``: harmony 0.1's
-    ``ratio = (O + 1) / (E + 1)``, or with ``stabilized`` harmony 2's ``(O + E + 1) / (2 E + 1)``.
+    """Diversity term of the objective, ``sigma sum_kb theta_b O_kb log(ratio_kb)``.
+
+    Harmony 0.1's ``ratio = (O + 1) / (E + 1)``, or with ``stabilized`` harmony 2's
+    ``(O + E + 1) / (2 E + 1)``.
     """
     o, e = _observed_expected(s, patterns, pr_b)
     ratio = (o + e + 1.0) / (2.0 * e + 1.0) if stabilized else (o + 1.0) / (e + 1.0)
@@ -247,8 +252,10 @@ def cross_entropy(
 
 @dataclass(frozen=True)
 class PenaltyTerms:
-    """What the penalty of a pattern depends on besides ``S``: the design patterns, the batch
-    proportions ``Pr_b``, the per-batch ``theta``, and the form (harmony 2's ``stabilized``).
+    """What the penalty of a pattern depends on besides ``S``.
+
+    The design patterns, the batch proportions ``Pr_b``, the per-batch ``theta``, and the form
+    (harmony 2's ``stabilized``).
     """
 
     patterns: np.ndarray
@@ -289,9 +296,7 @@ class Ledger:
         return Ledger(block_s, block_s.copy(), penalties, s, penalty)
 
     def advance(self, current: int, done: np.ndarray, following: int | None, terms: PenaltyTerms) -> None:
-        """Put block ``current``'s cells back with their new sums ``done`` and take block
-        ``following``'s out.
-        """
+        """Put block ``current``'s cells back with their new sums ``done`` and take block ``following``'s out."""
         self.new[current] = done
         self.s = self.s + done
         self.logw += float((done * np.log(self.penalty)).sum())

@@ -14,8 +14,9 @@ SEED_SAMPLE_PER_CLUSTER = 256
 
 
 def sq_distances(x: np.ndarray, centers: np.ndarray, x_sq: np.ndarray | None = None) -> np.ndarray:
-    """Kernel: squared Euclidean distances of rows of ``x`` to ``centers`` (rows x k); ``x_sq`` are
-    the squared norms of the rows of ``x`` if known.
+    """Kernel: squared Euclidean distances of rows of ``x`` to ``centers`` (rows x k).
+
+    ``x_sq`` are the squared norms of the rows of ``x``, if known.
     """
     if x_sq is None:
         x_sq = np.einsum("ij,ij->i", x, x)

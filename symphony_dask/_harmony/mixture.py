@@ -71,7 +71,7 @@ def pattern_runs(codes: np.ndarray) -> list[tuple[int, int, int]]:
         return []
     starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
     stops = np.r_[starts[1:], len(codes)]
-    return [(int(codes[a]), int(a), int(b)) for a, b in zip(starts, stops)]
+    return [(int(codes[a]), int(a), int(b)) for a, b in zip(starts, stops, strict=True)]
 
 
 #: Below this mean run length, cells are grouped by pattern with a sort rather than visited run by run.
@@ -130,8 +130,10 @@ def solve_batch_terms(a: np.ndarray, b: np.ndarray, penalty: np.ndarray) -> np.n
 
 
 def expected_cells(s: np.ndarray, patterns: np.ndarray) -> np.ndarray:
-    """``E = N_k Pr_b^T`` (k x B): the cells of batch b expected in cluster k, from the pattern sums
-    ``s`` (p x k) of soft assignments whose rows sum to one (so that ``s`` also counts the cells).
+    """``E = N_k Pr_b^T`` (k x B): the cells of batch b expected in cluster k.
+
+    From the pattern sums ``s`` (p x k) of soft assignments whose rows sum to one (so that ``s``
+    also counts the cells).
     """
     n_b = s.sum(axis=1) @ patterns[:, 1:]  # each batch variable's levels hold all the cells
     return np.outer(s.sum(axis=0), n_b / s.sum())
@@ -152,7 +154,8 @@ def solve_harmony2_terms(
     Per cluster k, a batch takes part only if its share of the cluster, ``O_kb / N_b``, is above
     ``cutoff`` and at least one other level of its variable's does too; cells with no such batch
     are left out of the fit (and so not corrected by that cluster), a cluster without any is not
-    corrected at all. The penalty of batch b is ``alpha E_kb`` (:func:`expected_cells`), or ``penalty[1:]`` when given (``penalty[0]`` is the intercept's).
+    corrected at all. The penalty of batch b is ``alpha E_kb`` (:func:`expected_cells`), or
+    ``penalty[1:]`` when given (``penalty[0]`` is the intercept's).
 
     Returns
     -------
