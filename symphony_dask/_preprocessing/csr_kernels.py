@@ -12,8 +12,9 @@ import scipy.sparse as sp
 
 
 def as_csr(block: sp.spmatrix | sp.sparray) -> sp.csr_matrix | sp.csr_array:
-    """The block in CSR form, as it is when it already is one (``sp.csr_matrix(block)`` would copy
-    values that are views of a larger matrix).
+    """The block in CSR form, as it is when it already is one.
+
+    ``sp.csr_matrix(block)`` would copy values that are views of a larger matrix.
     """
     return block if block.format == "csr" else sp.csr_matrix(block)
 
@@ -33,9 +34,10 @@ def row_totals(indptr: np.ndarray, data: np.ndarray) -> np.ndarray:
 
 @numba.njit(cache=True, nogil=True)
 def value_counts(indptr: np.ndarray, data: np.ndarray) -> tuple[int, int, int, int, int]:
-    """Counts of NaN, infinite, negative (``-inf`` included) and finite non-integer values, and of
-    rows whose values sum to zero, in one pass (a dense matrix is one row per cell with ``indptr``
-    at multiples of its width).
+    """Counts of NaN, infinite, negative and finite non-integer values, and of empty rows, in one pass.
+
+    Negative values include ``-inf``; an empty row is one whose values sum to zero. A dense matrix is one
+    row per cell with ``indptr`` at multiples of its width.
     """
     n_nan = n_inf = n_negative = n_fraction = n_empty = 0
     for i in range(len(indptr) - 1):
@@ -115,9 +117,10 @@ def project_rows(
 
 @numba.njit(cache=True, nogil=True)
 def _stored_value(x, factor: float, gene_factor: float, transform: bool) -> float:
-    """A stored value as the moments see it: ``log1p(x * factor * gene_factor)`` when ``transform``
-    (log-normalization, the same operations in the same order as
-    :func:`~symphony_dask._preprocessing.normalize.log_normalize`), else ``x`` in float64.
+    """A stored value as the moments see it: ``log1p(x * factor * gene_factor)`` when ``transform``.
+
+    That is log-normalization, the same operations in the same order as
+    :func:`~symphony_dask._preprocessing.normalize.log_normalize`; without ``transform``, ``x`` in float64.
     """
     v = np.float64(x)
     if transform:
@@ -137,9 +140,10 @@ def group_moment_sums(
     gene_factors: np.ndarray,
     transform: bool,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per group (``group[i]`` in ``0..n_groups-1`` for row ``i``): its number of rows, and per gene
-    the mean, the sum of squared deviations and the largest of the values, zeros included (two
-    passes over the stored values, as ``bincount`` sums them: row by row in order).
+    """Per group: its number of rows, and per gene the mean, sum of squared deviations and largest value.
+
+    ``group[i]`` (in ``0..n_groups-1``) is the group of row ``i``. Zeros are included. Two passes over the
+    stored values sum them as ``bincount`` does: row by row in order.
 
     Values are transformed on the fly (:func:`_stored_value`, ``row_factors`` one per row) and kept
     for the second pass in one float64 array: the chunk itself is never copied.
@@ -192,9 +196,9 @@ def group_clipped_squares(
     gene_factors: np.ndarray,
     transform: bool,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per group and gene: the sum over stored values of ``min(clip, (v - mean) * inverse_sd)**2``
-    and the number of stored values (``mean``/``inverse_sd``: groups x genes; ``v`` as in
-    :func:`group_moment_sums`).
+    """Per group and gene: the sum of ``min(clip, (v - mean) * inverse_sd)**2`` over stored values, and their number.
+
+    ``mean`` and ``inverse_sd`` are groups x genes; ``v`` is a stored value as in :func:`group_moment_sums`.
     """
     n_groups, n_genes = mean.shape
     squares = np.zeros((n_groups, n_genes))

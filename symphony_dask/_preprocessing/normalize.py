@@ -31,18 +31,19 @@ Block = np.ndarray | sp.csr_matrix
 
 
 def log_normalize(block: Block, scale_factor: float = SCALE_FACTOR, idf: np.ndarray | None = None) -> Block:
-    """Kernel: ``log1p(x / cell_total * scale_factor)`` for one chunk of raw counts, or with ``idf``
-    (one value per column) ``log1p(x / cell_total * idf * scale_factor)`` (TF-IDF).
+    """Kernel: ``log1p(x / cell_total * scale_factor)`` for one chunk of raw counts (log CP10K), or TF-IDF.
 
-    Cells whose total is zero are left at zero (callers exclude or reject them).
+    With ``idf`` (one value per column) the values are ``log1p(x / cell_total * idf * scale_factor)``
+    (TF-IDF). Cells whose total is zero are left at zero (callers exclude or reject them).
     """
     values = sp.csr_matrix(block, dtype=np.float64, copy=True) if sp.issparse(block) else block
     return _log_scaled(values, cell_totals(block), scale_factor, idf)
 
 
 def _log_scaled(values: Block, totals: np.ndarray, scale_factor: float, idf: np.ndarray | None = None) -> Block:
-    """``log1p(values / total * scale_factor)`` row by row (times ``idf`` per column when given); a
-    sparse ``values`` must be a matrix of the caller's own (float64 CSR), changed in place.
+    """``log1p(values / total * scale_factor)`` row by row (times ``idf`` per column when given).
+
+    A sparse ``values`` must be a matrix of the caller's own (float64 CSR): it is changed in place.
     """
     factor = _safe_inverse(totals) * scale_factor
     if sp.issparse(values):
@@ -94,8 +95,9 @@ def cell_totals(block: Block) -> np.ndarray:
 
 @dataclass
 class Moments:
-    """Count ``n``, per-gene ``mean``, sum of squared deviations ``m2`` and largest value
-    ``maximum`` of a set of cells (-inf for no cells).
+    """Count ``n``, per-gene ``mean``, sum of squared deviations ``m2`` and largest value ``maximum`` of cells.
+
+    The moments are of a set of cells; ``maximum`` is -inf for no cells.
     """
 
     n: int
@@ -172,20 +174,23 @@ class GroupMoments:
 def rows_by_group(codes: np.ndarray) -> dict[int, np.ndarray]:
     """Row indices of each group code present in ``codes``, in row order."""
     codes = np.asarray(codes)
+    if codes.size == 0:  # no groups (the bounds below would have one end more than the starts)
+        return {}
     order = np.argsort(codes, kind="stable")
     present, starts = np.unique(codes[order], return_index=True)
-    bounds = list(starts[1:]) + [len(codes)]
-    return {int(c): order[s:e] for c, s, e in zip(present, starts, bounds)}
+    bounds = [*starts[1:], len(codes)]
+    return {int(c): order[s:e] for c, s, e in zip(present, starts, bounds, strict=True)}
 
 
 def group_moments(
     block: Block, codes: np.ndarray, *, normalize: bool = False, idf: np.ndarray | None = None
 ) -> GroupMoments:
-    """Kernel: per-group gene moments of one chunk (of its log-normalized values when ``normalize``,
-    TF-IDF with ``idf``); ``codes`` gives each cell's group.
+    """Kernel: per-group gene moments of one chunk; ``codes`` gives each cell's group.
 
-    A sparse chunk is walked once per statistic by :func:`~symphony_dask._preprocessing.csr_kernels.group_moment_sums`,
-    which normalizes each stored value on the fly: neither the chunk nor a group's rows are copied.
+    The moments are of the chunk's log-normalized values when ``normalize`` (TF-IDF with ``idf``). A
+    sparse chunk is walked once per statistic by
+    :func:`~symphony_dask._preprocessing.csr_kernels.group_moment_sums`, which normalizes each stored
+    value on the fly: neither the chunk nor a group's rows are copied.
     """
     if not sp.issparse(block):
         values = log_normalize(block, idf=idf) if normalize else block
@@ -210,9 +215,11 @@ def group_moments(
 def stored_value_factors(
     block: sp.csr_matrix, *, normalize: bool, idf: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The factors a CSR kernel normalizes a stored value ``x`` of row ``i`` and column ``g`` with,
-    ``log1p(x * row_factors[i] * gene_factors[g])`` (:func:`log_normalize`): ``1e4 / cell total``
-    per row (0 for an empty cell) and the ``idf`` (or ones) per column.
+    """The per-row and per-column factors with which a CSR kernel normalizes a stored value.
+
+    A stored value ``x`` of row ``i`` and column ``g`` becomes ``log1p(x * row_factors[i] * gene_factors[g])``
+    (:func:`log_normalize`): ``1e4 / cell total`` per row (0 for an empty cell) and the ``idf`` (or ones)
+    per column.
     """
     n_cells, n_genes = block.shape
     row_factors = _safe_inverse(cell_totals(block)) * SCALE_FACTOR if normalize else np.ones(n_cells)
@@ -244,9 +251,10 @@ def has_counts(block: Block) -> np.ndarray:
 
 
 def normalized_genes(block: Block, genes: np.ndarray, *, normalize: bool, idf: np.ndarray | None = None) -> Block:
-    """Kernel: the chosen genes (columns) of one chunk, log-normalized by each cell's total over
-    *all* genes when ``normalize`` (only the chosen genes' values are transformed; ``idf``, one
-    value per column of the block, makes it TF-IDF).
+    """Kernel: the chosen genes (columns) of one chunk, log-normalized when ``normalize``.
+
+    Each cell is normalized by its total over *all* genes, but only the chosen genes' values are
+    transformed; ``idf``, one value per column of the block, makes it TF-IDF.
     """
     if not normalize:
         return block[:, genes]

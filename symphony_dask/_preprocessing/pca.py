@@ -11,10 +11,10 @@ densifies one chunk of ``S`` at a time; two solvers:
   Gaussian block ``W_0`` (genes x l, ``l = d + 20``), each pass applies ``S^T S`` to the newest
   block (``S_c^T (S_c W)`` per chunk, reduced); the blocks, orthonormalized against each other, span
   a Krylov space ``V``, and Rayleigh-Ritz on it (from the same pass results) gives ``U`` and the
-  singular values; passes stop when the top Ritz values settle (relative change < 1e-12). Cost per
-  cell ~ passes x g l, plus one densification of every chunk per pass (10-20 passes). Spectra of
-  scRNA-seq data are flat around d = 20 (pbmcs_small: sigma_20 / sigma_21 = 1.005; beyond the cell
-  types, PCs sit in a noise bulk), where plain subspace iteration stalls and the Krylov space does not.
+  singular values; passes stop when every top Ritz pair's residual norm is below :data:`KRYLOV_TOLERANCE`
+  times the top Ritz value. Cost per cell ~ passes x g l, plus one densification of every chunk per
+  pass. Spectra of scRNA-seq data are flat around d = 20 (beyond the cell types, PCs sit in a noise
+  bulk), where plain subspace iteration stalls and the Krylov space does not.
 
 ``'auto'`` picks the cheaper by a flop count. Sign convention: each component is oriented so that
 its largest-magnitude loading is positive, so that a rebuilt reference is identical to the first.
@@ -75,12 +75,12 @@ def project(
     normalize: bool,
     idf: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Kernel: PC embedding ``scale(block) @ loadings`` of one chunk (cells x d); ``idf`` (one value
-    per column of the block) makes the normalization TF-IDF.
+    """Kernel: PC embedding ``scale(block) @ loadings`` of one chunk (cells x d).
 
-    A sparse chunk is never densified: each cell is the scaled zero of every gene times its loadings
-    plus, for each stored value of a chosen gene, the difference it makes (one pass over the stored
-    values, :func:`~symphony_dask._preprocessing.csr_kernels.project_rows`). Equal to the dense product up to
+    ``idf`` (one value per column of the block) makes the normalization TF-IDF. A sparse chunk is never
+    densified: each cell is the scaled zero of every gene times its loadings plus, for each stored value
+    of a chosen gene, the difference it makes (one pass over the stored values,
+    :func:`~symphony_dask._preprocessing.csr_kernels.project_rows`). Equal to the dense product up to
     round-off.
     """
     if not sp.issparse(block):
@@ -153,9 +153,11 @@ def choose_solver(n_genes: int, n_components: int) -> Literal["gram", "krylov"]:
 
 @dataclass(frozen=True)
 class FittedPCA:
-    """A PCA fitted by passes over the cells: ``loadings`` (genes x d, each column oriented so its
-    largest entry is positive), the ``singular_values`` of the scaled matrix, the ``solver`` used
-    and the number of ``passes`` over the data it took.
+    """A PCA fitted by passes over the cells: its loadings, singular values, solver and number of passes.
+
+    ``loadings`` are genes x d, each column oriented so that its largest entry is positive; the
+    ``singular_values`` are those of the scaled matrix; ``solver`` is the one used and ``passes`` the
+    number of passes over the data it took.
     """
 
     loadings: np.ndarray
@@ -167,8 +169,8 @@ class FittedPCA:
 def fit_pca(x: da.Array, scaling: dict, n_components: int, *, solver: PCASolver = "auto", seed: int = 0) -> FittedPCA:
     """The top ``n_components`` principal axes of the scaled chosen genes, from passes over ``x``.
 
-    ``scaling`` holds the :func:`~symphony_dask._preprocessing.normalize.scale` arguments (chosen genes, their
-    means and SDs, whether to normalize).
+    ``scaling`` holds the :func:`~symphony_dask._preprocessing.normalize.scale` arguments (chosen genes,
+    their means and SDs, whether to normalize).
     """
     n_genes = len(scaling["genes"])
     if not 0 < n_components < min(n_genes, x.shape[0]):
@@ -187,10 +189,10 @@ def fit_pca(x: da.Array, scaling: dict, n_components: int, *, solver: PCASolver 
 
 
 def _block_krylov(x: da.Array, scaling: dict, n_genes: int, n_components: int, seed: int):
-    """Block Krylov iterations on ``M = S^T S`` until the top Ritz pairs are eigenpairs to
-    :data:`KRYLOV_TOLERANCE` (largest residual norm relative to the top Ritz value).
+    """Block Krylov iterations on ``M = S^T S`` until the top Ritz pairs are eigenpairs to a tolerance.
 
-    Pass j computes ``T_j = M W_j`` for the newest basis block ``W_j``; with the basis
+    The tolerance is :data:`KRYLOV_TOLERANCE`, on the largest residual norm relative to the top Ritz
+    value. Pass j computes ``T_j = M W_j`` for the newest basis block ``W_j``; with the basis
     ``V = [W_0 .. W_j]`` and ``T = [T_0 .. T_j]``, ``V^T T = V^T M V`` is the Rayleigh-Ritz matrix,
     so the Ritz pairs, and their residuals ``T y - theta V y``, are known after every pass without
     one of their own. The next block is ``T_j`` orthonormalized against ``V``.

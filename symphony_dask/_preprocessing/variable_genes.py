@@ -137,8 +137,9 @@ def _inverse(sd: np.ndarray) -> np.ndarray:
 
 
 def clip_reached(moments: Moments, sd: np.ndarray, clip: float) -> bool:
-    """Whether any value of a group reaches the clip, ``(x - mean) / sd > clip`` for a gene with
-    ``sd > 0`` (only its largest value can: zeros are below the mean).
+    """Whether any value of a group reaches the clip: ``(x - mean) / sd > clip`` for a gene with ``sd > 0``.
+
+    Only a gene's largest value can: zeros are below the mean.
     """
     varying = sd > 0
     return bool(np.any(moments.maximum[varying] - moments.mean[varying] > clip * sd[varying]))
@@ -205,8 +206,10 @@ MVP_MIN_DISPERSION = 0.0
 
 
 def mvp_table(moments: GroupMoments, group_names: list[str], genes: pd.Index) -> pd.DataFrame:
-    """Per-group mean.var.plot table (group, symbol, rank, mean, variance, dispersion and its z-score
-    within the mean bin) of the genes that pass the cut-offs, best first.
+    """Per-group mean.var.plot table of the genes that pass the cut-offs, best first.
+
+    Its columns: group, symbol, rank, mean, variance, dispersion and the dispersion's z-score within
+    the mean bin.
     """
     tables = []
     for code, name in enumerate(group_names):
@@ -237,8 +240,9 @@ def mvp_table(moments: GroupMoments, group_names: list[str], genes: pd.Index) ->
 
 
 def _equal_width_bins(x: np.ndarray, n_bins: int) -> np.ndarray:
-    """Bin of each value among ``n_bins`` equal-width right-closed intervals over its range, with
-    the outer limits moved out by 0.1% of the range (R's ``cut(x, n_bins)``).
+    """Bin of each value among ``n_bins`` equal-width right-closed intervals over its range (R's ``cut``).
+
+    As R's ``cut(x, n_bins)``, the outer limits are moved out by 0.1% of the range.
     """
     low, high = float(x.min()), float(x.max())
     width = high - low
@@ -265,9 +269,10 @@ def _scaled_within_bins(x: np.ndarray, bins: np.ndarray) -> np.ndarray:
 
 
 def _tie_key(x: np.ndarray, digits: int = RANK_DIGITS) -> np.ndarray:
-    """``x`` rounded to ``digits`` significant digits, so that genes whose values are equal in exact
-    arithmetic (e.g. identical expression) tie exactly whatever the summation order, and the stable
-    sort then ranks them in gene order as R does.
+    """``x`` rounded to ``digits`` significant digits, so that values equal in exact arithmetic tie exactly.
+
+    Genes whose values are equal in exact arithmetic (e.g. identical expression) then tie whatever the
+    summation order, and the stable sort ranks them in gene order as R does.
     """
     exponent = np.zeros_like(x)
     np.floor(np.log10(np.abs(x), out=exponent, where=x != 0), out=exponent)
