@@ -27,7 +27,7 @@ _PUBLIC = {
     "harmonize": "_harmony.harmonize",
     "knn_corr": "_mapping.metrics",
     "lisi": "_mapping.metrics",
-    "load_reference": "_reference.model",
+    "load_reference": "_reference.store",
     "map_query": "_mapping.query",
     "per_cell_mapping_metric": "_mapping.metrics",
     "per_cluster_mapping_metric": "_mapping.metrics",
@@ -73,5 +73,6 @@ if _typing.TYPE_CHECKING:
     from symphony_dask._mapping.query import map_query
     from symphony_dask._reference.build import build_reference
     from symphony_dask._reference.from_anndata import reference_from_anndata
-    from symphony_dask._reference.model import Reference, load_reference
+    from symphony_dask._reference.model import Reference
     from symphony_dask._reference.rds import read_symphony_rds
+    from symphony_dask._reference.store import load_reference

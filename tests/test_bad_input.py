@@ -12,7 +12,7 @@ import scipy.sparse as sp
 from conftest import R_BUILD
 
 import symphony_dask as sd
-from symphony_dask._io.validation import command_line_spelling
+from symphony_dask.cli.spelling import command_line_spelling
 
 
 def test_batch_key_not_in_obs_names_it_and_lists_columns(split):

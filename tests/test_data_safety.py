@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -177,7 +178,7 @@ _RACE = textwrap.dedent("""
     from pathlib import Path
     import numpy as np
     import symphony_dask as sd
-    from symphony_dask._reference import model as reference
+    from symphony_dask._reference import store as reference
 
     target, barrier, me, other = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4]
     write = reference._write_store
@@ -281,12 +282,12 @@ def test_two_map_commands_writing_one_out_one_wins(files):
 # -- 4. a load while another process saves over the store ---------------------------------------------------
 
 _OVERWRITER = textwrap.dedent("""
-    import sys, time
+    import sys
     from pathlib import Path
     import numpy as np
     import symphony_dask as sd
 
-    target, seconds = Path(sys.argv[1]), float(sys.argv[2])
+    target, stop = Path(sys.argv[1]), Path(sys.argv[2])
     genes = [f"g{i}" for i in range(200)]
 
     def reference(seed):
@@ -298,28 +299,33 @@ _OVERWRITER = textwrap.dedent("""
     refs = [reference(1), reference(2)]
     refs[0].save(target)
     print("READY", flush=True)
-    end, saves = time.monotonic() + seconds, 0
-    while time.monotonic() < end:
+    saves = 0
+    while not stop.exists():
         refs[saves % 2].save(target, overwrite=True)
         saves += 1
-    print("SAVES", saves, flush=True)
+        print(saves, flush=True)
 """)
 
 
 def test_load_while_another_process_overwrites_returns_one_store(tmp_path):
     """Loads during repeated saves of two same-shaped references each return one of them whole
-    (before, 15 of 985 loads returned old loadings with new centroids)."""
-    target = tmp_path / "ref.zarr"
+    (before, 15 of 985 loads returned old loadings with new centroids). Runs for at least 10 s and
+    until 50 saves have happened (at most 60 s)."""
+    target, stop = tmp_path / "ref.zarr", tmp_path / "stop"
     writer = subprocess.Popen(
-        [sys.executable, "-c", _OVERWRITER, str(target), "10"], stdout=subprocess.PIPE, text=True, cwd=ROOT
+        [sys.executable, "-c", _OVERWRITER, str(target), str(stop)], stdout=subprocess.PIPE, text=True, cwd=ROOT
     )
     assert writer.stdout.readline().strip() == "READY"
+    saves = [0]
+    counter = threading.Thread(target=lambda: [saves.__setitem__(0, int(line)) for line in writer.stdout], daemon=True)
+    counter.start()
     expected = {}
     for seed in (1, 2):
         rng = np.random.default_rng(seed)
         expected[seed] = [rng.random(200), 1 + rng.random(200), rng.random((200, 10))]
     loads, mixed, failed = 0, [], 0
-    while writer.poll() is None:
+    start = time.monotonic()
+    while time.monotonic() - start < 10 or (saves[0] < 50 and time.monotonic() - start < 60):
         try:
             ref = sd.load_reference(target)
         except ValueError as err:  # a clean failure is allowed (replaced 5 times during one read)
@@ -327,16 +333,16 @@ def test_load_while_another_process_overwrites_returns_one_store(tmp_path):
             failed += 1
             continue
         loads += 1
-        seed = ref.params["seed"]
-        mean, std, loadings = expected[seed]
+        mean, std, loadings = expected[ref.params["seed"]]
         if not (
             np.array_equal(ref.mean, mean) and np.array_equal(ref.std, std) and np.array_equal(ref.loadings, loadings)
         ):
-            mixed.append(seed)
-    saves = int(writer.stdout.read().split()[-1])
-    assert writer.returncode == 0
-    print(f"{loads} loads ({failed} failed cleanly) during {saves} saves")
-    assert loads >= 50 and saves >= 50
+            mixed.append(ref.params["seed"])
+    stop.touch()
+    assert writer.wait(timeout=60) == 0
+    counter.join(timeout=10)
+    print(f"{loads} loads ({failed} failed cleanly) during {saves[0]} saves")
+    assert loads >= 50 and saves[0] >= 50
     assert mixed == []
 
 

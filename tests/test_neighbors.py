@@ -65,7 +65,7 @@ def test_index_from_an_older_version_is_rebuilt_not_trusted(built_reference, tmp
     )
     ref.neighbor_index(method="hnsw")
     with monkeypatch.context() as patch:
-        patch.setattr("symphony_dask._reference.model.INDEX_FORMAT", "hnswlib")  # as an older version saved it
+        patch.setattr("symphony_dask._reference.store.INDEX_FORMAT", "hnswlib")  # as an older version saved it
         ref.save(tmp_path / "ref.zarr")
     with pytest.warns(UserWarning, match="older version"):
         loaded = sd.load_reference(tmp_path / "ref.zarr")

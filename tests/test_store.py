@@ -14,7 +14,7 @@ import pytest
 import zarr
 
 import symphony_dask as sd
-from symphony_dask._reference import model as reference_module
+from symphony_dask._reference import store as reference_module
 
 
 def test_round_trip_gives_identical_mapping(built_reference, split, tmp_path):
@@ -95,7 +95,7 @@ def test_killed_save_leaves_the_old_store_and_the_next_save_cleans_up(built_refe
     script = (
         "import os, sys, zarr\n"
         "from pathlib import Path\n"
-        "from symphony_dask._reference.model import is_reference_store\n"
+        "from symphony_dask._reference.store import is_reference_store\n"
         "from symphony_dask._io.atomic import write_atomically\n"
         "def write(tmp):\n"
         "    zarr.open_group(str(tmp), mode='w', zarr_format=3).attrs['partial'] = True\n"
@@ -212,7 +212,7 @@ def test_store_without_checksums_is_refused(built_reference, tmp_path, version):
     """A store whose damage cannot be detected is not read (it was read with a warning before)."""
     path = built_reference.save(tmp_path / "ref.zarr")
     meta = json.loads((path / "zarr.json").read_text())
-    meta["attributes"]["symphony_dask"] = {"format": "symphony_dask._reference.model", "version": version}
+    meta["attributes"]["symphony_dask"] = {"format": "symphony_dask.reference", "version": version}
     (path / "zarr.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=rf"carries no checksums \(store version {version}\).*build the reference"):
         sd.load_reference(path)
@@ -261,3 +261,10 @@ def test_to_xarray_labels_every_element(built_reference):
     np.testing.assert_array_equal(ds.centroids.sel(cluster=3).values, built_reference.centroids[:, 3])
     assert ds.embedding.sel(cell=built_reference.obs.index[5]).shape == (20,)
     assert json.loads(ds.attrs["params"])["n_clusters"] == 100
+
+
+def test_store_marker_keeps_its_format_name(built_reference, tmp_path):
+    """Stores saved by earlier versions are recognised by this exact marker; it must never change."""
+    path = built_reference.save(tmp_path / "ref.zarr")
+    marker = json.loads((path / "zarr.json").read_text())["attributes"]["symphony_dask"]
+    assert marker["format"] == "symphony_dask.reference" and marker["version"] == 3

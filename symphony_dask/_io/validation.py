@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextvars
 import numbers
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import astuple, dataclass
 
@@ -20,43 +20,33 @@ import scipy.sparse as sp
 
 from symphony_dask._preprocessing.csr_kernels import as_csr, value_counts
 
-_command_line: contextvars.ContextVar[bool] = contextvars.ContextVar("symphony_dask_command_line", default=False)
-
-#: Boolean keyword arguments whose command-line flag sets the value given here.
-_FLAG_OF = {
-    "normalize": ("--no-normalize", False),
-    "keep_embedding": ("--minimal", False),
-    "overwrite": ("--overwrite", True),
-    "neighbor_index": ("--no-neighbor-index", False),
-    "umap": ("--no-umap", False),
-}
-#: Keyword arguments that the command line spells other than ``--name-with-dashes``.
-_RENAMED = {"batch_keys": "--batch-key", "n_hvg": "--n-hvg"}
+#: How messages spell a keyword argument, ``spell(name, value)`` with ``value`` ``...`` when only the name is
+#: said; ``None``: as Python takes it. The command line installs its flags (``symphony_dask.cli.spelling``).
+_spelling: contextvars.ContextVar[Callable[[str, object], str] | None] = contextvars.ContextVar(
+    "symphony_dask_spelling", default=None
+)
 
 
 @contextmanager
-def command_line_spelling() -> Iterator[None]:
-    """Inside this block, messages name options as ``symphony-dask`` takes them (``--no-normalize``)
-    instead of as Python keyword arguments (``normalize=False``).
-    """
-    token = _command_line.set(True)
+def spelled_by(spell: Callable[[str, object], str]) -> Iterator[None]:
+    """Inside this block, messages spell keyword arguments with ``spell`` (e.g. as command-line flags)."""
+    token = _spelling.set(spell)
     try:
         yield
     finally:
-        _command_line.reset(token)
+        _spelling.reset(token)
 
 
 def option(name: str, value: object = ...) -> str:
-    """The keyword argument ``name`` (set to ``value``, if given) as the user passes it: ``name=value``
-    in Python, ``--name value`` on the command line (see :func:`command_line_spelling`).
+    """The keyword argument ``name`` (set to ``value``, if given) as the user passes it.
+
+    ``name=value`` in Python; whatever spelling :func:`spelled_by` installed (``--name value`` on the
+    command line).
     """
-    if not _command_line.get():
+    spell = _spelling.get()
+    if spell is None:
         return name if value is ... else f"{name}={value!r}"
-    if name in _FLAG_OF and isinstance(value, bool):
-        flag, sets = _FLAG_OF[name]
-        return flag if value == sets else f"no {flag}"
-    flag = _RENAMED.get(name, "--" + name.replace("_", "-"))
-    return flag if value is ... else f"{flag} {value}"
+    return spell(name, value)
 
 
 def pass_option(name: str, value: object) -> str:
@@ -232,11 +222,7 @@ def raise_on_bad_values(
             stacklevel=3,
         )
     if normalize and counts.n_non_integer:
-        expects = (
-            "symphony-dask expects raw counts unless --no-normalize is given"
-            if _command_line.get()
-            else "normalize=True expects raw counts"
-        )
+        expects = "raw counts are expected (normalization is on)"
         hint = f"if they are log(CP10K+1) values, {pass_option('normalize', False)}"
         counts_layers = [name for name in layers if "count" in name.lower()] or list(layers)
         if counts_layers:

@@ -58,7 +58,8 @@ from symphony_dask._io.validation import (
     raise_on_bad_values,
 )
 from symphony_dask._preprocessing.pca import project
-from symphony_dask._reference.model import Reference, load_reference
+from symphony_dask._reference.model import Reference
+from symphony_dask._reference.store import load_reference
 
 logger = logging.getLogger("symphony_dask")
 

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _log_to_stderr(verbose=args.verbose, quiet=args.quiet)
     from symphony_dask._dask.chunked import WorkerFailure
-    from symphony_dask._io.validation import command_line_spelling
+    from symphony_dask.cli.spelling import command_line_spelling
 
     try:
         with ExitStack() as stack:
@@ -130,7 +130,7 @@ def _run_with_scheduler(args: argparse.Namespace, stack: ExitStack) -> None:
 
 def _check_build(args: argparse.Namespace) -> None:
     from symphony_dask._io.atomic import check_replaceable, refuse_overlap
-    from symphony_dask._reference.model import is_reference_store
+    from symphony_dask._reference.store import is_reference_store
 
     out = Path(args.out)
     if out.suffix != ".zarr":
@@ -249,7 +249,7 @@ def _map(args: argparse.Namespace) -> int:
     from symphony_dask._io.atomic import write_atomically
     from symphony_dask._mapping.annotate import transfer_labels, transfer_values
     from symphony_dask._mapping.query import map_query
-    from symphony_dask._reference.model import load_reference
+    from symphony_dask._reference.store import load_reference
 
     reference = load_reference(args.reference)
     _check_reference(args, reference)
