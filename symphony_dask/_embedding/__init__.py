@@ -1,1 +1,1 @@
-"""Neighbour search over the corrected embedding and the reference UMAP (fit and placement)."""
+"""Neighbor search over the corrected embedding and the reference UMAP (fit and placement)."""

@@ -32,11 +32,11 @@ _build_lock = threading.Lock()
 
 
 def hnsw_graph(points: np.ndarray, *, seed: int = 0, inner_product: bool = False) -> Any:
-    """An HNSW graph over the rows of ``points`` (faiss ``IndexHNSWFlat``; squared Euclidean
-    distance, or inner product when ``inner_product``).
+    """An HNSW graph over the rows of ``points`` (faiss ``IndexHNSWFlat``).
 
-    The graph is built on one thread with its level generator seeded by ``seed``, so the same
-    points and seed give the same graph, and so the same answers, in every process.
+    Its metric is the squared Euclidean distance, or the inner product when ``inner_product``. The graph
+    is built on one thread with its level generator seeded by ``seed``, so the same points and seed give
+    the same graph, and so the same answers, in every process.
     """
     import faiss
 
@@ -56,8 +56,9 @@ def hnsw_graph(points: np.ndarray, *, seed: int = 0, inner_product: bool = False
 
 
 def hnsw_search(index: Any, x: np.ndarray, k: int, ef: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` nearest graph points of each row of ``x`` (indices, and distances or inner
-    products as the graph's metric gives them), searching ``max(ef, k)`` candidates.
+    """The ``k`` nearest graph points of each row of ``x``, searching ``max(ef, k)`` candidates.
+
+    Returns their indices, and their distances or inner products as the graph's metric gives them.
     """
     import faiss
 
@@ -119,7 +120,7 @@ class NeighborIndex:
         index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
         if index.ntotal != n_cells or index.d != dim:
             raise ValueError(
-                f"the saved neighbour index holds {index.ntotal} cells x {index.d} dimensions, "
+                f"the saved neighbor index holds {index.ntotal} cells x {index.d} dimensions, "
                 f"the reference {n_cells} x {dim}"
             )
         return cls("hnsw", n_cells, dim, seed, index)

@@ -1,9 +1,9 @@
 """The UMAP algorithm (McInnes, Healy & Melville 2018) as compiled kernels, with umap-learn's defaults.
 
-From the ``k`` nearest neighbours of each cell (itself first) to a 2-D layout:
+From the ``k`` nearest neighbors of each cell (itself first) to a 2-D layout:
 
-1. :func:`smooth_knn_dist`: per cell, the distance ``rho`` to its nearest other neighbour and the
-   scale ``sigma`` at which its neighbours' memberships ``exp(-(d - rho) / sigma)`` sum to
+1. :func:`smooth_knn_dist`: per cell, the distance ``rho`` to its nearest other neighbor and the
+   scale ``sigma`` at which its neighbors' memberships ``exp(-(d - rho) / sigma)`` sum to
    ``log2(k)``;
 2. :func:`fuzzy_graph`: those memberships, symmetrized by the fuzzy union ``P + P' - P o P'``, with
    the edges too weak to be sampled in ``n_epochs`` epochs dropped;
@@ -26,13 +26,15 @@ import scipy.sparse as sp
 
 #: Tolerance of the binary search for ``sigma`` (and below which a fractional connectivity is 0).
 SMOOTH_K_TOLERANCE = 1e-5
-#: ``sigma`` is at least this fraction of the mean distance to the neighbours.
+#: ``sigma`` is at least this fraction of the mean distance to the neighbors.
 MIN_K_DIST_SCALE = 1e-3
 
 
 def find_ab_params(spread: float = 1.0, min_dist: float = 0.1) -> tuple[float, float]:
-    """The curve ``1 / (1 + a x^(2b))`` of low-dimensional similarity closest (least squares) to
-    1 below ``min_dist`` and ``exp(-(x - min_dist) / spread)`` above it, on ``[0, 3 spread]``.
+    """The curve ``1 / (1 + a x^(2b))`` of low-dimensional similarity that UMAP fits to its target curve.
+
+    The fit is by least squares on ``[0, 3 spread]``, to 1 below ``min_dist`` and
+    ``exp(-(x - min_dist) / spread)`` above it.
 
     Parameters
     ----------
@@ -57,17 +59,18 @@ def find_ab_params(spread: float = 1.0, min_dist: float = 0.1) -> tuple[float, f
 def smooth_knn_dist(
     distances: np.ndarray, k: float, n_iter: int = 64, local_connectivity: float = 1.0, bandwidth: float = 1.0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Each cell's distance ``rho`` to its ``local_connectivity``-th nearest neighbour at a nonzero
-    distance and the scale ``sigma`` of its fuzzy memberships.
+    """Each cell's distance ``rho`` to a near neighbor and the scale ``sigma`` of its fuzzy memberships.
+
+    ``rho`` is the distance to the cell's ``local_connectivity``-th nearest neighbor at a nonzero distance.
 
     Parameters
     ----------
     distances
-        Cells x k distances to each cell's neighbours, nearest first (the first, the cell itself
-        when fitting, does not count towards the sum).
+        Cells x k distances to each cell's neighbors, nearest first (the first, the cell itself
+        when fitting, does not count toward the sum).
     k
-        Neighbours per cell: ``sigma`` is found by a binary search so that the memberships
-        ``exp(-max(d - rho, 0) / sigma)`` of all but the first neighbour sum to ``log2(k) * bandwidth``.
+        Neighbors per cell: ``sigma`` is found by a binary search so that the memberships
+        ``exp(-max(d - rho, 0) / sigma)`` of all but the first neighbor sum to ``log2(k) * bandwidth``.
     n_iter
         Steps of the binary search.
     local_connectivity
@@ -145,13 +148,14 @@ def default_epochs(n_cells: int) -> int:
 
 
 def fuzzy_graph(neighbors: np.ndarray, distances: np.ndarray, n_epochs: int) -> sp.coo_matrix:
-    """The fuzzy simplicial set of the cells' neighbourhoods: the symmetric graph of membership
-    strengths (local connectivity 1), without the edges weaker than ``1 / n_epochs`` of the strongest.
+    """The fuzzy simplicial set of the cells' neighborhoods: the symmetric graph of membership strengths.
+
+    Local connectivity is 1; the edges weaker than ``1 / n_epochs`` of the strongest are left out.
 
     Parameters
     ----------
     neighbors
-        Cells x k neighbours (rows), each cell first.
+        Cells x k neighbors (rows), each cell first.
     distances
         Their distances.
     n_epochs
@@ -181,8 +185,9 @@ def fuzzy_graph(neighbors: np.ndarray, distances: np.ndarray, n_epochs: int) -> 
 
 
 def initial_layout(graph: sp.spmatrix, data: np.ndarray, seed: int) -> np.ndarray:
-    """The start of the optimization (cells x 2, in [0, 10] on each axis): :func:`spectral_layout`
-    scaled to a largest coordinate of 10 with noise of 1e-4, both seeded.
+    """The start of the optimization (cells x 2, in [0, 10] on each axis).
+
+    It is :func:`spectral_layout` scaled to a largest coordinate of 10 with noise of 1e-4, both seeded.
     """
     start = spectral_layout(graph, data, seed)
     rng = np.random.default_rng(seed)
@@ -192,11 +197,12 @@ def initial_layout(graph: sp.spmatrix, data: np.ndarray, seed: int) -> np.ndarra
 
 
 def spectral_layout(graph: sp.spmatrix, data: np.ndarray, seed: int) -> np.ndarray:
-    """The graph's spectral layout (cells x 2): the two smallest non-trivial eigenvectors of its
-    normalized Laplacian. A graph of several connected components has each laid out so, scaled to
-    half the distance to the nearest other component, around its place in :func:`component_places`.
-    Where the eigensolver fails, or for a component of fewer than 4 cells, the cells are spread at
-    random (seeded) over the same range.
+    """The graph's spectral layout (cells x 2): the smallest non-trivial eigenvectors of its Laplacian.
+
+    The layout is the two smallest non-trivial eigenvectors of the normalized Laplacian. A graph of
+    several connected components has each laid out so, scaled to half the distance to the nearest
+    other component, around its place in :func:`component_places`. Where the eigensolver fails, or for
+    a component of fewer than 4 cells, the cells are spread at random (seeded) over the same range.
     """
     from scipy.sparse.csgraph import connected_components
 
@@ -222,9 +228,10 @@ def spectral_layout(graph: sp.spmatrix, data: np.ndarray, seed: int) -> np.ndarr
 
 
 def component_places(data: np.ndarray, labels: np.ndarray, n_components: int) -> np.ndarray:
-    """Where the connected components of a graph go (components x 2, within [-1, 1]): up to 4 on the
-    ends of the axes, more by the spectral embedding of their centroids in ``data`` (cells x d, rows
-    of unit length) with affinities ``exp(-d^2)`` of their cosine distances ``d``.
+    """Where the connected components of a graph go (components x 2, within [-1, 1]).
+
+    Up to 4 go on the ends of the axes; more are placed by the spectral embedding of their centroids in
+    ``data`` (cells x d, rows of unit length) with affinities ``exp(-d^2)`` of their cosine distances ``d``.
     """
     if n_components <= 4:
         return np.array(
@@ -243,9 +250,11 @@ def component_places(data: np.ndarray, labels: np.ndarray, n_components: int) ->
 
 
 def _spectral(graph: sp.spmatrix, seed: int) -> np.ndarray | None:
-    """The two smallest non-trivial eigenvectors of a connected graph's normalized Laplacian ``I - A``
-    (cells x 2), as the largest of ``A = D^-1/2 W D^-1/2`` (ARPACK from a seeded start, to 1e-4:
-    where eigenvalues are close, a mix of them, which serves as well as a start); None when it fails.
+    """The two smallest non-trivial eigenvectors (cells x 2) of a connected graph's normalized Laplacian.
+
+    The Laplacian is ``I - A``; its smallest eigenvectors are found as the largest of
+    ``A = D^-1/2 W D^-1/2`` (ARPACK from a seeded start, to 1e-4: where eigenvalues are close, a mix of
+    them, which serves as well as a start). None when the eigensolver fails.
     """
     from scipy.sparse.linalg import ArpackError, eigsh
     from threadpoolctl import threadpool_limits
@@ -273,10 +282,11 @@ def fit_layout(
     negative_sample_rate: int = 5,
     learning_rate: float = 1.0,
 ) -> np.ndarray:
-    """A UMAP layout (cells x 2) of cells from their neighbours (cells x k, each cell first) and
-    distances: :func:`fuzzy_graph`, :func:`initial_layout` and :func:`optimize_layout` with
-    :func:`default_epochs`, seeded by ``seed``. ``data`` (cells x d, rows of unit length) places
-    the graph's connected components (:func:`component_places`).
+    """A UMAP layout (cells x 2) of cells from their neighbors (cells x k, each cell first) and distances.
+
+    It runs :func:`fuzzy_graph`, :func:`initial_layout` and :func:`optimize_layout` with
+    :func:`default_epochs`, seeded by ``seed``. ``data`` (cells x d, rows of unit length) places the
+    graph's connected components (:func:`component_places`).
     """
     n_epochs = default_epochs(len(neighbors))
     graph = fuzzy_graph(neighbors, distances, n_epochs)
@@ -304,9 +314,11 @@ def optimize_layout(
     negative_sample_rate: int = 5,
     learning_rate: float = 1.0,
 ) -> np.ndarray:
-    """``n_epochs`` epochs of UMAP's stochastic gradient descent from ``layout`` (cells x 2), both ends
-    of an edge moved; an edge of weight ``w`` is sampled every ``max(w) / w`` epochs, each time with
-    ``negative_sample_rate`` repulsions from random cells; the learning rate falls linearly to 0.
+    """``n_epochs`` epochs of UMAP's stochastic gradient descent from ``layout`` (cells x 2).
+
+    Both ends of an edge are moved; an edge of weight ``w`` is sampled every ``max(w) / w`` epochs, each
+    time with ``negative_sample_rate`` repulsions from random cells; the learning rate falls linearly
+    to 0.
 
     Returns
     -------
@@ -405,8 +417,9 @@ def optimize_placement(
     negative_rate: int,
     n_epochs: int,
 ) -> np.ndarray:
-    """Move each cell (row of ``y``) towards its neighbours and away from random fitted cells, with
-    the fitted layout held fixed (umap-learn's ``optimize_layout_euclidean`` with move_other=False,
+    """Move each cell (row of ``y``) toward its neighbors and away from random fitted cells.
+
+    The fitted layout is held fixed (umap-learn's ``optimize_layout_euclidean`` with move_other=False,
     per-cell random streams, weights scaled by 1). Serial: dask runs chunks in parallel.
     """
     n_cells, k = neighbors.shape

@@ -1,7 +1,7 @@
 """The reference UMAP and the placement of cells into it (R Symphony's ``do_umap``).
 
 The reference layout is fitted on the corrected embedding with R Symphony's uwot settings (30
-neighbours, cosine metric, min_dist 0.1, seeded) by our UMAP (:mod:`symphony_dask._embedding.umap_kernels`:
+neighbors, cosine metric, min_dist 0.1, seeded) by our UMAP (:mod:`symphony_dask._embedding.umap_kernels`:
 umap-learn's algorithm and defaults, kernels compiled once and cached on disk, serial and
 deterministic). Above :data:`MAX_FIT_CELLS` cells it is fitted on a seeded subsample and the other
 reference cells are placed like query cells.
@@ -9,7 +9,7 @@ reference cells are placed like query cells.
 Placing a cell (umap-learn's ``transform``, with the layout held fixed): its ``n_neighbors`` nearest
 fitted cells in the corrected embedding (cosine), fuzzy membership weights ``exp(-(d - rho) /
 sigma)`` (``smooth_knn_dist``, local connectivity 0 as in ``transform``), a start at the weighted
-mean of the neighbours' coordinates, then epochs of attraction to those neighbours and repulsion
+mean of the neighbors' coordinates, then epochs of attraction to those neighbors and repulsion
 from random fitted cells (as umap-learn's ``transform``: 100 epochs when at most 10,000 cells are
 placed together, else 30, :func:`place_epochs`). Unlike umap-learn's ``transform``, which draws
 its random samples from one stream over all query cells and scales the weights by the query's
@@ -39,9 +39,10 @@ from symphony_dask._embedding.umap_kernels import (
 
 #: Most reference cells the layout is fitted on; the others are placed into it.
 MAX_FIT_CELLS = 20_000
-#: Fitted cells up to which a placed cell's neighbours are found exactly (else by HNSW).
+#: Fitted cells up to which a placed cell's neighbors are found exactly (else by HNSW).
 EXACT_SEARCH_MAX = 5_000
-#: HNSW query breadth for placement (k = 30: recall 0.999 against exact search).
+#: HNSW query breadth for placement, wide enough that placement finds nearly the exact neighbors at k = 30
+#: (its measured recall is in benchmarks/README.md).
 HNSW_EF = 100
 _KEEP_INDEXES = 4
 _indexes: dict[bytes, object] = {}
@@ -64,13 +65,16 @@ class UmapParams:
     learning_rate: float = 1.0
 
     def to_dict(self) -> dict:
+        """The settings and curve parameters as a dict of plain values (for a store's attributes)."""
         return asdict(self)
 
 
 @dataclass
 class UmapModel:
-    """A reference UMAP: the coordinates of every reference cell (cells x 2), which reference rows the
-    layout was fitted on (the others were placed), and its parameters.
+    """A reference UMAP: the coordinates of every reference cell, the rows it was fitted on, and its parameters.
+
+    ``coords`` is cells x 2; ``fitted`` holds the reference rows the layout was fitted on (the others were
+    placed into it).
     """
 
     coords: np.ndarray
@@ -94,8 +98,9 @@ def place_epochs(n_cells: int) -> int:
 
 @dataclass
 class Placement:
-    """The fitted cells' embedding (cells x d) and coordinates (cells x 2): call it on cells of the
-    corrected embedding and their rows (see :func:`place_cells`).
+    """What placing cells needs: the fitted cells' embedding (cells x d) and coordinates (cells x 2).
+
+    Call it on cells of the corrected embedding and their rows (see :func:`place_cells`).
     """
 
     embedding: np.ndarray
@@ -116,9 +121,10 @@ def fit_umap(
     max_fit_cells: int = MAX_FIT_CELLS,
     chunk_size: int = PLACE_CHUNK,
 ) -> UmapModel:
-    """Fit the reference UMAP on the corrected embedding (cells x d), on at most ``max_fit_cells``
-    cells (a seeded subsample); the others are placed in chunks of ``chunk_size`` cells with the
-    active dask scheduler (on the workers of a cluster).
+    """Fit the reference UMAP on the corrected embedding (cells x d), on at most ``max_fit_cells`` cells.
+
+    Above that, the layout is fitted on a seeded subsample and the other cells are placed in chunks of
+    ``chunk_size`` cells with the active dask scheduler (on the workers of a cluster).
     """
     from symphony_dask._dask.chunked import compute, map_rows
 
@@ -128,7 +134,7 @@ def fit_umap(
         raise ValueError(f"a UMAP needs more than n_neighbors={n_neighbors} reference cells, got {n}")
     rng = np.random.default_rng(seed)
     fitted = np.sort(rng.choice(n, max_fit_cells, replace=False)) if n > max_fit_cells else np.arange(n)
-    # the fitted cells' own neighbours (each cell first), by the search that placement uses
+    # the fitted cells' own neighbors (each cell first), by the search that placement uses
     neighbors, distances = _cosine_neighbors(embedding[fitted], embedding[fitted], n_neighbors, seed)
     a, b = find_ab_params(1.0, min_dist)
     params = UmapParams(n_neighbors=n_neighbors, min_dist=min_dist, a=a, b=b, seed=seed)
@@ -165,9 +171,10 @@ def place_cells(
     rows: np.ndarray,
     epochs: int = 100,
 ) -> np.ndarray:
-    """Kernel: UMAP coordinates (cells x 2) of ``cells`` (cells x d, corrected embedding) in the layout
-    ``fitted_coords`` of ``fitted_embedding``. ``rows`` (one per cell, e.g. its row in the query)
-    seeds each cell's random stream, so the result does not depend on how cells are chunked.
+    """Kernel: UMAP coordinates (cells x 2) of ``cells`` (cells x d, corrected embedding) in a fitted layout.
+
+    The layout is ``fitted_coords`` of ``fitted_embedding``. ``rows`` (one per cell, e.g. its row in the
+    query) seeds each cell's random stream, so the result does not depend on how cells are chunked.
     """
     cells = np.asarray(cells, dtype=np.float64)
     if len(cells) == 0:
@@ -191,11 +198,12 @@ def place_cells(
 
 
 def _cosine_neighbors(cells: np.ndarray, fitted: np.ndarray, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` nearest fitted cells of each cell by cosine distance, nearest first: exact (a KD-tree
-    over unit vectors, whose Euclidean distance ``c`` gives the cosine distance ``c^2 / 2``) up to
-    :data:`EXACT_SEARCH_MAX` fitted cells, else through a seeded HNSW graph over them (inner
-    product of unit vectors; recall 0.999 at k = 30 on a 20,000-cell PBMC-like layout). Either way
-    a cell's neighbours do not depend on the other cells searched with it.
+    """The ``k`` nearest fitted cells of each cell by cosine distance, nearest first.
+
+    The search is exact (a KD-tree over unit vectors, whose Euclidean distance ``c`` gives the cosine
+    distance ``c^2 / 2``) up to :data:`EXACT_SEARCH_MAX` fitted cells, else through a seeded HNSW graph
+    over them (inner product of unit vectors). Either way a cell's neighbors do not depend on the other
+    cells searched with it.
     """
     unit, queries = _unit_rows(fitted), _unit_rows(cells)
     if len(fitted) <= EXACT_SEARCH_MAX:
@@ -211,8 +219,10 @@ def _cosine_neighbors(cells: np.ndarray, fitted: np.ndarray, k: int, seed: int =
 
 
 def _hnsw_index(unit: np.ndarray, seed: int):
-    """The HNSW graph over the fitted cells (inner product of unit vectors), built once per process
-    (single-threaded and seeded, so every process builds the same graph) and kept for the next chunks.
+    """The HNSW graph over the fitted cells (inner product of unit vectors), built once per process.
+
+    It is built single-threaded and seeded, so every process builds the same graph, and kept for the
+    next chunks.
     """
     digest = hashlib.blake2b(unit.tobytes(), digest_size=16)
     digest.update(str(seed).encode())
@@ -228,11 +238,12 @@ def _hnsw_index(unit: np.ndarray, seed: int):
 
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:
+    """The rows of ``x`` scaled to unit length (zero rows stay zero)."""
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-300)
 
 
 def _membership(distances: np.ndarray, k: int) -> np.ndarray:
-    """umap-learn's fuzzy membership of each cell to its neighbours, as its ``transform`` computes it."""
+    """umap-learn's fuzzy membership of each cell to its neighbors, as its ``transform`` computes it."""
     d32 = distances.astype(np.float32)
     sigmas, rhos = smooth_knn_dist(d32, float(k), local_connectivity=0.0)
     weights = np.exp(-np.maximum(d32 - rhos[:, None], 0.0) / sigmas[:, None])
