@@ -4,9 +4,9 @@ Both transfers look up each query cell's k nearest reference cells in the correc
 (Euclidean; :meth:`Reference.neighbor_index`: exact for small references, HNSW for large ones):
 
 - :func:`transfer_labels`: majority vote (k = 5 as R Symphony's ``knnPredict``), ties broken at
-  random with a seeded generator; confidence = fraction of the k neighbours voting for the winner;
+  random with a seeded generator; confidence = fraction of the k neighbors voting for the winner;
   below ``min_confidence`` the cell is 'Unassigned' (the paper's 0.6 option);
-- :func:`transfer_values`: the neighbours' mean of continuous annotations, ``obs`` columns (a
+- :func:`transfer_values`: the neighbors' mean of continuous annotations, ``obs`` columns (a
   pseudotime) or ``obsm`` matrices (protein levels).
 """
 
@@ -51,11 +51,11 @@ def transfer_labels(
     k
         Number of nearest reference cells.
     confidence
-        Also write the fraction of the k neighbours that voted for the winning label.
+        Also write the fraction of the k neighbors that voted for the winning label.
     seed
         Seeds the random breaking of tied votes.
     min_confidence
-        Cells whose confidence is below this are labelled ``'Unassigned'``.
+        Cells whose confidence is below this are labeled ``'Unassigned'``.
     embedding_key
         ``obsm`` key of the query's corrected embedding.
 
@@ -68,9 +68,9 @@ def transfer_labels(
     labels = pd.Categorical(_reference_column(reference, key))
     if labels.isna().any():
         raise ValueError(f"reference obs column {key!r} has {int(labels.isna().sum())} missing label(s)")
-    neighbours = _neighbours(reference, query, k, embedding_key)
+    neighbors = _neighbors(reference, query, k, embedding_key)
     winner, votes = majority_vote(
-        labels.codes[neighbours], len(labels.categories), seed=seed, cell_keys=cell_keys(query.obs_names)
+        labels.codes[neighbors], len(labels.categories), seed=seed, cell_keys=cell_keys(query.obs_names)
     )
     conf = votes / k
     predicted = pd.Categorical.from_codes(winner, categories=labels.categories)
@@ -115,9 +115,9 @@ def transfer_values(
     """
     keys = [keys] if isinstance(keys, str) else list(keys)
     values = {key: _reference_values(reference, key) for key in keys}
-    neighbours = _neighbours(reference, query, k, embedding_key)
+    neighbors = _neighbors(reference, query, k, embedding_key)
     for key, (target, source) in values.items():
-        mean = np.asarray(source)[neighbours].mean(axis=1)
+        mean = np.asarray(source)[neighbors].mean(axis=1)
         if target == "obs":
             query.obs[f"{key}_pred"] = mean
         elif isinstance(source, pd.DataFrame):
@@ -130,8 +130,10 @@ def transfer_values(
 def check_transfers(
     reference: Reference, *, labels: Sequence[str] = (), values: Sequence[str] = (), k: int = 5
 ) -> None:
-    """Raise, before any mapping, what :func:`transfer_labels` of ``labels`` and
-    :func:`transfer_values` of ``values`` with ``k`` neighbours would raise for this reference.
+    """Raise, before any mapping, what the transfers of ``labels`` and ``values`` would raise.
+
+    That is what :func:`transfer_labels` of ``labels`` and :func:`transfer_values` of ``values`` with
+    ``k`` neighbors would raise for this reference.
     """
     for key in labels:
         _reference_column(reference, key)
@@ -144,7 +146,7 @@ def check_transfers(
 def majority_vote(
     codes: np.ndarray, n_labels: int, *, seed: int = 0, cell_keys: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Winning label code per row of neighbour label codes, ties broken at random; and its votes.
+    """Winning label code per row of neighbor label codes, ties broken at random; and its votes.
 
     The tie-break of a row is drawn from ``(seed, its cell key, the label)`` alone (``cell_keys``:
     one uint64 per row, e.g. :func:`cell_keys` of the cell names; default: the row numbers), so a
@@ -192,7 +194,8 @@ def evaluate(true: pd.Series | np.ndarray, predicted: pd.Series | np.ndarray) ->
     }
 
 
-def _neighbours(reference: Reference, query: ad.AnnData, k: int, embedding_key: str) -> np.ndarray:
+def _neighbors(reference: Reference, query: ad.AnnData, k: int, embedding_key: str) -> np.ndarray:
+    """The ``k`` nearest reference cells (rows) of each query cell in the corrected embedding."""
     if embedding_key not in query.obsm:
         raise ValueError(f"the query has no obsm[{embedding_key!r}]; map it first with map_query")
     emb = np.asarray(query.obsm[embedding_key], dtype=np.float64)
@@ -204,6 +207,7 @@ def _neighbours(reference: Reference, query: ad.AnnData, k: int, embedding_key: 
 
 
 def _reference_column(reference: Reference, key: str) -> pd.Series:
+    """The reference ``obs`` column ``key``; raises when the reference has no such column or no cells."""
     if reference.embedding is None or reference.obs is None:
         raise ValueError(no_per_cell_data())
     if key not in reference.obs.columns:

@@ -10,8 +10,8 @@ Mapping quality, from the reference's compressed elements only:
 Evaluation against a gold standard:
 
 - :func:`lisi`: the Local Inverse Simpson's Index (Korsunsky et al. 2019), the effective number of
-  categories (e.g. batches) among a cell's neighbours (Gaussian kernel of perplexity 30);
-- :func:`knn_corr` and :func:`within_query_knn_corr`: how well neighbourhood distances are kept.
+  categories (e.g. batches) among a cell's neighbors (Gaussian kernel of perplexity 30);
+- :func:`knn_corr` and :func:`within_query_knn_corr`: how well neighborhood distances are kept.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def lisi(embedding: np.ndarray, labels: pd.Series | np.ndarray, *, perplexity: f
     labels
         One category per cell (e.g. the batch).
     perplexity
-        Effective number of neighbours; ``3 * perplexity`` nearest neighbours are searched.
+        Effective number of neighbors; ``3 * perplexity`` nearest neighbors are searched.
 
     Returns
     -------
@@ -65,8 +65,9 @@ def lisi(embedding: np.ndarray, labels: pd.Series | np.ndarray, *, perplexity: f
 
 
 def _perplexity_weights(dist: np.ndarray, perplexity: float) -> np.ndarray:
-    """Row-normalized ``exp(-beta_i d_ij)`` with each ``beta_i`` set by bisection so that the
-    entropy of row i is ``log(perplexity)``.
+    """Row-normalized ``exp(-beta_i d_ij)`` with each ``beta_i`` set by bisection.
+
+    Each ``beta_i`` is set so that the entropy of row i is ``log(perplexity)``.
     """
     n = dist.shape[0]
     target = np.log(perplexity)
@@ -96,13 +97,13 @@ def _perplexity_weights(dist: np.ndarray, perplexity: float) -> np.ndarray:
 def per_cell_mapping_metric(
     reference: Reference, query: ad.AnnData, *, pca_key: str = "X_symphony_pca", r_key: str = "X_symphony_R"
 ) -> pd.Series:
-    """Symphony's per-cell mapping metric: the R_q-weighted mean Mahalanobis distance of each query
-    cell's projection to the reference clusters in pre-Harmony PC space.
+    """Symphony's per-cell mapping metric: a weighted Mahalanobis distance of each query cell to the clusters.
 
-    Each cluster's distribution is the R-weighted mean and unbiased weighted covariance of the
-    reference's pre-Harmony PCs (R's ``cov.wt``), from the moments kept in the reference
-    (``sum R``, ``sum R^2``, ``sum R z``, ``sum R z z^T``). Values below ~10 are typical of cell
-    states the reference holds.
+    It is the R_q-weighted mean Mahalanobis distance of each query cell's projection to the reference
+    clusters in pre-Harmony PC space. Each cluster's distribution is the R-weighted mean and unbiased
+    weighted covariance of the reference's pre-Harmony PCs (R's ``cov.wt``), from the moments kept in
+    the reference (``sum R``, ``sum R^2``, ``sum R z``, ``sum R z z^T``). Values below ~10 are typical
+    of cell states the reference holds.
 
     Returns
     -------
@@ -183,9 +184,11 @@ def knn_corr(
     *,
     k: int = 500,
 ) -> np.ndarray:
-    """k-NN correlation (paper, Methods): for each query cell, the Spearman correlation between the
-    distances to its k nearest reference cells in the gold-standard embedding and the distances of
-    the same pairs in the alternative embedding. 1 means the neighbourhood order is preserved.
+    """k-NN correlation (paper, Methods): how well each query cell's neighborhood distances are kept.
+
+    For each query cell, the Spearman correlation between the distances to its k nearest reference
+    cells in the gold-standard embedding and the distances of the same pairs in the alternative
+    embedding. 1 means the neighborhood order is preserved.
     """
     k = min(k, len(gold_reference))
     dist, idx = cKDTree(np.asarray(gold_reference, dtype=np.float64)).query(
@@ -196,8 +199,10 @@ def knn_corr(
 
 
 def within_query_knn_corr(gold_query: np.ndarray, alt_query: np.ndarray, *, k: int = 100) -> np.ndarray:
-    """k-NN correlation among query cells: neighbours found in the gold embedding (e.g. the query's
-    own PCA), distances compared in the alternative one (e.g. the mapped embedding).
+    """k-NN correlation among query cells: neighbors found in one embedding, distances compared in another.
+
+    The neighbors are found in the gold embedding (e.g. the query's own PCA), their distances compared
+    in the alternative one (e.g. the mapped embedding).
     """
     k = min(k, len(gold_query) - 1)
     dist, idx = cKDTree(np.asarray(gold_query, dtype=np.float64)).query(
@@ -209,6 +214,7 @@ def within_query_knn_corr(gold_query: np.ndarray, alt_query: np.ndarray, *, k: i
 
 
 def _spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman correlation of each row of ``a`` with the same row of ``b`` (NaN where either row is constant)."""
     ra, rb = scipy.stats.rankdata(a, axis=1), scipy.stats.rankdata(b, axis=1)
     ra -= ra.mean(axis=1, keepdims=True)
     rb -= rb.mean(axis=1, keepdims=True)
