@@ -1,8 +1,8 @@
 """Plots of a reference and its mapped queries (matplotlib; scanpy-like ``color=``, ``ax=``, returning the Axes).
 
-- :func:`reference`: the reference UMAP as density bands per label, labels at their centres
+- :func:`reference`: the reference UMAP as density bands per label, labels at their centers
   (R Symphony's ``plotReference(as.density=TRUE)``), or as points;
-- :func:`mapping`: query cells over the grey density of the reference;
+- :func:`mapping`: query cells over the gray density of the reference;
 - :func:`confusion`: row-normalized confusion matrix of true against predicted labels;
 - :func:`mapping_scores`: the per-cell mapping metric per (predicted) cell type.
 
@@ -36,7 +36,7 @@ _SMOOTH_BINS = 2.0
 #: that a label of a few cells gets its bands as a large one does), and their opacities.
 _BAND_LEVELS = (0.05, 0.25, 0.6)
 _BAND_ALPHAS = (0.2, 0.35, 0.55)
-#: The grey density of the reference under mapped query cells: its levels and opacities.
+#: The gray density of the reference under mapped query cells: its levels and opacities.
 _BACKGROUND_LEVELS = (0.01, 0.08, 0.35)
 _BACKGROUND_ALPHAS = (0.15, 0.25, 0.35)
 #: Size (inches) of a UMAP figure without its legend, whose width comes on top.
@@ -62,7 +62,7 @@ def reference(
     ref
         A reference built with ``umap=True`` (and its cells).
     color
-        Column of ``ref.obs`` (categorical: one colour and set of density bands per label).
+        Column of ``ref.obs`` (categorical: one color and set of density bands per label).
     density
         Draw each label's cells as density bands (as R Symphony's ``plotReference``) over faint points;
         else points. The bands lie at fractions of each label's own density maximum, so that a label of a
@@ -94,12 +94,12 @@ def reference(
     edges = _grid(coords)
     rng = np.random.default_rng(seed)
     members = {label: coords[np.asarray(values == label)] for label in categories}
-    for label, rgb in sorted(zip(categories, palette), key=lambda item: -len(members[item[0]])):
+    for label, rgb in sorted(zip(categories, palette, strict=True), key=lambda item: -len(members[item[0]])):
         _points(ax, members[label], [rgb], point_size, n_total=len(coords), alpha=0.3 if density else 1.0)
         if density:
             _bands(ax, edges, members[label], rng, rgb, _BAND_LEVELS, _BAND_ALPHAS, gid=f"density {label}")
     if labels:
-        _label_centres(ax, members)
+        _label_centers(ax, members)
     _legend(ax, categories, palette)
     return _finish(ax, f"reference UMAP: {color}")
 
@@ -114,8 +114,9 @@ def mapping(
     labels: bool = False,
     seed: int = 0,
 ) -> Axes:
-    """Mapped query cells (``query.obsm['X_umap']``) over the reference cells, drawn as light grey points
-    under grey density bands.
+    """Mapped query cells (``query.obsm['X_umap']``) over the reference cells.
+
+    The reference cells are drawn as light gray points under gray density bands.
 
     Parameters
     ----------
@@ -161,10 +162,10 @@ def mapping(
         _points(ax, placed, "#d62728", point_size)
         return _finish(ax, "query in the reference UMAP")
     members = {label: placed[np.asarray(values == label)] for label in categories}
-    for label, rgb in sorted(zip(categories, palette), key=lambda item: -len(members[item[0]])):
+    for label, rgb in sorted(zip(categories, palette, strict=True), key=lambda item: -len(members[item[0]])):
         _points(ax, members[label], [rgb], point_size, n_total=len(placed))
     if labels:
-        _label_centres(ax, members)
+        _label_centers(ax, members)
     _legend(ax, categories, palette)
     return _finish(ax, f"query in the reference UMAP: {color}")
 
@@ -172,8 +173,9 @@ def mapping(
 def confusion(
     true: pd.Series | np.ndarray, predicted: pd.Series | np.ndarray, *, ax: Axes | None = None, annotate: bool = True
 ) -> Axes:
-    """Row-normalized confusion matrix: the fraction of the cells of each true label (rows) given each
-    predicted label (columns).
+    """Row-normalized confusion matrix of true (rows) against predicted labels (columns).
+
+    Each entry is the fraction of the cells of its true label given its predicted label.
 
     Parameters
     ----------
@@ -295,8 +297,9 @@ def _column(frame: pd.DataFrame, key: str, where: str) -> pd.Series:
 
 
 def _axes(ax: Axes | None, size: tuple[float, float]) -> Axes:
-    """``ax``, or the axes of a new figure of ``size`` inches with a constrained layout (which keeps the
-    legend, tick labels and titles inside the figure).
+    """``ax``, or the axes of a new figure of ``size`` inches with a constrained layout.
+
+    The constrained layout keeps the legend, tick labels and titles inside the figure.
     """
     if ax is not None:
         return ax
@@ -321,8 +324,8 @@ def _legend_width(categories: list) -> float:
 def _palette(values: pd.Series) -> tuple[list, list]:
     import matplotlib as mpl
 
-    # colours follow the full category list, so that predicted labels (categories of the reference
-    # labels) keep the reference's colours even when some are absent; absent ones are then dropped
+    # colors follow the full category list, so that predicted labels (categories of the reference
+    # labels) keep the reference's colors even when some are absent; absent ones are then dropped
     categories = (
         list(values.cat.categories)
         if isinstance(values.dtype, pd.CategoricalDtype)
@@ -330,7 +333,7 @@ def _palette(values: pd.Series) -> tuple[list, list]:
     )
     cmap = mpl.colormaps["tab10" if len(categories) <= 10 else "tab20"]
     palette = [cmap(i % cmap.N) for i in range(len(categories))]
-    present = [(c, p) for c, p in zip(categories, palette) if (values == c).any()]
+    present = [(c, p) for c, p in zip(categories, palette, strict=True) if (values == c).any()]
     return [c for c, _ in present], [p for _, p in present]
 
 
@@ -360,10 +363,12 @@ def _bands(
     *,
     gid: str,
 ) -> None:
-    """Filled density bands of ``xy`` (one contour set, of gid ``gid``): a 2-D histogram on the grid of
-    ``edges`` smoothed by a Gaussian of :data:`_SMOOTH_BINS` bins (so that small and far-apart groups
-    keep their own peaks) and scaled to its maximum, banded at ``levels`` (fractions of the maximum),
-    each band of colour ``rgb`` at its opacity in ``alphas`` (more opaque where more cells are).
+    """Filled density bands of ``xy``, drawn as one contour set of gid ``gid``.
+
+    The density is a 2-D histogram on the grid of ``edges`` smoothed by a Gaussian of :data:`_SMOOTH_BINS`
+    bins (so that small and far-apart groups keep their own peaks) and scaled to its maximum, banded at
+    ``levels`` (fractions of the maximum), each band of color ``rgb`` at its opacity in ``alphas`` (more
+    opaque where more cells are).
     """
     from scipy.ndimage import gaussian_filter
 
@@ -371,16 +376,17 @@ def _bands(
         xy = xy[rng.choice(len(xy), DENSITY_SAMPLE, replace=False)]
     counts, _, _ = np.histogram2d(xy[:, 0], xy[:, 1], bins=edges)
     z = gaussian_filter(counts, _SMOOTH_BINS).T
-    centres = [(e[1:] + e[:-1]) / 2 for e in edges]
-    bands = ax.contourf(*centres, z / z.max(), levels=[*levels, 1.0], colors=[(*rgb[:3], a) for a in alphas])
+    centers = [(e[1:] + e[:-1]) / 2 for e in edges]
+    bands = ax.contourf(*centers, z / z.max(), levels=[*levels, 1.0], colors=[(*rgb[:3], a) for a in alphas])
     bands.set_gid(gid)
 
 
-def _label_centres(ax: Axes, members: dict[str, np.ndarray]) -> None:
-    """Each label at the median of its cells (``members``: label -> coordinates), those of more cells
-    first, placed as the axes stand now (a layout engine may still resize them a little): a label that
-    would stick out of the axes moves in, and one that would cover a label written before moves down or
-    up by its height until it covers none.
+def _label_centers(ax: Axes, members: dict[str, np.ndarray]) -> None:
+    """Write each label at the median of its cells (``members``: label -> coordinates).
+
+    Labels of more cells come first. They are placed as the axes stand now (a layout engine may still
+    resize them a little): a label that would stick out of the axes moves in, and one that would cover a
+    label written before moves down or up by its height until it covers none.
     """
     from matplotlib.patheffects import withStroke
 
@@ -408,10 +414,13 @@ def _label_centres(ax: Axes, members: dict[str, np.ndarray]) -> None:
 
 
 def _legend(ax: Axes, categories: list, palette: list) -> None:
-    """The legend of the colours of ``categories``, to the right of the axes."""
+    """The legend of the colors of ``categories``, to the right of the axes."""
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], marker="o", ls="", color=c, label=str(label)) for label, c in zip(categories, palette)]
+    handles = [
+        Line2D([], [], marker="o", ls="", color=c, label=str(label))
+        for label, c in zip(categories, palette, strict=True)
+    ]
     ax.legend(
         handles=handles,
         loc="center left",
