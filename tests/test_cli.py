@@ -389,7 +389,7 @@ def test_help_shows_every_default_and_answers_without_heavy_imports():
     import subprocess
     import sys
 
-    from symphony_dask.cli import _parser
+    from symphony_dask.cli.parser import build_parser as _parser
 
     parser = _parser()
     assert "``" not in parser.format_help()
@@ -406,7 +406,7 @@ def test_help_shows_every_default_and_answers_without_heavy_imports():
                 assert "default:" in (action.help or ""), (name, action.dest)  # says what happens without it
     assert "repeat for several" in commands["map"].format_help()
     probe = (
-        "import sys, symphony_dask.cli as c; c._parser().format_help(); "
+        "import sys, symphony_dask.cli.parser as c; c.build_parser().format_help(); "
         "print(sorted(m for m in ('dask', 'anndata', 'numpy', 'distributed') if m in sys.modules))"
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)

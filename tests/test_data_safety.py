@@ -230,9 +230,10 @@ _MAP_RACE = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     from symphony_dask import cli
+    from symphony_dask.cli import commands
 
     barrier, me, other = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
-    write = cli.write_anndata
+    write = commands.write_anndata
 
     def write_then_wait(adata, path, suffix):
         write(adata, path, suffix)
@@ -240,7 +241,7 @@ _MAP_RACE = textwrap.dedent("""
         while not (barrier / other).exists():
             time.sleep(0.01)
 
-    cli.write_anndata = write_then_wait
+    commands.write_anndata = write_then_wait
     sys.exit(cli.main(sys.argv[4:]))
 """)
 
