@@ -1,8 +1,8 @@
-"""A realistic synthetic single-cell atlas written straight to a chunked AnnData zarr (v3) store,
-for benchmarks and tests at sizes no real data set here has.
+"""A realistic synthetic single-cell atlas, written straight to a chunked AnnData zarr (v3) store.
 
-The whole matrix is never held: chunks of cells are generated (in parallel processes) from a seed
-and the chunk index alone, and appended to the store's CSR arrays.
+It serves benchmarks and tests at sizes no real data set here has. The whole matrix is never held:
+chunks of cells are generated (in parallel processes) from a seed and the chunk index alone, and
+appended to the store's CSR arrays.
 
 Model (per cell c of type t from donor s, gene g):
 
@@ -15,8 +15,6 @@ Model (per cell c of type t from donor s, gene g):
   ``lib_c``) and dispersion ``theta = 4``. Genes whose expected count can exceed 0.5 (at 4x the
   median library) are drawn as gamma-Poisson mixtures; the rest, whose NB variance ``mu + mu^2/4``
   is within 12% of Poisson's, are drawn as one Poisson total per cell spread by their proportions.
-
-About 1,000-2,000 nonzeros per cell at 20,000 genes.
 
     python -m symphony_dask.datasets.synthetic --cells 1400000 --out data/atlas_1.4M.zarr
 """
@@ -41,6 +39,20 @@ CHUNK = 10_000
 
 @dataclass
 class Model:
+    """The generative model of a synthetic atlas: its gene, cell-type and donor parameters, and its chunks.
+
+    Parameters
+    ----------
+    n_cells, n_genes
+        Size of the atlas.
+    n_types
+        Cell types, each with its marker program.
+    n_donors
+        Donors (the batches), each a contiguous run of cells with its own gene effects and composition.
+    seed
+        The parameters are drawn from ``(seed, 0)``, the chunk of index ``i`` from ``(seed, 1, i)``.
+    """
+
     n_cells: int
     n_genes: int
     n_types: int
@@ -198,6 +210,7 @@ def write_synthetic_atlas(
 
 
 def main() -> None:
+    """Command line: write a synthetic atlas of ``--cells`` cells to ``--out`` and print its summary (JSON)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cells", type=int, required=True)
     parser.add_argument("--genes", type=int, default=20_000)
