@@ -1,10 +1,10 @@
 """A lean message channel between the Harmony group that leads a clustering iteration and its peers.
 
 A block of a clustering iteration is one small request to each peer (the block's penalty, p x k)
-and one small reply (its ``S``, p x k). Through distributed's RPC such a round trip costs ~1.5 ms
-of Python on each side; over a plain asyncio stream, ~0.3 ms (both measured between two worker
-processes here), and on a busy worker that time comes out of the computation. So the leader keeps a
-TCP connection to each peer for the run, on the host of the peer's worker.
+and one small reply (its ``S``, p x k). Through distributed's RPC such a round trip costs several
+times the Python on each side that it costs over a plain asyncio stream, and on a busy worker that
+time comes out of the computation. So the leader keeps a TCP connection to each peer for the run,
+on the host of the peer's worker.
 
 The channel carries only numbers: integers, float64 scalars and arrays, int64 arrays and None,
 in a fixed binary layout (never pickle), and a peer accepts a connection only after it has
@@ -62,8 +62,9 @@ _KINDS = {np.dtype(np.float64): b"a", np.dtype(np.int64): b"l"}
 
 
 def encode(items: tuple | list) -> bytes:
-    """A message of ints, floats, None, str and NumPy arrays (float64 or int64), nested tuples
-    flattened with a count so that :func:`decode` gives the same structure back.
+    """A message of ints, floats, None, str and NumPy arrays (float64 or int64), in nested tuples.
+
+    Tuples are flattened with a count, so that :func:`decode` gives the same structure back.
 
     Parameters
     ----------
@@ -215,8 +216,10 @@ async def read_message(reader: asyncio.StreamReader) -> Any:
 
 
 async def serve(host: str, token: bytes, handler: Callable[..., Awaitable[Any]]) -> asyncio.AbstractServer:
-    """Listen on ``host`` (a free port) for connections that present ``token``; each request is a
-    tuple of arguments for ``handler``, each reply ``("ok", result)`` or ``("error", message)``.
+    """Listen on ``host`` (a free port) for connections that present ``token``, and answer them with ``handler``.
+
+    Each request is a tuple of arguments for ``handler``, each reply ``("ok", result)`` or
+    ``("error", message)``.
 
     ``handler`` is held weakly through its object (a bound method), so a forgotten server does
     not keep its group alive: requests then get an error. A connection is closed when its token
