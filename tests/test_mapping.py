@@ -141,7 +141,7 @@ def test_labels_with_hnsw_index_saved_with_the_reference(built_reference, pbmcs,
 
 
 def test_neighbor_index_built_with_the_reference_or_at_first_transfer(pbmcs, oracle, monkeypatch):
-    monkeypatch.setattr("symphony_dask._reference.build.EXACT_MAX_CELLS", 100)  # HNSW for this 910-cell reference
+    monkeypatch.setattr("symphony_dask._reference.stages.EXACT_MAX_CELLS", 100)  # HNSW for this 910-cell reference
     monkeypatch.setattr("symphony_dask._embedding.neighbors.EXACT_MAX_CELLS", 100)
     data, query = pbmcs[oracle.ref_cells].copy(), pbmcs[oracle.query_cells].copy()
     with_index = sd.build_reference(data, "donor", normalize=False, n_hvg=1000, n_clusters=20)

@@ -24,7 +24,7 @@ from conftest import R_BUILD
 import symphony_dask as sd
 from symphony_dask._dask.cluster import connect
 from symphony_dask._harmony.cluster import groups as harmony_groups
-from symphony_dask._reference import build
+from symphony_dask._reference import stages
 
 CONFIG = Path(__file__).parents[1] / "cluster_configs" / "slurm-local.yaml"
 TOL = 1e-10
@@ -90,7 +90,7 @@ def test_build_and_map_through_slurm_equal_threads(slurm, split, tmp_path, monke
     # pbmcs_small's 910 cells in two chunks and two chunk groups (the cluster's default: one group
     # per 50,000 cells), so that Harmony's channel runs between the nodes
     kw = dict(R_BUILD, chunk_size=455)
-    monkeypatch.setattr(build, "HARMONY_CHUNK_SIZE", 1)
+    monkeypatch.setattr(stages, "HARMONY_CHUNK_SIZE", 1)
     monkeypatch.setattr(harmony_groups, "MIN_GROUP_CELLS", 300)
     made = []
 

@@ -7,9 +7,7 @@ pure kernels (also used by mapping and compression) in :mod:`symphony_dask._harm
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Sequence
 
 import dask.array as da
 import numpy as np
@@ -18,116 +16,13 @@ import pandas as pd
 from symphony_dask._dask.chunked import one_blas_thread_per_task
 from symphony_dask._harmony.driver import HarmonyResult, HarmonyRun, RidgeSettings
 from symphony_dask._harmony.mixture import Design, make_design
+from symphony_dask._harmony.settings import Flavor, HarmonySettings, check_harmony_settings
 from symphony_dask._io.validation import as_key_list, check_batch_values, check_obs_keys, option
 
-__all__ = ["HarmonyResult", "default_n_clusters", "harmonize", "soft_kmeans"]
+__all__ = ["Flavor", "HarmonyResult", "HarmonySettings", "default_n_clusters", "harmonize", "soft_kmeans"]
 
-Flavor = Literal["harmony1", "harmony2"]
-#: Settings whose default depends on the flavor: harmony 0.1's as Symphony runs it, and harmonypy
-#: 2.1's (``lamb=None``: the ridge penalty estimated as ``alpha E``; ``n_init=1``: one k-means++ start).
-FLAVOR_DEFAULTS: dict[str, dict[str, float | int | None]] = {
-    "harmony1": dict(lamb=1.0, max_iter_cluster=200, epsilon_cluster=1e-5, epsilon_harmony=1e-4, n_init=10),
-    "harmony2": dict(
-        lamb=None,
-        alpha=0.2,
-        batch_prop_cutoff=1e-5,
-        max_iter_cluster=4,
-        epsilon_cluster=1e-3,
-        epsilon_harmony=1e-2,
-        n_init=1,
-    ),
-}
-#: Settings a flavor does not use.
-IGNORED = {"harmony1": ("alpha", "batch_prop_cutoff"), "harmony2": ()}
 #: Iterations of Symphony's soft k-means when the reference has no batch variable.
 SOFT_KMEANS_ITERATIONS = 20
-
-
-def flavor_settings(flavor: str, **given: float | Sequence[float] | None) -> dict:
-    """The settings in ``given`` with those left ``None`` set to the flavor's defaults
-    (:data:`FLAVOR_DEFAULTS`); the settings the flavor does not use are warned about and ``None``.
-    """
-    if flavor not in FLAVOR_DEFAULTS:
-        raise ValueError(f"flavor must be 'harmony1' or 'harmony2', got {flavor!r}")
-    for name in IGNORED[flavor]:
-        if given.get(name) is not None:
-            warnings.warn(f"{name} is a harmony2 setting; flavor={flavor!r} ignores it", UserWarning, stacklevel=3)
-    return {
-        name: None if name in IGNORED[flavor] else FLAVOR_DEFAULTS[flavor].get(name) if value is None else value
-        for name, value in given.items()
-    }
-
-
-@dataclass(frozen=True)
-class _Range:
-    """The values a Harmony setting may take, as a test and in words, and what the setting does."""
-
-    allows: Callable[[float], bool]
-    words: str
-    what: str
-    integer: bool = False
-    per_key: bool = False
-
-
-#: The numeric Harmony settings :func:`check_harmony_settings` checks (``None`` always stands for
-#: the flavor's default, or for ``lamb``, ``alpha`` and ``batch_prop_cutoff``, for "not used").
-RANGES = {
-    "theta": _Range(lambda v: v >= 0, "at least 0", "the diversity penalty", per_key=True),
-    "tau": _Range(lambda v: v >= 0, "at least 0", "the small-batch discount of the penalty", per_key=True),
-    "lamb": _Range(lambda v: v >= 0, "at least 0", "the ridge penalty", per_key=True),
-    "sigma": _Range(lambda v: v > 0, "greater than 0", "the soft k-means entropy regularization"),
-    "alpha": _Range(lambda v: v >= 0, "at least 0", "the factor of the estimated ridge penalty"),
-    "batch_prop_cutoff": _Range(
-        lambda v: 0 <= v <= 1,
-        "between 0 and 1",
-        "the share of a cluster below which a batch is left out of its correction",
-    ),
-    "block_size": _Range(
-        lambda v: 0 < v <= 1, "greater than 0 and at most 1", "the fraction of cells updated together"
-    ),
-    "max_iter_harmony": _Range(lambda v: v >= 1, "at least 1", "the most Harmony iterations", integer=True),
-    "max_iter_cluster": _Range(
-        lambda v: v >= 1, "at least 1", "the most clustering iterations per Harmony iteration", integer=True
-    ),
-    "max_iter": _Range(lambda v: v >= 1, "at least 1", "the most soft k-means iterations", integer=True),
-    "n_init": _Range(lambda v: v >= 1, "at least 1", "the number of k-means starts", integer=True),
-    "epsilon_cluster": _Range(
-        lambda v: not np.isnan(v),
-        "a number (a negative one never stops early)",
-        "the relative tolerance of the clustering objective",
-    ),
-    "epsilon_harmony": _Range(
-        lambda v: not np.isnan(v),
-        "a number (a negative one never stops early)",
-        "the relative tolerance of Harmony's objective",
-    ),
-}
-
-
-def check_harmony_settings(n_keys: int, **settings: float | Sequence[float] | None) -> None:
-    """Raise, before any work, when a Harmony setting of :data:`RANGES` is out of its range, or a
-    per-key one (``theta``, ``tau``, ``lamb``) has neither one value nor one per batch key (of ``n_keys``).
-
-    Settings are named as the caller spells them (:func:`~symphony_dask._io.validation.option`); ``None``
-    (a default) is not checked.
-    """
-    for name, value in settings.items():
-        if value is None:
-            continue
-        rule = RANGES[name]
-        kind = "whole number" if rule.integer else "number"
-        try:
-            values = np.atleast_1d(np.asarray(value, dtype=np.float64))
-        except (TypeError, ValueError):
-            raise TypeError(
-                f"{option(name, value)}: {rule.what} must be a {kind}{', or one per batch key' if rule.per_key else ''}"
-            ) from None
-        if values.ndim != 1 or (values.size != 1 and not (rule.per_key and values.size == n_keys)):
-            expected = f"one value or one per batch key ({n_keys})" if rule.per_key else "one value"
-            raise ValueError(f"{option(name, value)}: {rule.what} takes {expected}, got {values.size}")
-        for v in values.tolist():
-            if not rule.allows(v) or np.isinf(v) or (rule.integer and not v.is_integer()):
-                raise ValueError(f"{option(name, value)}: {rule.what} must be a finite {kind} {rule.words}")
 
 
 def default_n_clusters(n_cells: int) -> int:
@@ -209,19 +104,38 @@ def harmonize(
     HarmonyResult
         NumPy arrays for a NumPy ``Z``; dask arrays with ``Z``'s row chunks for a dask ``Z``.
     """
-    settings = flavor_settings(
-        flavor,
+    keys = as_key_list(batch_keys)
+    if not keys:
+        raise ValueError("harmonize needs at least one batch key")
+    settings = HarmonySettings(
+        flavor=flavor,
+        theta=theta,
+        tau=tau,
+        sigma=sigma,
         lamb=lamb,
         alpha=alpha,
         batch_prop_cutoff=batch_prop_cutoff,
+        block_size=block_size,
+        max_iter_harmony=max_iter_harmony,
         max_iter_cluster=max_iter_cluster,
         epsilon_cluster=epsilon_cluster,
         epsilon_harmony=epsilon_harmony,
         n_init=n_init,
-    )
-    keys = as_key_list(batch_keys)
-    if not keys:
-        raise ValueError("harmonize needs at least one batch key")
+        seed=seed,
+    ).resolved(len(keys))
+    return harmonize_with(Z, meta, keys, settings, n_clusters=n_clusters, chunk_size=chunk_size)
+
+
+def harmonize_with(
+    Z: np.ndarray | da.Array,
+    meta: pd.DataFrame,
+    keys: list[str],
+    settings: HarmonySettings,
+    *,
+    n_clusters: int | None = None,
+    chunk_size: int | None = None,
+) -> HarmonyResult:
+    """:func:`harmonize` with its settings resolved (:meth:`HarmonySettings.resolved`) and checked."""
     if Z.ndim != 2:
         raise ValueError(f"Z must be a cells x d matrix, got shape {Z.shape}")
     n = int(Z.shape[0])
@@ -229,87 +143,37 @@ def harmonize(
         raise ValueError(f"meta has {len(meta)} rows but Z has {n} cells")
     check_obs_keys(meta, keys, where="meta")
     check_batch_values(meta, keys, where="meta")
-    check_harmony_settings(
-        len(keys),
-        theta=theta,
-        tau=tau,
-        sigma=sigma,
-        block_size=block_size,
-        max_iter_harmony=max_iter_harmony,
-        **settings,
-    )
     k = default_n_clusters(n) if n_clusters is None else int(n_clusters)
     check_clusters(k, n)
-    theta_k, tau_k = _per_key(theta, keys), _per_key(tau, keys)
-    lamb_k = None if settings["lamb"] is None else _per_key(settings["lamb"], keys)
     varying = [key for key in keys if meta[key].nunique() > 1]
     for key in set(keys) - set(varying):
         warnings.warn(
             f"batch variable {key!r} has a single level; there is nothing to integrate over it",
             UserWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     with one_blas_thread_per_task():
-        return _integrate(
-            Z,
-            meta,
-            varying,
-            k,
-            theta_k,
-            tau_k,
-            lamb_k,
-            sigma=sigma,
-            seed=seed,
-            flavor=flavor,
-            chunk_size=chunk_size,
-            n_init=settings["n_init"],
-            block_size=block_size,
-            alpha=settings["alpha"],
-            batch_prop_cutoff=settings["batch_prop_cutoff"],
-            max_iter_harmony=max_iter_harmony,
-            max_iter_cluster=settings["max_iter_cluster"],
-            epsilon_cluster=settings["epsilon_cluster"],
-            epsilon_harmony=settings["epsilon_harmony"],
-        )
+        return _integrate(Z, meta, keys, varying, k, settings, chunk_size)
 
 
-def _integrate(
-    Z,
-    meta,
-    varying,
-    k,
-    theta_k,
-    tau_k,
-    lamb_k,
-    *,
-    sigma,
-    seed,
-    flavor,
-    chunk_size,
-    n_init,
-    block_size,
-    alpha,
-    batch_prop_cutoff,
-    max_iter_harmony,
-    max_iter_cluster,
-    epsilon_cluster,
-    epsilon_harmony,
-) -> HarmonyResult:
+def _integrate(Z, meta, keys, varying, k, settings: HarmonySettings, chunk_size) -> HarmonyResult:
     n = int(Z.shape[0])
     if not varying:
         warnings.warn(
-            "no batch variable has two levels: clustering by soft k-means without correction", UserWarning, stacklevel=3
+            "no batch variable has two levels: clustering by soft k-means without correction", UserWarning, stacklevel=4
         )
         return _soft_kmeans(
             Z,
             make_design(meta, []),
             k,
-            sigma=sigma,
-            seed=seed,
+            sigma=settings.sigma,
+            seed=settings.seed,
             chunk_size=chunk_size,
-            n_init=n_init,
+            n_init=settings.n_init,
             max_iter=SOFT_KMEANS_ITERATIONS,
         )
+    theta_k, tau_k = _per_key(settings.theta, keys), _per_key(settings.tau, keys)
+    lamb_k = None if settings.lamb is None else _per_key(settings.lamb, keys)
     design = make_design(meta, varying)
     n_b = design.level_counts()
     _warn_small_batches(design, n_b)
@@ -319,26 +183,29 @@ def _integrate(
         discount = 1.0 - np.exp(-((n_b / (k * np.where(tau_b > 0, tau_b, 1.0))) ** 2))
         theta_b = np.where(tau_b > 0, theta_b * discount, theta_b)
     penalty = None if lamb_k is None else np.concatenate([[0.0], [lamb_k[key] for key, _ in design.levels]])
-    ridge = RidgeSettings(penalty) if flavor == "harmony1" else RidgeSettings(penalty, alpha, batch_prop_cutoff)
+    if settings.flavor == "harmony1":
+        ridge = RidgeSettings(penalty)
+    else:
+        ridge = RidgeSettings(penalty, settings.alpha, settings.batch_prop_cutoff)
     run = HarmonyRun(
         Z,
         design,
         n_b / n,
         theta_b,
         n_clusters=k,
-        sigma=sigma,
-        seed=seed,
-        n_blocks=int(np.ceil(1.0 / block_size)),
+        sigma=settings.sigma,
+        seed=settings.seed,
+        n_blocks=int(np.ceil(1.0 / settings.block_size)),
         chunk_size=chunk_size,
-        flavor=flavor,
+        flavor=settings.flavor,
     )
     return run.harmony(
         ridge,
-        n_init=n_init,
-        max_iter_harmony=max_iter_harmony,
-        max_iter_cluster=max_iter_cluster,
-        epsilon_cluster=epsilon_cluster,
-        epsilon_harmony=epsilon_harmony,
+        n_init=settings.n_init,
+        max_iter_harmony=settings.max_iter_harmony,
+        max_iter_cluster=settings.max_iter_cluster,
+        epsilon_cluster=settings.epsilon_cluster,
+        epsilon_harmony=settings.epsilon_harmony,
     )
 
 
