@@ -37,6 +37,7 @@ import pandas as pd
 
 from symphony_dask._embedding.neighbors import Method, NeighborIndex
 from symphony_dask._embedding.umap_layout import Placement, UmapModel
+from symphony_dask._harmony.settings import HarmonySettings
 from symphony_dask._io.validation import pass_option
 
 
@@ -174,6 +175,11 @@ class Reference:
     def n_cells(self) -> int | None:
         """Number of reference cells, if the per-cell embedding is kept."""
         return None if self.embedding is None else int(self.embedding.shape[0])
+
+    @property
+    def harmony_settings(self) -> HarmonySettings:
+        """The Harmony settings the reference was built with, as its ``params`` record them."""
+        return HarmonySettings.from_params(self.params)
 
     @property
     def umap(self) -> np.ndarray | None:

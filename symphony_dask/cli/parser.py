@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from symphony_dask._harmony.settings import FLAVOR_DEFAULTS, HarmonySettings
 from symphony_dask.cli.commands import (
     check_build,
     check_map,
@@ -13,6 +14,9 @@ from symphony_dask.cli.commands import (
     run_map,
 )
 from symphony_dask.cli.outputs import MAPPED_SUFFIXES
+
+#: Harmony's defaults, the same as build_reference's.
+HARMONY = HarmonySettings()
 
 DESCRIPTION = """\
 Build a Symphony reference from single-cell expression (Harmony-integrated PCA, compressed), map
@@ -135,12 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="Harmony's soft clusters; default: min(100, cells / 30)",
     )
     b.add_argument(
-        "--theta", type=float, default=2.0, help="Harmony's diversity penalty (0: no push to mix the batches)"
+        "--theta",
+        type=float,
+        default=HARMONY.theta,
+        help="Harmony's diversity penalty (0: no push to mix the batches)",
     )
     b.add_argument(
         "--harmony-flavor",
-        choices=["harmony1", "harmony2"],
-        default="harmony1",
+        choices=list(FLAVOR_DEFAULTS),
+        default=HARMONY.flavor,
         help="harmony1: harmony 0.1, as the Symphony paper; harmony2: R harmony 2.0 / harmonypy 2.1, "
         "with their settings",
     )
@@ -149,10 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="N",
-        help="most Harmony iterations (default: 20 for harmony1, as R Symphony; 10 for harmony2)",
+        help=f"most Harmony iterations (default: {FLAVOR_DEFAULTS['harmony1']['max_iter_harmony']} for harmony1, as "
+        f"R Symphony; {FLAVOR_DEFAULTS['harmony2']['max_iter_harmony']} for harmony2)",
     )
     b.add_argument(
-        "--seed", type=int, default=111, metavar="N", help="seed of the k-means start and Harmony's block order"
+        "--seed",
+        type=int,
+        default=HARMONY.seed,
+        metavar="N",
+        help="seed of the k-means start and Harmony's block order",
     )
     b.add_argument(
         "--minimal",
