@@ -15,7 +15,8 @@ import pytest
 from distributed import Client, LocalCluster
 
 import symphony_dask as sd
-from symphony_dask._harmony.chunk import ChunkGroup, CorrectionStep, Piece, RunSpec
+from symphony_dask._harmony.chunk import ChunkGroup, CorrectionStep, RunSpec
+from symphony_dask._harmony.piece import Piece
 from symphony_dask._harmony.cluster import groups as harmony_groups
 from symphony_dask._harmony.kernels import PenaltyTerms
 from symphony_dask._mapping.metrics import lisi
@@ -55,7 +56,7 @@ def test_chunking_does_not_change_results(pbmc3500, n_chunks):
 def test_assignment_pieces_are_r(pbmc3500, monkeypatch):
     """``map_assignment_pieces`` (the build's compression sums R one piece at a time) hands each
     kernel call its rows of the aligned arrays and of R."""
-    monkeypatch.setattr("symphony_dask._harmony.chunk.PIECE_CELLS", 400)
+    monkeypatch.setattr("symphony_dask._harmony.piece.PIECE_CELLS", 400)
     z, meta, _ = pbmc3500
     lazy = sd.harmonize(da.from_array(z, chunks=(1200, -1)), meta, "donor", max_iter_harmony=2, seed=3)
     rows = da.arange(len(z), chunks=500)

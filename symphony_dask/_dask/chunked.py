@@ -7,7 +7,6 @@ followed by a *tree reduction* of small statistics. This module holds the generi
   per-chunk results ``split_every`` at a time into one small result;
 - :func:`map_rows`: apply a per-cell kernel and keep the result as a dask array with the same
   row chunks (per-cell outputs are never gathered on the client);
-- :class:`TaskGraph`: a low-level graph for loops of many small steps (Harmony);
 - :func:`one_blas_thread_per_task`: keeps BLAS from oversubscribing the cores under dask threads.
 
 The in-memory path is the one-chunk case: a kernel applied to the whole matrix.
@@ -19,7 +18,6 @@ import contextvars
 import operator
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -27,7 +25,6 @@ from typing import Any
 import dask
 import dask.array as da
 import numpy as np
-from dask.delayed import Delayed
 from threadpoolctl import threadpool_limits
 
 from symphony_dask._dask.progress import notebook_progress, watch_futures
@@ -313,50 +310,3 @@ def one_blas_thread_per_task() -> Iterator[None]:
             if _blas_users == 0:
                 _blas_limits.restore_original_limits()
                 _blas_limits = None
-
-
-class TaskGraph:
-    """A low-level task graph built task by task (far cheaper per task than ``dask.delayed``).
-
-    For loops of many small steps (Harmony runs thousands): tasks are ``(function, *arguments)``
-    tuples whose arguments may be keys of earlier tasks; :meth:`delayed` wraps a key for
-    ``dask.persist`` / ``dask.compute`` on the active scheduler.
-    """
-
-    def __init__(self, dependencies: Sequence[Delayed] = ()) -> None:
-        self.dsk: dict = {}
-        for dep in dependencies:
-            self.dsk.update(dep.__dask_graph__())
-        self.token = uuid.uuid4().hex
-        self.count = 0
-
-    def task(self, func: Callable[..., Any], *args: Any) -> tuple:
-        """Add ``func(*args)`` and return its key."""
-        self.count += 1
-        key = (func.__name__, self.token, self.count)
-        self.dsk[key] = (func, *args)
-        return key
-
-    def reduce(self, keys: Sequence, combine: Callable[[Any, Any], Any], split_every: int = SPLIT_EVERY) -> tuple:
-        """Key of the tree reduction of the values at ``keys``."""
-        level = list(keys)
-        if len(level) == 1:
-            return self.task(fold, combine, level[0])
-        while len(level) > 1:
-            level = [self.task(fold, combine, *level[i : i + split_every]) for i in range(0, len(level), split_every)]
-        return level[0]
-
-    def delayed(self, key: tuple) -> Delayed:
-        return Delayed(key, self.dsk)
-
-    def run(self, keys: Sequence[tuple]) -> list[Any]:
-        """Evaluate the graph here, task by task in the order they were added (an order in which
-        every task comes after the tasks it uses): the one-chunk case, without a scheduler.
-        """
-        values: dict = {}
-        for key, (func, *args) in self.dsk.items():
-            values[key] = func(*(values[a] if self._is_key(a) else a for a in args))
-        return [values[k] for k in keys]
-
-    def _is_key(self, value: Any) -> bool:
-        return isinstance(value, tuple) and len(value) == 3 and value[1] is self.token

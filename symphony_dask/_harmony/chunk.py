@@ -2,8 +2,8 @@
 
 A :class:`ChunkGroup` keeps some row chunks of the embedding for a whole Harmony run: all of them
 in this process on the threaded scheduler, or the chunks one worker was given on a distributed
-cluster (there it lives as a dask actor, see :mod:`symphony_dask._harmony.cluster.groups`). It splits each
-chunk into *pieces* of at most :data:`PIECE_CELLS` cells, the unit of work of its threads; every
+cluster (there it lives as a dask actor, see :mod:`symphony_dask._harmony.cluster.actor`). It splits each
+chunk into *pieces* of at most :data:`~symphony_dask._harmony.piece.PIECE_CELLS` cells, the unit of work of its threads; every
 sum it returns is folded over its pieces in a fixed order, so results depend on the chunks and
 never on the number of threads or workers.
 
@@ -26,12 +26,10 @@ Between clustering iterations only the corrections change a piece (``z_corr``), 
 from __future__ import annotations
 
 import logging
-import threading
 import weakref
-from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -42,19 +40,11 @@ from symphony_dask._harmony.kernels import (
     BlockKernel,
     Ledger,
     PenaltyTerms,
-    Scratch,
-    assign,
-    block_of,
-    normalize_rows,
-    normalize_rows_into,
 )
-from symphony_dask._harmony.mixture import add_weighted_sums, pattern_runs, subtract_batch_terms
+from symphony_dask._harmony.piece import Piece, piece_bounds
+from symphony_dask._harmony.pool import WorkPool
 
 logger = logging.getLogger("symphony_dask")
-
-#: Most cells per piece: the unit of work of a group's threads (a block of it, ~1,600 cells, is
-#: a few milliseconds of work).
-PIECE_CELLS = 32_768
 
 
 @dataclass(frozen=True)
@@ -96,141 +86,6 @@ class IterationSums:
     centroid_sums: np.ndarray
 
 
-def piece_bounds(n: int) -> list[tuple[int, int]]:
-    """Split ``n`` rows into nearly equal pieces of at most :data:`PIECE_CELLS` rows."""
-    count = max(1, -(-n // PIECE_CELLS))
-    edges = np.linspace(0, n, count + 1).round().astype(int)
-    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
-
-
-@dataclass
-class Piece:
-    """The state of some consecutive cells (see the module docstring).
-
-    ``z`` is the cells' PCs as given (in the original order, not copied); ``perm`` maps the sorted
-    order to it (sorted row ``j`` is row ``perm[j]``), in which ``codes``, ``z_corr`` and
-    ``z_clustered`` are kept. ``bounds[b]:bounds[b+1]`` is block ``b`` and ``runs[b]`` its (pattern,
-    start, stop) runs, relative to the block. ``z_clustered`` keeps the embedding the last clustering
-    saw once a final correction has moved ``z_corr`` (the output ``R`` comes from it). ``buffers``
-    are two sets of scratch buffers: a clustering iteration prepares one block in one while it sums
-    the other; passes over all blocks use the first.
-    """
-
-    offset: int
-    z: np.ndarray
-    perm: np.ndarray
-    codes: np.ndarray
-    bounds: np.ndarray
-    runs: list[list[tuple[int, int, int]]]
-    z_corr: np.ndarray
-    z_clustered: np.ndarray | None = None
-    buffers: tuple[Scratch, Scratch] = field(default_factory=lambda: (Scratch(), Scratch()), repr=False, compare=False)
-
-    @staticmethod
-    def create(z: np.ndarray, codes: np.ndarray, offset: int, spec: RunSpec) -> Piece:
-        block = block_of(np.arange(offset, offset + len(z)), spec.key, spec.n_blocks)
-        perm = np.lexsort((codes, block))
-        codes, block = codes[perm].astype(np.int64), block[perm]
-        bounds = np.searchsorted(block, np.arange(spec.n_blocks + 1))
-        runs = [pattern_runs(codes[bounds[b] : bounds[b + 1]]) for b in range(spec.n_blocks)]
-        return Piece(offset, z, perm, codes, bounds, runs, z[perm])
-
-    def block(self, b: int) -> slice:
-        return slice(int(self.bounds[b]), int(self.bounds[b + 1]))
-
-    def n_blocks(self) -> int:
-        return len(self.bounds) - 1
-
-    # -- checks and k-means start ------------------------------------------------------------------
-
-    def n_nonfinite(self) -> int:
-        return int((~np.isfinite(self.z)).sum())
-
-    def take(self, global_index: np.ndarray) -> np.ndarray:
-        """Cosine-normalized rows at the given global indices that fall in this piece (in that order)."""
-        inside = (global_index >= self.offset) & (global_index < self.offset + len(self.z))
-        return normalize_rows(self.z[global_index[inside] - self.offset])
-
-    # -- assignments -------------------------------------------------------------------------------
-
-    def kernel(self, b: int, y: np.ndarray, sigma: float, buffers: int) -> BlockKernel:
-        """The penalty-free half of block ``b``'s assignments (see :class:`BlockKernel`), in this
-        piece's iteration buffers number ``buffers`` (0 or 1).
-        """
-        return BlockKernel.compute(self.z_corr[self.block(b)], y, sigma, self.buffers[buffers])
-
-    def _assign(
-        self, b: int, z_corr: np.ndarray, y: np.ndarray, sigma: float, weights: np.ndarray, pattern_sums: np.ndarray
-    ) -> tuple[BlockKernel, float]:
-        sl = self.block(b)
-        return assign(z_corr[sl], y, sigma, weights, self.codes[sl], pattern_sums, self.buffers[0])
-
-    def _block_pcs(self, b: int) -> np.ndarray:
-        """Block ``b``'s rows of ``z`` in the sorted order (in a scratch buffer)."""
-        rows = self.perm[self.block(b)]
-        return np.take(self.z, rows, axis=0, out=self.buffers[0].get("z", len(rows), self.z.shape[1]))
-
-    def initial_sums(self, y: np.ndarray, sigma: float, n_patterns: int) -> tuple[np.ndarray, float, np.ndarray]:
-        """``S`` per block (n_blocks x p x k), entropy part and centroid sums of ``R = softmax(-dist / sigma)``."""
-        ones = np.ones((n_patterns, y.shape[1]))
-        s = np.zeros((self.n_blocks(), n_patterns, y.shape[1]))
-        logz, centroid_sums = 0.0, np.zeros_like(y)
-        for b in range(self.n_blocks()):
-            kernel, part = self._assign(b, self.z_corr, y, sigma, ones, s[b])
-            logz += part
-            centroid_sums += kernel.centroid_sums()
-        return s, logz, centroid_sums
-
-    # -- correction --------------------------------------------------------------------------------
-
-    def ridge_sums(self, y: np.ndarray, sigma: float, penalties: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``sum R`` (p x k) and ``sum R z`` (p x k x d) per pattern, with ``R`` recomputed per block
-        from the centroids and penalties of the last clustering iteration.
-        """
-        n_patterns, k, d = penalties.shape[1], y.shape[1], self.z.shape[1]
-        s = np.zeros((n_patterns, k))
-        t = np.zeros((n_patterns, k, d))
-        for b in range(self.n_blocks()):
-            z = self._block_pcs(b)
-            kernel, _ = self._assign(b, self.z_corr, y, sigma, penalties[b], s)
-            add_weighted_sums(t, z, kernel.e, self.runs[b])
-        return s, t
-
-    def corrected_state(self, step: CorrectionStep, sigma: float) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-        """``z_corr = z - sum_k R_k W_k^T x`` (``step.per_pattern[p] = x_p^T W``), the embedding to keep
-        for the output ``R`` (after a final correction), and the new centroid sums ``Z_cos^T R``.
-        Leaves this piece unchanged.
-        """
-        old = self.z_corr
-        new = self.z[self.perm]
-        centroid_sums = np.zeros_like(step.y)
-        pattern_sums = np.zeros((step.penalties.shape[1], step.y.shape[1]))
-        for b in range(self.n_blocks()):
-            sl = self.block(b)
-            corrected = new[sl]
-            kernel, _ = self._assign(b, old, step.y, sigma, step.penalties[b], pattern_sums)
-            subtract_batch_terms(corrected, kernel.e, step.per_pattern, self.runs[b])
-            z_cos = normalize_rows_into(corrected, self.buffers[0].get("z_cos", len(corrected), corrected.shape[1]))
-            centroid_sums += z_cos.T @ kernel.e
-        return new, (old if step.final else None), centroid_sums
-
-    # -- outputs in the original cell order ----------------------------------------------------------
-
-    def corrected(self, out: np.ndarray) -> None:
-        """Write the corrected PCs into ``out`` (this piece's rows) in the original cell order."""
-        out[self.perm] = self.z_corr
-
-    def assignments(self, y: np.ndarray, sigma: float, penalties: np.ndarray, out: np.ndarray) -> None:
-        """Write ``R`` (cells x k) into ``out`` (this piece's rows) in the original cell order, as
-        the last clustering iteration left it.
-        """
-        z_corr = self.z_corr if self.z_clustered is None else self.z_clustered
-        pattern_sums = np.zeros((penalties.shape[1], y.shape[1]))
-        for b in range(self.n_blocks()):
-            kernel, _ = self._assign(b, z_corr, y, sigma, penalties[b], pattern_sums)
-            out[self.perm[self.block(b)]] = kernel.e
-
-
 @dataclass
 class _Iteration:
     """Scratch of the clustering iteration in progress: per piece, the prepared kernels (two
@@ -246,60 +101,6 @@ class _Iteration:
     prepared: list[Future]
     logz: list[float]
     centroid_sums: list[np.ndarray]
-
-
-class WorkPool:
-    """Threads that take urgent jobs before background ones (first in, first out within each).
-
-    A block's weighing is urgent (the driver waits for its ``S``); the next block's preparation and
-    the centroid sums are background work that fills the time of the reduction across groups.
-    With ``n_threads=0`` every job runs at once in the caller's thread (one piece: nothing to
-    share, and no hand-offs between threads).
-    """
-
-    def __init__(self, n_threads: int) -> None:
-        self._urgent: deque = deque()
-        self._background: deque = deque()
-        self._ready = threading.Condition()
-        self._closed = False
-        self.inline = n_threads == 0
-        for i in range(int(n_threads)):
-            threading.Thread(target=self._work, name=f"symphony-harmony-{i}", daemon=True).start()
-
-    def submit(self, fn: Callable[[], Any], urgent: bool = False) -> Future:
-        """Run ``fn`` in a thread of the pool (at once in this thread if the pool has none)."""
-        future: Future = Future()
-        if self.inline:
-            future.set_running_or_notify_cancel()
-            try:
-                future.set_result(fn())
-            except BaseException as err:
-                future.set_exception(err)
-            return future
-        with self._ready:
-            (self._urgent if urgent else self._background).append((future, fn))
-            self._ready.notify()
-        return future
-
-    def shutdown(self) -> None:
-        with self._ready:
-            self._closed = True
-            self._ready.notify_all()
-
-    def _work(self) -> None:
-        while True:
-            with self._ready:
-                while not (self._urgent or self._background or self._closed):
-                    self._ready.wait()
-                if self._closed:
-                    return
-                future, fn = (self._urgent or self._background).popleft()
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(fn())
-                except BaseException as err:  # handed to whoever waits on the future
-                    future.set_exception(err)
-            del future, fn  # an idle thread holds nothing of the last job (and of its group)
 
 
 #: Groups of this process by id, for :func:`chunk_output` (a group leaves when it is dropped).
