@@ -67,9 +67,7 @@ def fold(combine: Callable[[Any, Any], Any], *parts: Any) -> Any:
 
 
 def total(*parts: Any) -> Any:
-    """The parts added left to right: a fixed order, so that a sum does not depend on which part
-    arrived first.
-    """
+    """The parts added left to right: a fixed order, so that a sum does not depend on which part arrived first."""
     return fold(operator.add, *parts)
 
 
@@ -101,8 +99,9 @@ def _apply(kernel: Callable[..., Any], *args: Any) -> Any:
 
 
 def aligned_blocks(a: da.Array, rows: tuple[int, ...]) -> list[Any]:
-    """One delayed object per block of ``a`` rechunked to the row chunks ``rows`` (and one column
-    chunk): a per-cell array lined up with another array's chunks.
+    """One delayed object per block of ``a`` rechunked to the row chunks ``rows`` (and one column chunk).
+
+    A per-cell array lined up with another array's chunks.
     """
     if a.chunks[0] != rows:
         a = a.rechunk({0: rows})
@@ -169,8 +168,9 @@ class WorkerFailure(RuntimeError):
 
 @contextmanager
 def failure_advice(text: str = "") -> Iterator[None]:
-    """What to tell the user if a worker dies inside this block (how to make the work fit); the
-    text can be given later in the block with :func:`advise`.
+    """What to tell the user if a worker dies inside this block (how to make the work fit).
+
+    The text can be given later in the block with :func:`advise`.
     """
     token = _advice.set(text)
     try:
@@ -185,9 +185,10 @@ def advise(text: str) -> None:
 
 
 def compute(*collections: Any) -> tuple:
-    """``dask.compute`` on the active scheduler. On a distributed cluster, a task that killed its
-    workers becomes a :class:`WorkerFailure` saying what ran and how to fix it (see
-    :func:`failure_advice`), and a cluster left without any worker fails after
+    """``dask.compute`` on the active scheduler.
+
+    On a distributed cluster, a task that killed its workers becomes a :class:`WorkerFailure` saying what ran
+    and how to fix it (see :func:`failure_advice`), and a cluster left without any worker fails after
     :data:`NO_WORKERS_TIMEOUT_S` instead of waiting for ever.
     """
     client = distributed_client()
@@ -201,9 +202,10 @@ def compute(*collections: Any) -> tuple:
 
 
 def persist_now(x: da.Array) -> da.Array:
-    """``x.persist()``, waiting until it is done also on a distributed cluster (which persists in
-    the background), so that the work is timed in the stage that asked for it; failures as in
-    :func:`compute`.
+    """``x.persist()``, waiting until it is done also on a distributed cluster.
+
+    A cluster persists in the background; waiting here times the work in the stage that asked for it.
+    Failures as in :func:`compute`.
     """
     client = distributed_client()
     if client is None:
@@ -222,7 +224,8 @@ _had_workers: set[str] = set()
 
 
 def workers_asked_for(client) -> int:
-    """Workers the client's cluster object was scaled to (SLURM jobs times their worker processes);
+    """Workers the client's cluster object was scaled to (SLURM jobs times their worker processes).
+
     0 for a cluster this process did not start.
     """
     spec = getattr(getattr(client, "cluster", None), "worker_spec", None) or {}
@@ -230,8 +233,9 @@ def workers_asked_for(client) -> int:
 
 
 def _queued(client) -> bool:
-    """Whether the client's cluster asked for workers and none has joined yet since this process
-    first used it (batch jobs waiting in a queue: no reason to give up).
+    """Whether the client's cluster asked for workers and none has joined since this process first used it.
+
+    Batch jobs waiting in a queue are no reason to give up.
     """
     return client.scheduler.address not in _had_workers and workers_asked_for(client) > 0
 
@@ -276,7 +280,7 @@ def _wait(client, futures: list) -> None:
 
 def as_row_chunked(values: np.ndarray, like: da.Array) -> da.Array:
     """A small per-cell NumPy array (batch codes, weights) chunked like the rows of ``like``."""
-    chunks = (like.chunks[0],) + tuple((s,) for s in values.shape[1:])
+    chunks = (like.chunks[0], *((s,) for s in values.shape[1:]))
     return da.from_array(values, chunks=chunks)
 
 

@@ -117,8 +117,9 @@ def read_cluster_config(path: str | Path) -> dict[str, Any]:
 
 
 def _valid_keys(kind: str) -> tuple[str, list[str]] | None:
-    """What the keys of a ``kind`` mapping are passed to, and the keys it takes (``None``: not known,
-    for a cluster package that is not installed).
+    """What the keys of a ``kind`` mapping are passed to, and the keys it takes (``None``.
+
+    Not known, for a cluster package that is not installed).
     """
     if kind == "kubernetes":
         return "", ["kind", *KUBERNETES_KEYS]
@@ -205,8 +206,9 @@ def _check_kubernetes(path: Path, cluster: dict[str, Any]) -> None:
 
 
 def make_cluster(path: str | Path) -> tuple[Any, int | None]:
-    """The cluster a cluster file describes (for SLURM, no job submitted yet) and the number of
-    SLURM jobs to scale it to.
+    """The cluster a cluster file describes and the number of SLURM jobs to scale it to.
+
+    For SLURM, no job is submitted yet.
     """
     options = read_cluster_config(path)
     kind = options.pop("kind")
@@ -246,8 +248,10 @@ WAIT_REPORT_S = 60.0
 
 
 def wait_for_workers(client: Client, *, out: TextIO | None = None, report_every: float = WAIT_REPORT_S) -> None:
-    """Return once the cluster has a worker; until then say what it waits for, every
-    ``report_every`` seconds (SLURM jobs may wait in the queue for minutes or hours).
+    """Return once the cluster has a worker.
+
+    Until then say what it waits for, every ``report_every`` seconds (SLURM jobs may wait in the queue for
+    minutes or hours).
     """
     if client.scheduler_info(n_workers=-1)["workers"]:
         return

@@ -1,5 +1,6 @@
-"""The Dask dashboard for the people who watch it: a link printed only when it serves, and a
-cluster factory for JupyterLab's dask-labextension.
+"""The Dask dashboard for the people who watch it.
+
+A link printed only when it serves, and a cluster factory for JupyterLab's dask-labextension.
 
 Behind JupyterHub the dashboard is reached through jupyter-server-proxy; dask's own convention
 sets the link it reports (``cluster_configs/README.md``)::
@@ -60,8 +61,9 @@ def _direct_status_url(client: Any) -> str | None:
 
 
 def cluster_from_file(path: str | Path) -> Any:
-    """The cluster a file of ``cluster_configs/`` describes, scaled as it asks (SLURM jobs), for
-    JupyterLab's dask-labextension (its ``labextension.factory`` setting)::
+    """Start the cluster a file of ``cluster_configs/`` describes, scaled as it asks (SLURM jobs).
+
+    This is a factory for JupyterLab's dask-labextension (its ``labextension.factory`` setting)::
 
         labextension:
           factory:

@@ -144,8 +144,9 @@ class PassProgress(Callback):
 
 
 def notebook_progress() -> contextlib.AbstractContextManager:
-    """Widget bars for the dask computations of the block, in a Jupyter kernel; nothing elsewhere
-    (terminals get their bars from the command line).
+    """Widget bars for the dask computations of the block, in a Jupyter kernel.
+
+    Nothing elsewhere (terminals get their bars from the command line).
     """
     if not in_notebook():
         return contextlib.nullcontext()
@@ -158,9 +159,10 @@ FEED_WAIT_S = 1.0
 
 @contextlib.contextmanager
 def watch_futures(client: Any, futures: list) -> Iterator[None]:
-    """A widget bar for ``futures`` of a distributed cluster while the block waits on them, in a
-    Jupyter kernel: the scheduler reports the tasks left (distributed's progress feed) to the
-    client's event loop, which updates the bar; nothing outside a notebook.
+    """A widget bar for ``futures`` of a distributed cluster while the block waits on them, in a Jupyter kernel.
+
+    The scheduler reports the tasks left (distributed's progress feed) to the client's event loop, which
+    updates the bar; nothing outside a notebook.
     """
     if not in_notebook():
         yield

@@ -23,8 +23,9 @@ def current_stage() -> str:
 
 @contextmanager
 def timed(timings: dict[str, float], name: str, *, log: bool = True) -> Iterator[float]:
-    """Add the wall time of the block to ``timings[name]`` (seconds) and, if ``log``, log the
-    block's own time (a stage entered again also logs its total so far).
+    """Add the wall time of the block to ``timings[name]`` (seconds) and, if ``log``, log it.
+
+    A stage entered again also logs its total so far.
     """
     start = time.perf_counter()
     token = _stage.set(name)

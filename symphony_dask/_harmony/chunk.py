@@ -2,10 +2,10 @@
 
 A :class:`ChunkGroup` keeps some row chunks of the embedding for a whole Harmony run: all of them
 in this process on the threaded scheduler, or the chunks one worker was given on a distributed
-cluster (there it lives as a dask actor, see :mod:`symphony_dask._harmony.cluster.actor`). It splits each
-chunk into *pieces* of at most :data:`~symphony_dask._harmony.piece.PIECE_CELLS` cells, the unit of work of its threads; every
-sum it returns is folded over its pieces in a fixed order, so results depend on the chunks and
-never on the number of threads or workers.
+cluster (there it lives as a dask actor, see :mod:`symphony_dask._harmony.cluster.actor`). It splits
+each chunk into *pieces* of at most :data:`~symphony_dask._harmony.piece.PIECE_CELLS` cells, the unit of
+work of its threads; every sum it returns is folded over its pieces in a fixed order, so results
+depend on the chunks and never on the number of threads or workers.
 
 Per piece (:class:`Piece`) the state is the pre-Harmony PCs ``z``, the corrected PCs ``z_corr``
 and each cell's design pattern. The soft assignments ``R`` are never stored: a cell's ``R`` is a
@@ -49,8 +49,10 @@ logger = logging.getLogger("symphony_dask")
 
 @dataclass(frozen=True)
 class RunSpec:
-    """What every piece of a run shares: the number of design patterns and blocks, the block hash
-    key, sigma, and what the diversity penalty depends on besides ``S``.
+    """What every piece of a run shares.
+
+    The number of design patterns and blocks, the block hash key, sigma, and what the diversity penalty
+    depends on besides ``S``.
     """
 
     n_patterns: int
@@ -62,9 +64,10 @@ class RunSpec:
 
 @dataclass(frozen=True)
 class CorrectionStep:
-    """One Harmony correction, as the driver sent it: the centroids ``y`` and block penalties of
-    the clustering iteration before it, the batch terms per pattern (p x k x d), and whether it
-    was the last correction.
+    """One Harmony correction, as the driver sent it.
+
+    The centroids ``y`` and block penalties of the clustering iteration before it, the batch terms per pattern
+    (p x k x d), and whether it was the last correction.
     """
 
     y: np.ndarray
@@ -75,8 +78,10 @@ class CorrectionStep:
 
 @dataclass
 class IterationSums:
-    """What a clustering iteration returns: ``S`` per block after it, the penalty each block saw,
-    the objective's ``sum R log w`` and ``sum (m + log Z)`` terms, and the centroid sums.
+    """What a clustering iteration returns.
+
+    ``S`` per block after it, the penalty each block saw, the objective's ``sum R log w`` and ``sum (m + log
+    Z)`` terms, and the centroid sums.
     """
 
     block_s: np.ndarray
@@ -88,9 +93,11 @@ class IterationSums:
 
 @dataclass
 class _Iteration:
-    """Scratch of the clustering iteration in progress: per piece, the prepared kernels (two
-    buffers, by block parity: one block is weighed and summed while the next is prepared), the
-    futures of the next block's preparation, and the entropy part and centroid sums so far.
+    """Scratch of the clustering iteration in progress.
+
+    Per piece, the prepared kernels (two buffers, by block parity: one block is weighed and summed while the
+    next is prepared), the futures of the next block's preparation, and the entropy part and centroid sums so
+    far.
     """
 
     number: int
@@ -206,6 +213,7 @@ class ChunkGroup:
         self, number: int, position: int, start: tuple[np.ndarray, Sequence[int]] | None = None
     ) -> list[Future]:
         """Futures of the kernels of block ``order[position]``, to wait for before :meth:`weigh_block`.
+
         The first block starts the iteration: ``start`` gives its centroids and block order.
         """
         if position == 0:
@@ -235,8 +243,9 @@ class ChunkGroup:
         it.kernels[i][parity] = piece.kernel(it.order[position], it.y, self.spec.sigma, buffers=parity)
 
     def weigh_block(self, penalty: np.ndarray) -> list[Future]:
-        """Weigh the current block of every piece with ``penalty`` (p x k), as urgent jobs; futures
-        of each piece's ``S``.
+        """Weigh the current block of every piece with ``penalty`` (p x k), as urgent jobs.
+
+        Futures of each piece's ``S``.
         """
         it = self._iteration
         b, parity = it.order[it.position], it.position % 2
@@ -250,8 +259,9 @@ class ChunkGroup:
         return [self._pool.submit(partial(weigh, i), urgent=True) for i in range(len(self.pieces))]
 
     def after_block(self) -> bool:
-        """Queue the background work that follows a weighed block (the next block's kernels, this
-        block's centroid sums); whether the iteration is complete.
+        """Queue the background work that follows a weighed block; whether the iteration is complete.
+
+        The work is the next block's kernels and this block's centroid sums.
         """
         it = self._iteration
         parity = it.position % 2
@@ -271,8 +281,9 @@ class ChunkGroup:
     def update_block(
         self, number: int, position: int, penalty: np.ndarray, start: tuple[np.ndarray, Sequence[int]] | None = None
     ) -> BlockResult:
-        """``S`` (p x k) of block ``order[position]`` after weighing it with ``penalty``; after the
-        last block, also the iteration's sums (see :meth:`block_prepared` for ``start``).
+        """``S`` (p x k) of block ``order[position]`` after weighing it with ``penalty``.
+
+        After the last block, also the iteration's sums (see :meth:`block_prepared` for ``start``).
         """
         for future in self.block_prepared(number, position, start):
             future.result()
@@ -311,7 +322,7 @@ class ChunkGroup:
         if version != self.version + 1:
             raise RuntimeError(f"correction {version} cannot follow correction {self.version}")
         states = self._each(lambda p: p.corrected_state(step, self.spec.sigma))
-        for piece, (z_corr, z_clustered, _) in zip(self.pieces, states):
+        for piece, (z_corr, z_clustered, _) in zip(self.pieces, states, strict=True):
             piece.z_corr, piece.z_clustered = z_corr, z_clustered
         self.version = version
         self._last_centroid_sums = total(*(s[2] for s in states))
@@ -333,9 +344,10 @@ class ChunkGroup:
         out: np.ndarray | None = None,
         piece: int | None = None,
     ) -> np.ndarray:
-        """Chunk ``chunk``'s corrected PCs (``what='corrected'``) or assignments (``'assignments'``),
-        in the original cell order (written into ``out`` if given); only its ``piece``-th piece
-        (:func:`piece_bounds`) if given.
+        """Chunk ``chunk``'s corrected PCs (``what='corrected'``) or assignments (``'assignments'``).
+
+        In the original cell order (written into ``out`` if given); only its ``piece``-th piece
+        (:func:`~symphony_dask._harmony.piece.piece_bounds`) if given.
         """
         pieces = self.chunk_pieces[chunk] if piece is None else [self.chunk_pieces[chunk][piece]]
         first = self.pieces[pieces[0]].offset
@@ -367,8 +379,7 @@ def chunk_output(
     penalties: np.ndarray | None = None,
     piece: int | None = None,
 ) -> np.ndarray:
-    """An output chunk of a Harmony run (or one ``piece`` of it), as a pure function of the chunk's
-    PCs and the run's log.
+    """An output chunk of a Harmony run (or one ``piece`` of it), from the chunk's PCs and the run's log.
 
     Taken from the run's group when it is alive in this process (the usual case); otherwise, as
     when dask recomputes a lost output chunk, recomputed from ``z`` by replaying the corrections.
@@ -387,8 +398,9 @@ def chunk_output(
 
 @dataclass
 class BlockResult:
-    """A group's answer to a block: its ``S`` (p x k) and, after the last block, the iteration's
-    entropy part and centroid sums.
+    """A group's answer to a block.
+
+    Its ``S`` (p x k) and, after the last block, the iteration's entropy part and centroid sums.
     """
 
     s: np.ndarray
@@ -398,8 +410,10 @@ class BlockResult:
 def drive_blocks(
     order: list[int], y: np.ndarray, block_s: np.ndarray, terms: PenaltyTerms, update: Callable[..., list[BlockResult]]
 ) -> IterationSums:
-    """The block loop of a clustering iteration: ``update(position, penalty, start)`` weighs the
-    block at ``position`` in every group and returns each group's :class:`BlockResult`.
+    """The block loop of a clustering iteration.
+
+    ``update(position, penalty, start)`` weighs the block at ``position`` in every group and returns each
+    group's :class:`BlockResult`.
     """
     steps = block_steps(order, y, block_s, terms)
     request = next(steps)
@@ -411,10 +425,11 @@ def drive_blocks(
 
 
 def block_steps(order: list[int], y: np.ndarray, block_s: np.ndarray, terms: PenaltyTerms):
-    """Generator form of the block loop (for an async driver): yields the arguments of each block's
-    update (position, penalty, and for the first block the centroids and the order), receives the
-    groups' :class:`BlockResult`, whose ``S`` are added in group order, and returns the iteration's
-    :class:`IterationSums`.
+    """Generator form of the block loop (for an async driver).
+
+    Yields the arguments of each block's update (position, penalty, and for the first block the centroids and
+    the order), receives the groups' :class:`BlockResult`, whose ``S`` are added in group order, and returns
+    the iteration's :class:`IterationSums`.
     """
     ledger = Ledger.start(block_s, order[0], terms)
     for position, b in enumerate(order):

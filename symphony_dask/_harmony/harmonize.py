@@ -1,7 +1,9 @@
-"""Harmony integration (Korsunsky et al. 2019) as in harmony 0.1, the version Symphony was built on,
-or as in Harmony 2 (R harmony 2.0, harmonypy 2.1, scanpy 1.13's default): the public functions.
-The loop lives in :mod:`symphony_dask._harmony.driver`, the work on chunks of cells in :mod:`symphony_dask._harmony.chunk` and :mod:`symphony_dask._harmony.cluster.groups`, and the
-pure kernels (also used by mapping and compression) in :mod:`symphony_dask._harmony.kernels`.
+"""Harmony integration (Korsunsky et al.
+
+2019) as in harmony 0.1, the version Symphony was built on, or as in Harmony 2 (R harmony 2.0, harmonypy 2.1,
+scanpy 1.13's default): the public functions. The loop lives in :mod:`symphony_dask._harmony.driver`, the work
+on chunks of cells in :mod:`symphony_dask._harmony.chunk` and :mod:`symphony_dask._harmony.cluster.groups`,
+and the pure kernels (also used by mapping and compression) in :mod:`symphony_dask._harmony.kernels`.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ SOFT_KMEANS_ITERATIONS = 20
 
 def default_n_clusters(n_cells: int) -> int:
     """Symphony's default number of clusters, ``min(100, round(n / 30))`` (at least 1)."""
-    return max(1, min(100, int(round(n_cells / 30))))
+    return max(1, min(100, round(n_cells / 30)))
 
 
 def harmonize(
@@ -258,11 +260,11 @@ def check_clusters(k: int, n: int) -> None:
 def _per_key(value, keys: list[str]) -> dict[str, float]:
     """Each key's value of a setting given as one value or one per key (see :func:`check_harmony_settings`)."""
     values = np.atleast_1d(np.asarray(value, dtype=np.float64))
-    return dict(zip(keys, np.broadcast_to(values, len(keys)).tolist()))
+    return dict(zip(keys, np.broadcast_to(values, len(keys)).tolist(), strict=True))
 
 
 def _warn_small_batches(design: Design, n_b: np.ndarray) -> None:
-    for (key, level), count in zip(design.levels, n_b):
+    for (key, level), count in zip(design.levels, n_b, strict=True):
         if count < 2:
             warnings.warn(
                 f"batch {level!r} of {key!r} has {int(count)} cell(s); Harmony cannot correct a batch that small",

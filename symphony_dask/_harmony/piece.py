@@ -7,6 +7,7 @@ contiguous runs. The soft assignments ``R`` are recomputed from ``z_corr``, neve
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -34,7 +35,7 @@ def piece_bounds(n: int) -> list[tuple[int, int]]:
     """Split ``n`` rows into nearly equal pieces of at most :data:`PIECE_CELLS` rows."""
     count = max(1, -(-n // PIECE_CELLS))
     edges = np.linspace(0, n, count + 1).round().astype(int)
-    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+    return [(int(a), int(b)) for a, b in itertools.pairwise(edges)]
 
 
 @dataclass
@@ -88,8 +89,9 @@ class Piece:
     # -- assignments -------------------------------------------------------------------------------
 
     def kernel(self, b: int, y: np.ndarray, sigma: float, buffers: int) -> BlockKernel:
-        """The penalty-free half of block ``b``'s assignments (see :class:`BlockKernel`), in this
-        piece's iteration buffers number ``buffers`` (0 or 1).
+        """The penalty-free half of block ``b``'s assignments (see :class:`BlockKernel`).
+
+        It is kept in this piece's iteration buffers number ``buffers`` (0 or 1).
         """
         return BlockKernel.compute(self.z_corr[self.block(b)], y, sigma, self.buffers[buffers])
 
@@ -118,8 +120,9 @@ class Piece:
     # -- correction --------------------------------------------------------------------------------
 
     def ridge_sums(self, y: np.ndarray, sigma: float, penalties: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``sum R`` (p x k) and ``sum R z`` (p x k x d) per pattern, with ``R`` recomputed per block
-        from the centroids and penalties of the last clustering iteration.
+        """``sum R`` (p x k) and ``sum R z`` (p x k x d) per pattern.
+
+        ``R`` is recomputed per block from the centroids and penalties of the last clustering iteration.
         """
         n_patterns, k, d = penalties.shape[1], y.shape[1], self.z.shape[1]
         s = np.zeros((n_patterns, k))
@@ -131,9 +134,11 @@ class Piece:
         return s, t
 
     def corrected_state(self, step: CorrectionStep, sigma: float) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-        """``z_corr = z - sum_k R_k W_k^T x`` (``step.per_pattern[p] = x_p^T W``), the embedding to keep
-        for the output ``R`` (after a final correction), and the new centroid sums ``Z_cos^T R``.
-        Leaves this piece unchanged.
+        """The corrected state after ``step``: ``z_corr``, the embedding for the output ``R``, the centroid sums.
+
+        ``z_corr = z - sum_k R_k W_k^T x`` (``step.per_pattern[p] = x_p^T W``); the embedding to keep for the
+        output ``R`` (after a final correction); the new centroid sums ``Z_cos^T R``. Leaves this piece
+        unchanged.
         """
         old = self.z_corr
         new = self.z[self.perm]
@@ -155,8 +160,9 @@ class Piece:
         out[self.perm] = self.z_corr
 
     def assignments(self, y: np.ndarray, sigma: float, penalties: np.ndarray, out: np.ndarray) -> None:
-        """Write ``R`` (cells x k) into ``out`` (this piece's rows) in the original cell order, as
-        the last clustering iteration left it.
+        """Write ``R`` (cells x k) into ``out`` (this piece's rows) in the original cell order.
+
+        ``R`` is as the last clustering iteration left it.
         """
         z_corr = self.z_corr if self.z_clustered is None else self.z_clustered
         pattern_sums = np.zeros((penalties.shape[1], y.shape[1]))

@@ -133,8 +133,10 @@ class HarmonySettings:
         return HarmonySettings(**values)
 
     def check(self, n_keys: int) -> None:
-        """Raise when a setting is out of its range (:data:`RANGES`), or a per-key one has neither one value nor
-        one per batch key."""
+        """Raise when a setting is out of its range (:data:`RANGES`).
+
+        A per-key setting must have one value or one per batch key.
+        """
         check_harmony_settings(n_keys, **{name: getattr(self, name) for name in RANGES if hasattr(self, name)})
 
     def params(self) -> dict[str, Any]:

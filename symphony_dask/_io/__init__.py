@@ -1,3 +1,5 @@
-"""Reading and writing: lazy AnnData reading in row chunks (Expression), obs filters, input validation and
-the spelling of parameters in messages, atomic writes that never replace what is not ours.
+"""Reading and writing.
+
+Lazy AnnData reading in row chunks (Expression), obs filters, input validation and the spelling of parameters
+in messages, atomic writes that never replace what is not ours.
 """

@@ -98,8 +98,9 @@ def write_atomically(
 def check_replaceable(
     path: Path, *, overwrite: bool, ours: Callable[[Path], bool] | None = None, what: str = "file or folder"
 ) -> None:
-    """Refuse, before any work, a ``path`` that exists when it may not be replaced: always without
-    ``overwrite``, and with it unless ``ours(path)`` says symphony_dask wrote it.
+    """Refuse, before any work, a ``path`` that exists when it may not be replaced.
+
+    Always without ``overwrite``, and with it unless ``ours(path)`` says symphony_dask wrote it.
     """
     path = Path(path)
     if not (path.exists() or path.is_symlink()):
@@ -114,8 +115,9 @@ def check_replaceable(
 
 
 def _move_into_place(tmp: Path, path: Path, *, overwrite: bool, ours: Callable[[Path], bool] | None, what: str) -> None:
-    """Move the finished output ``tmp`` to ``path``, where "does not exist" and "is ours" are
-    checked at the moment of the move, not only before the work.
+    """Move the finished output ``tmp`` to ``path``.
+
+    "Does not exist" and "is ours" are checked at the moment of the move, not only before the work.
     """
     try:
         _rename_noreplace(tmp, path)
@@ -146,8 +148,9 @@ def _move_into_place(tmp: Path, path: Path, *, overwrite: bool, ours: Callable[[
 
 
 def describe(path: Path) -> str:
-    """What is at ``path``, in a few words, for messages: a link, a file and its size, or a folder
-    and the first of its entries.
+    """What is at ``path``, in a few words, for messages.
+
+    A link, a file and its size, or a folder and the first of its entries.
     """
     path = Path(path)
     if path.is_symlink():
@@ -167,8 +170,10 @@ def describe(path: Path) -> str:
 
 
 def refuse_overlap(output: str | os.PathLike, inputs: Iterable[str | os.PathLike], *, flag: str = "the output") -> None:
-    """Refuse an ``output`` that is, contains or lies inside one of the ``inputs`` (symbolic links,
-    hard links and bind mounts included), so that writing it can never destroy what is read.
+    """Refuse an ``output`` that is, contains or lies inside one of the ``inputs``.
+
+    Symbolic links, hard links and bind mounts are included, so that writing it can never destroy what
+    is read.
 
     Raises
     ------
@@ -208,8 +213,9 @@ _CANNOT_WRITE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EP
 
 
 def _refusal(err: BaseException) -> OSError | None:
-    """The file system's refusal (full, read-only, no permission) behind ``err``, if any: writers
-    wrap it in their own errors (anndata names the element it was writing).
+    """The file system's refusal (full, read-only, no permission) behind ``err``, if any.
+
+    Writers wrap it in their own errors (anndata names the element it was writing).
     """
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
@@ -231,10 +237,10 @@ def _unwritable(path: Path, err: OSError) -> OSError:
 
 
 def _rename_noreplace(src: Path, dst: Path) -> None:
-    """Rename ``src`` to ``dst`` only if ``dst`` does not exist, in one step: Linux
-    ``renameat2(RENAME_NOREPLACE)``; elsewhere a claim that cannot replace (``mkdir`` of the target
-    folder, then a rename onto the empty folder; ``link`` for a file). ``FileExistsError`` if
-    ``dst`` exists.
+    """Rename ``src`` to ``dst`` only if ``dst`` does not exist, in one step.
+
+    Linux ``renameat2(RENAME_NOREPLACE)``; elsewhere a claim that cannot replace (``mkdir`` of the target
+    folder, then a rename onto the empty folder; ``link`` for a file). ``FileExistsError`` if ``dst`` exists.
     """
     if _renameat2(src, dst, _RENAME_NOREPLACE):
         return
@@ -297,15 +303,18 @@ _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
 
 
 def _exchange(a: Path, b: Path) -> bool:
-    """Swap ``a`` and ``b`` in one rename (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
-    system or file system cannot.
+    """Swap ``a`` and ``b`` in one rename (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    False where the system or file system cannot.
     """
     return _renameat2(a, b, _RENAME_EXCHANGE)
 
 
 def _renameat2(src: Path, dst: Path, flags: int) -> bool:
-    """Linux ``renameat2(src, dst, flags)``: True if done, False where the system or file system
-    does not have it; ``FileExistsError`` where ``RENAME_NOREPLACE`` finds ``dst``.
+    """Linux ``renameat2(src, dst, flags)``.
+
+    True if done, False where the system or file system does not have it; ``FileExistsError`` where
+    ``RENAME_NOREPLACE`` finds ``dst``.
     """
     if not hasattr(os, "sched_getaffinity"):  # not Linux
         return False

@@ -88,10 +88,7 @@ def read_expression(data: AnnDataLike, *, chunk_size: int | None = None, layer: 
     if chunk_size is not None and (int(chunk_size) != chunk_size or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     if isinstance(data, ad.AnnData):
-        if data.isbacked:
-            expr = _backed(data, chunk_size, layer)
-        else:
-            expr = _from_memory(data, chunk_size, layer)
+        expr = _backed(data, chunk_size, layer) if data.isbacked else _from_memory(data, chunk_size, layer)
     elif isinstance(data, (str, os.PathLike)):
         expr = _read_store(Path(data), chunk_size, layer)
     else:
@@ -105,8 +102,10 @@ def _layer_names(adata: ad.AnnData) -> tuple[str, ...]:
 
 
 def _backed(adata: ad.AnnData, chunk_size: int | None, layer: str | None) -> Expression:
-    """A backed AnnData (or a view of one): the matrix read lazily from its file, only the cells and
-    genes of the view; ``obs``, ``var`` and ``obsm`` as the AnnData holds them in memory.
+    """A backed AnnData (or a view of one).
+
+    The matrix read lazily from its file, only the cells and genes of the view; ``obs``, ``var`` and ``obsm``
+    as the AnnData holds them in memory.
     """
     path = Path(adata.filename)
     expr = _read_store(path, chunk_size, layer)
@@ -158,10 +157,11 @@ _FLOAT_KINDS = {np.dtype(np.float32), np.dtype(np.float64)}
 
 
 def _supported_chunks(x: da.Array) -> da.Array:
-    """Chunks the kernels can use: NumPy arrays or scipy CSR matrices of integers, float32 or
-    float64. Other sparse formats (COO, CSC, pydata ``sparse``) become CSR and other floats
-    (float16, long double) float32/float64, chunk by chunk; anything else is refused here, with
-    what was found, rather than deep inside a kernel.
+    """Chunks the kernels can use: NumPy arrays or scipy CSR matrices of integers, float32 or float64.
+
+    Other sparse formats (COO, CSC, pydata ``sparse``) become CSR and other floats (float16, long double)
+    float32/float64, chunk by chunk; anything else is refused here, with what was found, rather than deep
+    inside a kernel.
     """
     meta = x._meta
     dtype = np.dtype(x.dtype)
@@ -235,9 +235,11 @@ def _from_memory(adata: ad.AnnData, chunk_size: int | None, layer: str | None) -
 
 
 class _InMemoryRows:
-    """An in-memory matrix as ``da.from_array`` sees it: shape, dtype and row chunks, but no ``copy``
-    (from_array copies what has one: a whole query, to guard against later changes we do not make).
-    A chunk of rows is a view of the matrix (CSR: views of its values and column indices).
+    """An in-memory matrix as ``da.from_array`` sees it.
+
+    Shape, dtype and row chunks, but no ``copy`` (from_array copies what has one: a whole query, to guard
+    against later changes we do not make). A chunk of rows is a view of the matrix (CSR: views of its values
+    and column indices).
     """
 
     def __init__(self, x: np.ndarray | sp.csr_matrix) -> None:
@@ -274,10 +276,11 @@ def _single_column_chunk(arr: da.Array) -> da.Array:
 
 
 def default_chunk_size(n_genes: int, values_per_cell: float) -> int:
-    """Cells per chunk that one task can hold: 90% of the memory per task (a distributed worker's
-    memory limit over its threads; on threads, the machine's memory over the threads), less
-    :data:`WORKER_BASE_BYTES`, over the bytes per cell of a pass, between
-    :data:`MIN_DEFAULT_CHUNK_SIZE` and :data:`DEFAULT_CHUNK_SIZE`.
+    """Cells per chunk that one task can hold.
+
+    90% of the memory per task (a distributed worker's memory limit over its threads; on threads, the
+    machine's memory over the threads), less :data:`WORKER_BASE_BYTES`, over the bytes per cell of a pass,
+    between :data:`MIN_DEFAULT_CHUNK_SIZE` and :data:`DEFAULT_CHUNK_SIZE`.
     """
     per_cell = max(BYTES_PER_GENE * n_genes, BYTES_PER_VALUE * values_per_cell) * MEMORY_MARGIN
     budget = 0.9 * memory_per_task() - WORKER_BASE_BYTES
@@ -285,9 +288,10 @@ def default_chunk_size(n_genes: int, values_per_cell: float) -> int:
 
 
 def memory_per_task() -> float:
-    """Bytes of memory a task may use: the smallest worker memory limit over its threads on a
-    distributed cluster (the machine's memory for workers without a limit), else the machine's
-    memory over dask's threads.
+    """Bytes of memory a task may use.
+
+    The smallest worker memory limit over its threads on a distributed cluster (the machine's memory for
+    workers without a limit), else the machine's memory over dask's threads.
     """
     import psutil
 
@@ -348,7 +352,7 @@ def keep_cells(expr: Expression, keep: np.ndarray) -> Expression:
     blocks = expr.X.to_delayed().ravel()
     take = dask.delayed(_take_rows, pure=True)
     parts, start = [], 0
-    for block, size in zip(blocks, expr.X.chunks[0]):
+    for block, size in zip(blocks, expr.X.chunks[0], strict=True):
         rows = np.flatnonzero(keep[start : start + size])
         start += size
         if len(rows):

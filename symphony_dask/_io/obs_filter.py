@@ -98,8 +98,10 @@ def cells_where(obs: pd.DataFrame, expression: str) -> np.ndarray:
 
 
 def _rewrite(expression: str) -> tuple[str, dict[str, str]]:
-    """The filter with backtick names replaced by placeholders and ``& | ~`` spelled ``and or
-    not`` (pandas' precedence), outside string literals; the placeholders' column names.
+    """The filter rewritten for :mod:`ast`, and the column names of its placeholders.
+
+    Outside string literals, backtick names become placeholders and ``& | ~`` are spelled ``and or not``
+    (pandas' precedence).
     """
     out: list[str] = []
     names: dict[str, str] = {}
@@ -180,7 +182,7 @@ class _Evaluator:
     def compare(self, node: ast.Compare) -> np.ndarray:
         result = np.ones(len(self.obs), dtype=bool)
         left = node.left
-        for op, right in zip(node.ops, node.comparators):
+        for op, right in zip(node.ops, node.comparators, strict=True):
             result &= self.comparison(self.part(node), left, op, right)
             left = right
         return result

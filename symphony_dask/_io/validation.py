@@ -50,8 +50,9 @@ def option(name: str, value: object = ...) -> str:
 
 
 def pass_option(name: str, value: object) -> str:
-    """ "pass ``name=value``" in Python; "pass --flag", "leave out --flag" or "pass --name value"
-    on the command line.
+    """How to ask for ``name=value``: "pass name=value" in Python, or as the command line spells it.
+
+    On the command line: "pass --flag", "leave out --flag" or "pass --name value".
     """
     spelled = option(name, value)
     return f"leave out {spelled[3:]}" if spelled.startswith("no --") else f"pass {spelled}"
@@ -127,7 +128,7 @@ def _check_values_read_apart(column: pd.Series, *, what: str, where: str) -> Non
     clashing = distinct[distinct["text"].duplicated(keep=False)]
     if len(clashing):
         first = clashing[clashing["text"] == clashing["text"].iloc[0]]
-        shown = " and ".join(f"{value!r} ({kind})" for value, kind in zip(first["value"], first["kind"]))
+        shown = " and ".join(f"{value!r} ({kind})" for value, kind in zip(first["value"], first["kind"], strict=True))
         raise ValueError(
             f"{what} in {where} holds values of different types that read the same as text, {shown}, which would "
             "be merged into one batch; make the column one type: convert it with .astype(str) to merge them on "
@@ -167,12 +168,14 @@ class ValueCounts:
     n_empty_cells: int = 0
 
     def __add__(self, other: ValueCounts) -> ValueCounts:
-        return ValueCounts(*(a + b for a, b in zip(astuple(self), astuple(other))))
+        return ValueCounts(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
 
 
 def count_bad_values(block: np.ndarray | sp.spmatrix) -> ValueCounts:
-    """Kernel: counts of NaN, infinite, negative and non-integer stored values of one block, and of
-    its cells whose values sum to zero.
+    """Kernel.
+
+    Counts of NaN, infinite, negative and non-integer stored values of one block, and of its cells whose
+    values sum to zero.
     """
     if sp.issparse(block):
         block = as_csr(block)

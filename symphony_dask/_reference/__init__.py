@@ -1,3 +1,5 @@
-"""The Symphony reference: the model, its store (save, load, checksums), the build as stage functions,
-compression, and references made elsewhere (R's .rds, scanpy's layout).
+"""The Symphony reference.
+
+The model, its store (save, load, checksums), the build as stage functions, compression, and references made
+elsewhere (R's .rds, scanpy's layout).
 """

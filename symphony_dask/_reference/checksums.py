@@ -21,8 +21,9 @@ _ELEMENT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
 
 def element_checksums(root: Path, elements: Iterable[str]) -> dict[str, dict]:
-    """Per element (a file or folder directly under ``root``): the number of files, their bytes,
-    and a BLAKE2b digest of every file's relative name, size and contents.
+    """Per element (a file or folder directly under ``root``).
+
+    The number of files, their bytes, and a BLAKE2b digest of every file's relative name, size and contents.
     """
     checksums = {}
     for name in elements:
@@ -32,8 +33,9 @@ def element_checksums(root: Path, elements: Iterable[str]) -> dict[str, dict]:
 
 
 def check_element_name(name: object) -> str:
-    """``name`` if it is a plain element name (letters, digits, ``_``, ``.``, ``-``; not ``..``);
-    a ``ValueError`` for anything that could reach outside the store (``../x``, ``/usr``).
+    """``name`` if it is a plain element name (letters, digits, ``_``, ``.``, ``-``.
+
+    Not ``..``); a ``ValueError`` for anything that could reach outside the store (``../x``, ``/usr``).
     """
     if not isinstance(name, str) or not _ELEMENT_NAME.fullmatch(name) or ".." in name:
         raise ValueError(f"{name!r} is not an element name of a reference store (a plain name inside the store)")
@@ -41,9 +43,10 @@ def check_element_name(name: object) -> str:
 
 
 def verify_checksums(root: Path, expected: dict[str, dict]) -> list[str]:
-    """The elements whose files do not match ``expected`` (see :func:`element_checksums`), each
-    with what differs. Names are checked first (:func:`check_element_name`), so nothing outside
-    ``root`` is read; symbolic links, which a store never holds, count as damage.
+    """The elements whose files do not match ``expected`` (see :func:`element_checksums`), each with what differs.
+
+    Names are checked first (:func:`check_element_name`), so nothing outside ``root`` is read; symbolic links,
+    which a store never holds, count as damage.
     """
     for name in expected:
         check_element_name(name)
@@ -73,8 +76,9 @@ def json_digest(value: object) -> str:
 
 
 def _digest(path: Path) -> dict:
-    """Digest of the file ``path`` or of every file under the folder ``path`` (links not followed;
-    they are listed under ``links``).
+    """Digest of the file ``path`` or of every file under the folder ``path`` (links not followed.
+
+    They are listed under ``links``).
     """
     links: list[str] = []
     if path.is_symlink():

@@ -54,8 +54,10 @@ class CompressionSums:
 
 
 def compression_sums(z_orig: np.ndarray, z_corr: np.ndarray, r: np.ndarray) -> CompressionSums:
-    """Kernel: the compression sums of one chunk of cells (no temporary the size of ``r``: a
-    Harmony chunk holds up to 250,000 cells).
+    """Kernel.
+
+    The compression sums of one chunk of cells (no temporary the size of ``r``: a Harmony chunk holds up to
+    250,000 cells).
     """
     second = np.stack([(z_orig * r[:, j, None]).T @ z_orig for j in range(r.shape[1])])
     return CompressionSums(

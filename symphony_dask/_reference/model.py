@@ -187,9 +187,10 @@ class Reference:
         return None if self.umap_layout is None else self.umap_layout.coords
 
     def to_anndata(self) -> ad.AnnData:
-        """The reference cells as an AnnData for scanpy and other AnnData tools: ``obs``,
-        ``obsm['X_symphony']`` (corrected embedding), ``obsm['X_umap']`` (if the reference has a UMAP)
-        and the reference's own ``obsm`` matrices; no expression matrix (``X`` is None) and the build
+        """The reference cells as an AnnData for scanpy and other AnnData tools.
+
+        ``obs``, ``obsm['X_symphony']`` (corrected embedding), ``obsm['X_umap']`` (if the reference has a
+        UMAP) and the reference's own ``obsm`` matrices; no expression matrix (``X`` is None) and the build
         parameters in ``uns['symphony']``.
         """
         if self.embedding is None or self.obs is None:
@@ -202,11 +203,13 @@ class Reference:
         return adata
 
     def to_xarray(self):
-        """The reference's elements as one labelled ``xarray.Dataset``: ``mean``, ``std`` (gene),
-        ``loadings`` (gene x pc), ``centroids`` (pc x cluster; Y_cos), ``cluster_sizes`` (cluster; N_r),
-        ``compression`` (cluster x pc; C) and, with the reference cells, ``embedding`` (cell x pc) and
-        ``umap`` (cell x umap_axis); the build parameters as JSON in ``attrs['params']``. Select by
-        name (``ds.loadings.sel(gene='CD3E')``) or write it with ``ds.to_netcdf`` / ``ds.to_zarr``.
+        """The reference's elements as one labelled ``xarray.Dataset``.
+
+        ``mean``, ``std`` (gene), ``loadings`` (gene x pc), ``centroids`` (pc x cluster; Y_cos),
+        ``cluster_sizes`` (cluster; N_r), ``compression`` (cluster x pc; C) and, with the reference cells,
+        ``embedding`` (cell x pc) and ``umap`` (cell x umap_axis); the build parameters as JSON in
+        ``attrs['params']``. Select by name (``ds.loadings.sel(gene='CD3E')``) or write it with
+        ``ds.to_netcdf`` / ``ds.to_zarr``.
         """
         import xarray as xr
 

@@ -100,8 +100,9 @@ def read_symphony_rds(path: str | os.PathLike, *, umap_min_dist: float = 0.1, se
 
 
 class _Elements:
-    """The elements of a parsed R Symphony reference, each checked for its R type and shape; a
-    mismatch raises a ValueError naming the file, the element, what it should be and what it is.
+    """The elements of a parsed R Symphony reference, each checked for its R type and shape.
+
+    A mismatch raises a ValueError naming the file, the element, what it should be and what it is.
     """
 
     def __init__(self, path: Path, obj: dict) -> None:
@@ -120,7 +121,7 @@ class _Elements:
         if (
             array.ndim != 2
             or array.dtype.kind not in "biuf"
-            or any(want is not None and got != want for got, want in zip(array.shape, shape))
+            or any(want is not None and got != want for got, want in zip(array.shape, shape, strict=True))
         ):
             rows, cols = ("any number of" if n is None else f"{n:,}" for n in shape)
             self.fail(name, f"{what}, a numeric matrix of {rows} rows x {cols} columns", value)

@@ -399,8 +399,9 @@ def _additional_genes(genes: Sequence[str] | None, available: pd.Index) -> list[
 
 
 def _vst(expr, first, codes_da, group_names, normalize, idf):
-    """VST per group (loess on the moments; then, only if some value reaches the clip, a pass for
-    the clipped standardized variances): its table.
+    """VST per group (loess on the moments.
+
+    Then, only if some value reaches the clip, a pass for the clipped standardized variances): its table.
     """
     expected, mean, sd = {}, {}, {}
     for code, name in enumerate(group_names):

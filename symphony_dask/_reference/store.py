@@ -101,8 +101,9 @@ def _write_store(ref: Reference, path: Path) -> None:
 
 
 def _root_without_marker(meta: dict) -> dict:
-    """The store's root metadata (``zarr.json``) without the marker, which the marker's ``root``
-    digest covers: the build parameters and zarr's own fields.
+    """The store's root metadata (``zarr.json``) without the marker, which the marker's ``root`` digest covers.
+
+    The build parameters and zarr's own fields.
     """
     meta = dict(meta)
     attributes = dict(meta.get("attributes") or {})
@@ -112,8 +113,9 @@ def _root_without_marker(meta: dict) -> dict:
 
 
 def is_reference_store(path: Path) -> bool:
-    """Whether ``path`` is a folder whose root metadata carries symphony_dask's reference marker
-    (what :meth:`Reference.save` may replace with ``overwrite=True``).
+    """Whether ``path`` is a folder whose root metadata carries symphony_dask's reference marker.
+
+    Such a store is what :meth:`Reference.save` may replace with ``overwrite=True``.
     """
     meta = Path(path) / "zarr.json"
     if Path(path).is_symlink() or not Path(path).is_dir() or meta.is_symlink() or not meta.is_file():
@@ -126,8 +128,10 @@ def is_reference_store(path: Path) -> bool:
 
 
 def _write_embedding(group: zarr.Group, embedding: np.ndarray | da.Array) -> None:
-    """Write the per-cell embedding chunk by chunk with the active dask scheduler (on the workers of
-    a distributed cluster, which then need the store's file system), in anndata's array encoding.
+    """Write the per-cell embedding chunk by chunk with the active dask scheduler.
+
+    On a distributed cluster the workers write (they then need the store's file system); the array is in
+    anndata's array encoding.
     """
     rows = int(max(embedding.chunks[0])) if isinstance(embedding, da.Array) else max(1, min(len(embedding), 100_000))
     target = group.create_array("embedding", shape=embedding.shape, dtype="float64", chunks=(rows, embedding.shape[1]))
@@ -180,8 +184,9 @@ def load_reference(path: str | os.PathLike, *, lazy_embedding: bool = False) -> 
 
 
 def _root_bytes(path: Path) -> bytes | None:
-    """The store's root metadata as stored (``None`` where there is none): it holds the
-    generation of the save, so equal bytes before and after a read mean one store was read.
+    """The store's root metadata as stored (``None`` where there is none).
+
+    It holds the generation of the save, so equal bytes before and after a read mean one store was read.
     """
     try:
         return (path / "zarr.json").read_bytes()
@@ -258,9 +263,10 @@ def _load_once(path: Path, root: bytes | None, *, lazy_embedding: bool) -> Refer
 
 
 def _verify_store(path: Path, marker: dict, version: int, root: bytes | None) -> None:
-    """Every element the store holds is listed by its checksums and matches them, and the root
-    metadata matches its digest (version 3); names that could reach outside the store are refused
-    before anything is read.
+    """Check that every element is listed by the checksums and matches them, and so does the root metadata.
+
+    The root metadata has its digest from store version 3 on. Names that could reach outside the store
+    are refused before anything is read.
     """
     checksums = marker.get("checksums")
     if checksums is None:
@@ -310,8 +316,9 @@ def _verify_store(path: Path, marker: dict, version: int, root: bytes | None) ->
 
 
 def _read_marker(path: Path, root: bytes | None) -> dict:
-    """The ``symphony_dask`` marker of a store's root metadata ``root`` (the bytes of its
-    ``zarr.json``), with clear errors for what is not a readable reference store.
+    """The ``symphony_dask`` marker of a store's root metadata ``root`` (the bytes of its ``zarr.json``).
+
+    What is not a readable reference store gets a clear error.
     """
     if path.is_dir() and root is not None:
         try:

@@ -32,6 +32,7 @@ class UsageError(ValueError):
 
 
 def check_build(args: argparse.Namespace) -> None:
+    """Refuse a build command line that cannot run, before any work (output path, sizes, flags)."""
     from symphony_dask._io.atomic import check_replaceable, refuse_overlap
     from symphony_dask._reference.store import is_reference_store
 
@@ -46,6 +47,7 @@ def check_build(args: argparse.Namespace) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
+    """Build the reference, save it and print it with its stage times; the exit status."""
     from symphony_dask._reference.build import build_reference
 
     reference = build_reference(
@@ -93,6 +95,7 @@ def format_stage_times(timings: dict[str, float]) -> str:
 
 
 def check_map(args: argparse.Namespace) -> None:
+    """Refuse a map command line that cannot run, before any work (outputs, inputs, options)."""
     from symphony_dask._io.atomic import check_replaceable, refuse_overlap
     from symphony_dask._mapping.query import query_shards
 
@@ -149,6 +152,7 @@ def _check_reference(args: argparse.Namespace, reference) -> None:
 
 
 def run_map(args: argparse.Namespace) -> int:
+    """Map the query files, transfer what was asked, draw and write the outputs; the exit status."""
     from symphony_dask._io.atomic import write_atomically
     from symphony_dask._mapping.annotate import transfer_labels, transfer_values
     from symphony_dask._mapping.query import map_query
@@ -229,6 +233,7 @@ def _check_positive(args: argparse.Namespace, *names: str) -> None:
 
 
 def run_demo_report(args: argparse.Namespace) -> int:
+    """Run the bundled demo and print its report; the exit status."""
     from symphony_dask.cli.demo import format_report, run_demo
 
     print(format_report(run_demo(chunk_size=args.chunk_size)))
@@ -236,4 +241,5 @@ def run_demo_report(args: argparse.Namespace) -> int:
 
 
 def check_nothing(args: argparse.Namespace) -> None:
+    """The demo's check: only the chunk size can be wrong."""
     _check_positive(args, "chunk_size")

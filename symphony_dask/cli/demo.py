@@ -67,7 +67,8 @@ def run_demo(*, chunk_size: int | None = None, seed: int = 111) -> dict[str, Any
 def format_report(result: dict[str, Any]) -> str:
     """A plain-text report of :func:`run_demo`'s result."""
     lines = [
-        "symphony_dask demo: pbmcs_small, reference 3'v2 + 5', query 3'v1 (R Symphony: accuracy 0.917, median F1 0.922)",
+        "symphony_dask demo: pbmcs_small, reference 3'v2 + 5', query 3'v1 "
+        "(R Symphony: accuracy 0.917, median F1 0.922)",
         f"reference: {result['n_reference']} cells, {result['n_genes']} variable genes, "
         f"Harmony converged in {result['harmony_iterations']} iterations; query: {result['n_query']} cells",
         "",

@@ -13,9 +13,7 @@ from symphony_dask.cli.parser import build_parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``symphony-dask`` command; returns the exit status (0 done, 2 refused
-    input, 1 failed run).
-    """
+    """Entry point of the ``symphony-dask`` command; returns the exit status (0 done, 2 refused input, 1 failed run)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     _log_to_stderr(verbose=args.verbose, quiet=args.quiet)
@@ -55,8 +53,9 @@ class _StderrHandler(logging.StreamHandler):
 
 
 def _log_to_stderr(*, verbose: bool, quiet: bool) -> None:
-    """symphony_dask's lines (one per finished stage or Harmony iteration) unless ``quiet``; with
-    ``verbose``, every logger's (dask's messages about workers joining, ...).
+    """symphony_dask's lines (one per finished stage or Harmony iteration) unless ``quiet``.
+
+    With ``verbose``, every logger's (dask's messages about workers joining, ...).
     """
     package, root = logging.getLogger("symphony_dask"), logging.getLogger()
     for logger in (package, root):
@@ -73,8 +72,9 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 
 def _run_with_scheduler(args: argparse.Namespace, stack: ExitStack) -> None:
-    """Connect to the cluster asked for (and close one started here at the end), or draw progress
-    bars on the threaded scheduler.
+    """Connect to the cluster asked for, or draw progress bars on the threaded scheduler.
+
+    A cluster started here is closed at the end.
     """
     from symphony_dask._dask.cluster import connect, wait_for_workers
     from symphony_dask._dask.dashboard import served_dashboard_link

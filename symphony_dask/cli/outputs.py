@@ -35,8 +35,9 @@ def is_our_picture(path: Path) -> bool:
 
 
 def is_mapped_anndata(path: Path) -> bool:
-    """Whether ``path`` is an AnnData (``.h5ad`` file or zarr store) that carries ``uns['symphony']``,
-    i.e. a mapped query that ``--overwrite`` may replace.
+    """Whether ``path`` is an AnnData (``.h5ad`` or zarr) with ``uns['symphony']``: a mapped query.
+
+    Such a file is what ``--overwrite`` may replace.
     """
     path = Path(path)
     if path.is_symlink():
@@ -82,6 +83,7 @@ def write_anndata(adata: ad.AnnData, path: Path, suffix: str) -> None:
 
 
 def stem(path: str) -> str:
+    """A query file's name without its AnnData suffix (the stem of its mapped output's name)."""
     name = Path(path).name
     for suffix in MAPPED_SUFFIXES:
         if name.endswith(suffix):

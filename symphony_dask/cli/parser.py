@@ -49,6 +49,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``symphony-dask`` parser with its commands (build, map, demo) and their options."""
     from symphony_dask import __version__
 
     parser = argparse.ArgumentParser(
