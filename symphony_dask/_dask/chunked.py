@@ -294,7 +294,7 @@ def one_blas_thread_per_task() -> Iterator[None]:
     """Limit BLAS to one thread while dask (or Harmony) runs tasks in parallel threads of this process.
 
     Each task's matrix products would otherwise start their own BLAS threads on top of dask's,
-    oversubscribing the cores (2.6x slower Harmony iterations measured on 2 cores). Worker processes
+    oversubscribing the cores (benchmarks/README.md has the cost measured). Worker processes
     of a distributed cluster already run with one BLAS thread.
 
     BLAS's thread count is a setting of the whole process: concurrent and nested uses (calls from

@@ -2,7 +2,7 @@
 
 Dask's ``ProgressBar`` joins a polling thread at the end of each computation. :class:`PassProgress`
 draws from the scheduler's own callbacks instead, and only for computations that run longer than
-``minimum`` seconds. Each bar is labelled with the running stage (:func:`~symphony_dask._dask.timing.timed`).
+``minimum`` seconds. Each bar is labeled with the running stage (:func:`~symphony_dask._dask.timing.timed`).
 On a terminal it is redrawn in place; into a file (a SLURM job's log) it writes one line per pass,
 when the pass ends, and no carriage returns; in a Jupyter kernel with ipywidgets it is a widget.
 
@@ -48,7 +48,7 @@ def in_notebook() -> bool:
 
 
 class WidgetBar:
-    """A labelled bar in a notebook: stage name, bar, tasks done and seconds."""
+    """A labeled bar in a notebook: stage name, bar, tasks done and seconds."""
 
     def __init__(self, label: str) -> None:
         from IPython.display import display
@@ -69,7 +69,7 @@ class WidgetBar:
 
 
 class PassProgress(Callback):
-    """A labelled progress bar for each dask computation (threaded or synchronous scheduler).
+    """A labeled progress bar for each dask computation (threaded or synchronous scheduler).
 
     Parameters
     ----------

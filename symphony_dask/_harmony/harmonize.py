@@ -109,22 +109,7 @@ def harmonize(
     keys = as_key_list(batch_keys)
     if not keys:
         raise ValueError("harmonize needs at least one batch key")
-    settings = HarmonySettings(
-        flavor=flavor,
-        theta=theta,
-        tau=tau,
-        sigma=sigma,
-        lamb=lamb,
-        alpha=alpha,
-        batch_prop_cutoff=batch_prop_cutoff,
-        block_size=block_size,
-        max_iter_harmony=max_iter_harmony,
-        max_iter_cluster=max_iter_cluster,
-        epsilon_cluster=epsilon_cluster,
-        epsilon_harmony=epsilon_harmony,
-        n_init=n_init,
-        seed=seed,
-    ).resolved(len(keys))
+    settings = HarmonySettings.from_arguments(locals(), flavor=flavor).resolved(len(keys))
     return harmonize_with(Z, meta, keys, settings, n_clusters=n_clusters, chunk_size=chunk_size)
 
 

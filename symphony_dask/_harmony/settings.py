@@ -106,6 +106,11 @@ class HarmonySettings:
     n_init: int | None = None
     seed: int = 111
 
+    @classmethod
+    def from_arguments(cls, arguments: Mapping[str, Any], *, flavor: str) -> HarmonySettings:
+        """The settings among a function's keyword ``arguments`` (its ``locals()``), named as the fields."""
+        return cls(flavor=flavor, **fields_of(cls, arguments, skip=("flavor",)))
+
     def resolved(self, n_keys: int) -> HarmonySettings:
         """The settings with the flavor's defaults filled in and checked against ``n_keys`` batch keys.
 
@@ -158,6 +163,11 @@ class HarmonySettings:
             if isinstance(given.get(name), list):
                 given[name] = tuple(given[name])
         return cls(**given)
+
+
+def fields_of(cls: type, arguments: Mapping[str, Any], *, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The values in ``arguments`` of the fields of the dataclass ``cls`` (but those in ``skip``)."""
+    return {field.name: arguments[field.name] for field in dataclasses.fields(cls) if field.name not in skip}
 
 
 def check_harmony_settings(n_keys: int, **settings: float | Sequence[float] | None) -> None:

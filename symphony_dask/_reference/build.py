@@ -14,7 +14,7 @@ from typing import Literal
 
 from symphony_dask import __version__
 from symphony_dask._dask.chunked import failure_advice
-from symphony_dask._harmony.settings import Flavor, HarmonySettings
+from symphony_dask._harmony.settings import Flavor, HarmonySettings, fields_of
 from symphony_dask._io.expression import AnnDataLike
 from symphony_dask._io.validation import as_key_list
 from symphony_dask._preprocessing.pca import PCASolver
@@ -129,11 +129,11 @@ def build_reference(
     neighbor_index
         Above 20,000 cells, gather the embedding once to build the HNSW index that label transfer
         uses, kept (and saved) with the reference. It is built on one thread, so that a rebuilt
-        reference has the same graph (about 3.5 min for 1.4M cells here); ``False`` leaves it to
+        reference has the same graph; ``False`` leaves it to
         the first label transfer (:meth:`Reference.neighbor_index`), and unsaved until the
         reference is saved after it.
     umap
-        Fit a UMAP of the corrected embedding (R Symphony's ``do_umap``: 30 neighbours, cosine,
+        Fit a UMAP of the corrected embedding (R Symphony's ``do_umap``: 30 neighbors, cosine,
         min_dist 0.1, seeded by ``seed``), kept as :attr:`Reference.umap`; mapped queries are placed
         into it. Above 20,000 cells it is fitted on a seeded subsample of 20,000 and the other cells
         are placed like query cells (:mod:`symphony_dask._embedding.umap_layout`). Needs ``keep_embedding``.
@@ -151,40 +151,11 @@ def build_reference(
     Reference
     """
     with failure_advice():
-        options = BuildOptions(
-            normalize=normalize,
-            n_hvg=n_hvg,
-            hvg_batch_key=hvg_batch_key,
-            n_pcs=n_pcs,
-            n_clusters=n_clusters,
-            chunk_size=chunk_size,
-            layer=layer,
-            obs_filter=obs_filter,
-            pca_solver=pca_solver,
-            keep_embedding=keep_embedding,
-            neighbor_index=neighbor_index,
-            umap=umap,
-            variable_genes=variable_genes,
-            additional_genes=additional_genes,
-        )
+        options = BuildOptions(**fields_of(BuildOptions, locals()))
         options.check()
         # resolved before any pass over the data, so that the reference records what was run
-        settings = HarmonySettings(
-            flavor=harmony_flavor,
-            theta=theta,
-            tau=tau,
-            sigma=sigma,
-            lamb=lamb,
-            alpha=alpha,
-            batch_prop_cutoff=batch_prop_cutoff,
-            block_size=block_size,
-            max_iter_harmony=max_iter_harmony,
-            max_iter_cluster=max_iter_cluster,
-            epsilon_cluster=epsilon_cluster,
-            epsilon_harmony=epsilon_harmony,
-            n_init=n_init,
-            seed=seed,
-        ).resolved(len(as_key_list(batch_keys)))
+        settings = HarmonySettings.from_arguments(locals(), flavor=harmony_flavor)
+        settings = settings.resolved(len(as_key_list(batch_keys)))
         timings: dict[str, float] = {}
         cells = read_cells(data, batch_keys, options)
         moments = first_moments(cells, options, timings)

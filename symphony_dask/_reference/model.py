@@ -203,7 +203,7 @@ class Reference:
         return adata
 
     def to_xarray(self):
-        """The reference's elements as one labelled ``xarray.Dataset``.
+        """The reference's elements as one labeled ``xarray.Dataset``.
 
         ``mean``, ``std`` (gene), ``loadings`` (gene x pc), ``centroids`` (pc x cluster; Y_cos),
         ``cluster_sizes`` (cluster; N_r), ``compression`` (cluster x pc; C) and, with the reference cells,

@@ -230,7 +230,7 @@ def _load_once(path: Path, root: bytes | None, *, lazy_embedding: bool) -> Refer
         neighbors = None
         if "neighbor_index" in group and group["neighbor_index"].attrs.get("format") != INDEX_FORMAT:
             warnings.warn(
-                f"{path} holds a neighbour index from an older version (hnswlib); it is ignored and a "
+                f"{path} holds a neighbor index from an older version (hnswlib); it is ignored and a "
                 "new one is built at the first label transfer (save the reference again to keep it)",
                 stacklevel=3,
             )

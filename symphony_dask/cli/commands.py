@@ -198,7 +198,7 @@ def run_map(args: argparse.Namespace) -> int:
 
 
 def _plot_mapping(reference, mapped: ad.AnnData, args: argparse.Namespace) -> None:
-    """The query over the reference density, coloured by the first transferred label."""
+    """The query over the reference density, colored by the first transferred label."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -244,13 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="label cells whose winning label has fewer votes than this fraction 'Unassigned' "
         "(the paper uses 0.6); default: keep every vote",
     )
-    m.add_argument(
-        "--k", type=int, default=5, metavar="K", help="reference neighbours of each query cell for transfers"
-    )
+    m.add_argument("--k", type=int, default=5, metavar="K", help="reference neighbors of each query cell for transfers")
     m.add_argument(
         "--plot",
         metavar="FILE.png",
-        help="draw the query over the reference UMAP (coloured by the first --transfer label) into FILE "
+        help="draw the query over the reference UMAP (colored by the first --transfer label) into FILE "
         "(.png, .pdf or .svg); default: no picture",
     )
     m.add_argument("--overwrite", action="store_true", help="replace existing outputs")
