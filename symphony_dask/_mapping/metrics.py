@@ -148,8 +148,18 @@ def per_cluster_mapping_metric(
 
     Parameters
     ----------
+    reference
+        The reference the query was mapped onto.
+    query
+        Output of :func:`~symphony_dask.map_query` (uses ``obsm[pca_key]``).
     labels
         A ``query.obs`` column or one label per query cell.
+    u
+        Clusters of fewer than ``u * d`` cells (``d`` PCs) get NaN.
+    lamb
+        Added to the diagonal of each cluster's covariance.
+    pca_key
+        ``obsm`` key of the query's projection into the reference PCs, before correction.
 
     Returns
     -------

@@ -139,6 +139,12 @@ class Reference:
             Corrected reference embedding (cells x d), optional.
         obs
             Reference cell annotations, one row per embedding row, optional.
+        obsm
+            Per-cell matrices of the reference cells (e.g. protein levels), one row per embedding row.
+        pca_moments
+            R-weighted moments of the pre-Harmony PCs per cluster (for the per-cell mapping metric).
+        params
+            Build parameters to record (e.g. ``seed``, which seeds the neighbor index).
         idf
             Per-gene inverse document frequency of a TF-IDF reference (queries are then normalized
             with it), optional.
