@@ -1,45 +1,16 @@
-"""Shared fixtures: the bundled PBMC data, the R Symphony oracle (splitA), and references built once."""
+"""Shared fixtures: the bundled PBMC data, the R Symphony oracle (splitA), references built once, and
+local clusters. What the tests share besides fixtures is in _helpers.py."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+from _helpers import DATA, ORACLE, R_BUILD, LocalClusters, Oracle
 
 import symphony_dask as sd
 from symphony_dask.datasets import pbmcs_small
-
-DATA = Path(__file__).parent / "data"
-ORACLE = DATA / "symphony_r_oracle_splitA"
-
-#: R Symphony's buildReference parameters of the oracle run (splitA).
-R_BUILD = dict(normalize=False, n_hvg=1000, hvg_batch_key="donor", n_pcs=20, n_clusters=100, theta=2.0)
-
-
-class Oracle:
-    """Reader of the R Symphony outputs; per-cell matrices come back cells x components."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.ref_cells = (root / "ref_cells.txt").read_text().split()
-        self.query_cells = (root / "query_cells.txt").read_text().split()
-
-    def table(self, name: str, **kwargs) -> pd.DataFrame:
-        return pd.read_csv(self.root / f"{name}.csv.gz", **kwargs)
-
-    def matrix(self, name: str) -> np.ndarray:
-        return self.table(name, index_col=0).to_numpy()
-
-    def per_cell(self, name: str, cells: list[str]) -> np.ndarray:
-        m = self.table(name, index_col=0)
-        return m.T.loc[cells].to_numpy()
-
-    @property
-    def vargenes(self) -> pd.DataFrame:
-        return self.table("vargenes")
 
 
 @pytest.fixture(scope="session")
@@ -105,3 +76,24 @@ def synthetic_atlas(tmp_path_factory):
     path = tmp_path_factory.mktemp("atlas") / "atlas.zarr"
     summary = write_synthetic_atlas(path, 100_000, n_genes=10_000, n_types=15, n_donors=6, seed=1)
     return path, summary
+
+
+@pytest.fixture()
+def local_cluster():
+    """Start a ``LocalCluster`` and its client: ``cluster, client = local_cluster(n_workers=2)``.
+
+    Test defaults (``dashboard_address=":0"``, ``threads_per_worker=1``, ``processes=True``) unless
+    given; ``client=False`` starts no client (``client`` is then None). Whatever was started is closed
+    when the test ends; close it sooner (``with cluster, client: ...``) where the test goes on without.
+    """
+    clusters = LocalClusters()
+    yield clusters
+    clusters.close()
+
+
+@pytest.fixture(scope="module")
+def module_local_cluster():
+    """``local_cluster`` for module fixtures: what it starts is closed when the module's tests end."""
+    clusters = LocalClusters()
+    yield clusters
+    clusters.close()

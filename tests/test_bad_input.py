@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-from conftest import R_BUILD
+from _helpers import R_BUILD
 
 import symphony_dask as sd
 from symphony_dask.cli.spelling import command_line_spelling

@@ -17,7 +17,7 @@ from typing import Any
 import dask.array as da
 import numpy as np
 import pytest
-from distributed import Client, LocalCluster
+from distributed import Client
 
 import symphony_dask as sd
 from symphony_dask._harmony.cluster import channel as harmony_channel
@@ -360,9 +360,9 @@ HARMONY = {"max_iter_harmony": 2, "max_iter_cluster": 6, "seed": 5}
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
-        yield cluster
+def cluster(module_local_cluster):
+    cluster, _ = module_local_cluster(n_workers=2, processes=True, client=False)
+    return cluster
 
 
 @pytest.fixture(scope="module")
@@ -399,6 +399,8 @@ def _harmony_on(cluster, pbmc3500, threaded, caplog) -> str:
     return warnings[0]
 
 
+@pytest.mark.slow
+@pytest.mark.cluster
 def test_a_refused_channel_falls_back_to_dask_rpc(cluster, pbmc3500, threaded, monkeypatch, caplog):
     """As behind a firewall that rejects connections between the workers: no lost worker."""
     port = _closed_port()
@@ -455,6 +457,8 @@ class _BreakingProxy:
         self.loop.close()
 
 
+@pytest.mark.slow
+@pytest.mark.cluster
 def test_a_channel_broken_in_mid_run_falls_back_to_dask_rpc(cluster, pbmc3500, threaded, monkeypatch, caplog):
     """The channel works for a block, then breaks while the peer weighs the next one; the peer
     still answers through dask's RPC, so it is not lost: the iteration is repeated through the RPC."""
@@ -478,6 +482,8 @@ def _listening() -> int:
     return sum(c.status == psutil.CONN_LISTEN for c in psutil.Process().net_connections("tcp"))
 
 
+@pytest.mark.slow
+@pytest.mark.cluster
 def test_a_failed_run_closes_its_channels(cluster, pbmc3500, monkeypatch):
     monkeypatch.setattr(harmony_groups, "MIN_GROUP_CELLS", 1000)
     z, meta, _ = pbmc3500

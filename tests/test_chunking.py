@@ -6,10 +6,11 @@ import anndata as ad
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from conftest import R_BUILD
-from distributed import Client, LocalCluster
+from _helpers import R_BUILD
 
 import symphony_dask as sd
+
+pytestmark = pytest.mark.slow  # each build here takes 2 to 5 s on two cores, 10 s with sparse formats
 
 TOL = 1e-10
 ELEMENTS = ("mean", "std", "loadings", "centroids", "cluster_sizes", "compression", "embedding")
@@ -67,17 +68,17 @@ def test_backed_anndata_query(pbmcs, oracle, one_chunk, tmp_path):
     assert np.abs(one_chunk[1].obsm["X_symphony"] - from_path.obsm["X_symphony"]).max() <= TOL
 
 
-def test_threads_and_process_cluster_agree(pbmcs, oracle):
+@pytest.mark.cluster
+def test_threads_and_process_cluster_agree(pbmcs, oracle, local_cluster):
     """Every pass, Harmony included, on two worker processes (few Harmony iterations: each one is a
     chain of small steps, and their scheduling latency, not their work, sets the time here)."""
     ref_cells, query = pbmcs[oracle.ref_cells].copy(), pbmcs[oracle.query_cells].copy()
     short = dict(max_iter_harmony=2, max_iter_cluster=5)
     threaded = build_and_map(ref_cells, query, 200, **short)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
-        with Client(cluster):
-            distributed = build_and_map(ref_cells, query, 200, **short)
-            assert_same_reference(threaded[0], distributed[0])
-            assert np.abs(threaded[1].obsm["X_symphony"] - distributed[1].obsm["X_symphony"]).max() <= TOL
+    local_cluster(n_workers=2, processes=True)
+    distributed = build_and_map(ref_cells, query, 200, **short)
+    assert_same_reference(threaded[0], distributed[0])
+    assert np.abs(threaded[1].obsm["X_symphony"] - distributed[1].obsm["X_symphony"]).max() <= TOL
 
 
 def test_sparse_formats_are_accepted(pbmcs, oracle, one_chunk):

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import anndata as ad
 import numpy as np
 import pytest
+from _helpers import CLUSTER_CONFIGS
 
 import symphony_dask as sd
 from symphony_dask.cli import main
-
-CLUSTER_CONFIGS = Path(__file__).parents[1] / "cluster_configs"
 
 
 @pytest.fixture()
@@ -87,6 +84,8 @@ def test_demo_reports_accuracy_and_stage_times(capsys):
         assert stage in out
 
 
+@pytest.mark.slow
+@pytest.mark.cluster
 def test_build_on_local_cluster_config(files, capsys):
     code = main(
         [
@@ -152,6 +151,7 @@ def test_map_shards_into_one_output_each(files, capsys, built_reference, split):
 CLI_BUILD = ["--batch-key", "donor", "--n-hvg", "1000", "--hvg-batch-key", "donor", "--n-clusters", "100"]
 
 
+@pytest.mark.slow
 def test_layer_counts_from_the_command_line_equals_the_python_api(files, capsys):
     """scanpy's layout (log values in X, counts in layers['counts']) built and mapped from the counts:
     the same numbers as the Python API with layer='counts'."""

@@ -15,20 +15,21 @@ from typing import Any
 
 import pytest
 import yaml
+from _helpers import CLUSTER_CONFIGS
 
 from symphony_dask._dask.cluster import make_cluster, read_cluster_config
 
-CONFIGS = Path(__file__).parents[1] / "cluster_configs"
 
-
+@pytest.mark.cluster
 def test_local_config_starts_a_local_cluster():
-    cluster, jobs = make_cluster(CONFIGS / "local.yaml")
+    cluster, jobs = make_cluster(CLUSTER_CONFIGS / "local.yaml")
     with cluster:
         assert len(cluster.workers) == 2 and jobs is None
 
 
+@pytest.mark.cluster
 def test_slurm_config_writes_a_job_script():
-    cluster, jobs = make_cluster(CONFIGS / "slurm.yaml")
+    cluster, jobs = make_cluster(CLUSTER_CONFIGS / "slurm.yaml")
     with cluster:
         script = cluster.job_script()
     assert jobs == 4
@@ -45,8 +46,8 @@ def test_slurm_config_writes_a_job_script():
 
 
 def test_kubernetes_config_names_a_daskcluster_resource():
-    config = read_cluster_config(CONFIGS / "kubernetes.yaml")
-    spec = yaml.safe_load((CONFIGS / config["spec"]).read_text())
+    config = read_cluster_config(CLUSTER_CONFIGS / "kubernetes.yaml")
+    spec = yaml.safe_load((CLUSTER_CONFIGS / config["spec"]).read_text())
     assert spec["apiVersion"] == "kubernetes.dask.org/v1" and spec["kind"] == "DaskCluster"
     worker = spec["spec"]["worker"]
     assert worker["replicas"] == 4
@@ -54,12 +55,12 @@ def test_kubernetes_config_names_a_daskcluster_resource():
     image = worker["spec"]["containers"][0]["image"]
     assert image == scheduler["image"] and "symphony-dask" in image  # built by cluster_configs/Dockerfile
     assert "EXTRA_PIP_PACKAGES" not in str(spec)  # symphony_dask is not on PyPI
-    dockerfile = (CONFIGS / "Dockerfile").read_text()
+    dockerfile = (CLUSTER_CONFIGS / "Dockerfile").read_text()
     assert "cd /src && python -m pip install ." in dockerfile and "COPY symphony_dask /src/symphony_dask" in dockerfile
     assert spec["spec"]["scheduler"]["service"]["selector"]["dask.org/cluster-name"] == spec["metadata"]["name"]
     if importlib.util.find_spec("dask_kubernetes") is None:
         with pytest.raises(ValueError, match=r'pip install "\.\[kubernetes\]" from the symphony_dask repository root'):
-            make_cluster(CONFIGS / "kubernetes.yaml")
+            make_cluster(CLUSTER_CONFIGS / "kubernetes.yaml")
 
 
 def test_bad_cluster_files(tmp_path):
@@ -130,9 +131,10 @@ def test_malformed_cluster_file_names_file_key_and_valid_keys(tmp_path, text, me
         make_cluster(tmp_path / "bad.yaml")
 
 
+@pytest.mark.cluster
 def test_slurm_config_names_the_interface(tmp_path):
     """A site whose nodes talk over InfiniBand sets `interface`: the workers are started with it."""
-    text = (CONFIGS / "slurm.yaml").read_text().replace("interface: null", "interface: lo")
+    text = (CLUSTER_CONFIGS / "slurm.yaml").read_text().replace("interface: null", "interface: lo")
     (tmp_path / "slurm.yaml").write_text(text)
     cluster, _ = make_cluster(tmp_path / "slurm.yaml")
     with cluster:
@@ -142,7 +144,7 @@ def test_slurm_config_names_the_interface(tmp_path):
 
 def test_docs_install_extras_from_the_repository():
     """symphony_dask is not on PyPI: every install line names the extras of the checkout."""
-    for path in [*CONFIGS.iterdir(), CONFIGS.parent / "README.md"]:
+    for path in [*CLUSTER_CONFIGS.iterdir(), CLUSTER_CONFIGS.parent / "README.md"]:
         if path.is_file():
             assert "symphony_dask[" not in path.read_text(), path
 
@@ -517,7 +519,7 @@ def kubernetes_tools() -> None:
 def test_kubernetes_daskcluster_passes_the_operator_crd_and_the_pod_model(kubernetes_tools):
     """kubernetes-daskcluster.yaml is what the operator's CRD accepts, its pod specs are V1PodSpecs, and its dask
     settings agree with its pods (ports, image, threads and memory)."""
-    resource = _yaml(CONFIGS / "kubernetes-daskcluster.yaml")
+    resource = _yaml(CLUSTER_CONFIGS / "kubernetes-daskcluster.yaml")
     assert _daskcluster_problems(resource) == []
     assert resource["spec"]["scheduler"]["spec"]["containers"][0]["image"].endswith(":" + version("symphony_dask"))
 
@@ -557,15 +559,15 @@ def test_kubernetes_config_creates_the_daskcluster_it_names(kubernetes_tools, mo
     before = set(kubecluster.KubeCluster._instances)
     try:
         with pytest.raises(Sent):
-            make_cluster(CONFIGS / "kubernetes.yaml")
+            make_cluster(CLUSTER_CONFIGS / "kubernetes.yaml")
     finally:
         for cluster in set(kubecluster.KubeCluster._instances) - before:  # the half-started KubeCluster
             cluster.shutdown_on_close = False  # nothing to delete, and no API server to ask at exit
             cluster.close()
             cluster._loop_runner.stop()
     [(resource, namespace)] = sent
-    assert namespace == read_cluster_config(CONFIGS / "kubernetes.yaml")["namespace"]
-    assert resource == _yaml(CONFIGS / "kubernetes-daskcluster.yaml")
+    assert namespace == read_cluster_config(CLUSTER_CONFIGS / "kubernetes.yaml")["namespace"]
+    assert resource == _yaml(CLUSTER_CONFIGS / "kubernetes-daskcluster.yaml")
     assert _daskcluster_problems(resource) == []
 
 
@@ -653,7 +655,7 @@ def _edit(resource: dict[str, Any], path: str, value: Any) -> None:
 @pytest.mark.parametrize(("edits", "expected"), [pytest.param(e, x, id=i) for i, e, x in BROKEN])
 def test_broken_daskcluster_is_rejected(kubernetes_tools, edits, expected):
     """Each broken copy of kubernetes-daskcluster.yaml fails the checks, saying what is wrong: the checks can fail."""
-    resource = _yaml(CONFIGS / "kubernetes-daskcluster.yaml")
+    resource = _yaml(CLUSTER_CONFIGS / "kubernetes-daskcluster.yaml")
     for path, value in edits:
         _edit(resource, path, value)
     problems = _daskcluster_problems(resource)
@@ -669,11 +671,11 @@ def _commands(shell: str) -> list[str]:
 def test_dockerfile_installs_as_the_readme_says():
     """The image installs symphony_dask with the README's install command, run in the directory the Dockerfile copies
     the project to, and copies every file that install needs."""
-    readme = (CONFIGS.parent / "README.md").read_text()
+    readme = (CLUSTER_CONFIGS.parent / "README.md").read_text()
     quick_start = re.search(r"## Quick start.*?```bash\n(.*?)```", readme, re.DOTALL).group(1)
     [install] = [c for c in _commands(quick_start) if "pip install" in c]
     assert install == "python -m pip install ."
-    dockerfile = re.sub(r"\\\n", " ", (CONFIGS / "Dockerfile").read_text())
+    dockerfile = re.sub(r"\\\n", " ", (CLUSTER_CONFIGS / "Dockerfile").read_text())
     instructions = [line.split(None, 1) for line in dockerfile.splitlines() if line.strip() and line[0] != "#"]
     runs = [_commands(rest) for word, rest in instructions if word == "RUN"]
     [run] = [commands for commands in runs if any("pip install" in c for c in commands)]

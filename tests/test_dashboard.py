@@ -5,25 +5,22 @@ from __future__ import annotations
 
 import importlib
 import urllib.request
-from pathlib import Path
 
 import dask
 import pytest
 import yaml
-from distributed import Client, LocalCluster
+from _helpers import CLUSTER_CONFIGS
+from distributed import Client
 
 from symphony_dask._dask.dashboard import NEEDS_BOKEH, served_dashboard_link
 
-CLUSTER_CONFIGS = Path(__file__).parents[1] / "cluster_configs"
+pytestmark = pytest.mark.cluster
 
 
 @pytest.fixture(scope="module")
-def client():
-    with (
-        LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster,
-        Client(cluster) as client,
-    ):
-        yield client
+def client(module_local_cluster):
+    _, client = module_local_cluster(n_workers=1, processes=False)
+    return client
 
 
 def test_the_dashboard_serves_bokeh_pages(client):
@@ -46,9 +43,9 @@ def test_jupyterhub_proxy_link_convention(client, monkeypatch):
         assert served_dashboard_link(client) == f"/user/ada/proxy/{port}/status"
 
 
-def test_no_link_when_nothing_serves():
-    with LocalCluster(n_workers=0, processes=False, dashboard_address=None) as cluster, Client(cluster) as client:
-        assert served_dashboard_link(client) is None
+def test_no_link_when_nothing_serves(local_cluster):
+    _, client = local_cluster(n_workers=0, processes=False, dashboard_address=None)
+    assert served_dashboard_link(client) is None
 
 
 def test_dask_labextension_factory_starts_a_cluster_config(tmp_path):

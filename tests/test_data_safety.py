@@ -23,13 +23,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import zarr
-from conftest import R_BUILD
+from _helpers import R_BUILD, ROOT
 
 import symphony_dask as sd
 from symphony_dask._io.obs_filter import cells_where
 from symphony_dask.cli import main
-
-ROOT = Path(__file__).parents[1]
 
 
 def _digest_tree(path: Path) -> dict[str, bytes]:
@@ -246,6 +244,7 @@ _MAP_RACE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_two_map_commands_writing_one_out_one_wins(files):
     barrier = files / "barrier"
     barrier.mkdir()
@@ -308,6 +307,7 @@ _OVERWRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_load_while_another_process_overwrites_returns_one_store(tmp_path):
     """Loads during repeated saves of two same-shaped references each return one of them whole
     (before, 15 of 985 loads returned old loadings with new centroids). Runs for at least 10 s and

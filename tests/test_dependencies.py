@@ -5,13 +5,11 @@ from __future__ import annotations
 import ast
 import re
 from importlib.metadata import packages_distributions
-from pathlib import Path
 
 import pytest
+from _helpers import ROOT
 
 tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
-
-ROOT = Path(__file__).parents[1]
 
 
 def _imported_modules() -> set[str]:

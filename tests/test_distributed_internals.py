@@ -8,7 +8,7 @@ import contextlib
 
 import distributed
 import pytest
-from distributed import Client, LocalCluster, get_worker
+from distributed import get_worker
 from distributed.comm import CommClosedError
 
 from symphony_dask._harmony.cluster.actor import Lost, actor_call
@@ -58,13 +58,13 @@ class _Elsewhere:
         self._address = address
 
 
+pytestmark = pytest.mark.cluster
+
+
 @pytest.fixture(scope="module")
-def client():
-    with (
-        LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
-        Client(cluster) as client,
-    ):
-        yield client
+def client(module_local_cluster):
+    _, client = module_local_cluster(n_workers=1, processes=True)
+    return client
 
 
 @pytest.fixture()

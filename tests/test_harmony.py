@@ -12,13 +12,14 @@ import dask.array as da
 import numpy as np
 import pandas as pd
 import pytest
-from distributed import Client, LocalCluster
+from _helpers import NO_SPILL
+from distributed import Client
 
 import symphony_dask as sd
 from symphony_dask._harmony.chunk import ChunkGroup, CorrectionStep, RunSpec
-from symphony_dask._harmony.piece import Piece
 from symphony_dask._harmony.cluster import groups as harmony_groups
 from symphony_dask._harmony.kernels import PenaltyTerms
+from symphony_dask._harmony.piece import Piece
 from symphony_dask._mapping.metrics import lisi
 from symphony_dask._reference.compression import compression_sums
 
@@ -76,11 +77,13 @@ def small_groups(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def two_workers():
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
-        yield cluster
+def two_workers(module_local_cluster):
+    cluster, _ = module_local_cluster(n_workers=2, processes=True, client=False)
+    return cluster
 
 
+@pytest.mark.slow
+@pytest.mark.cluster
 @pytest.mark.parametrize("groups", [1, 2])
 def test_threads_and_process_cluster_agree(pbmc3500, two_workers, monkeypatch, groups):
     """One group (the whole iteration on one worker) or two (a leader and a peer): as on threads."""
@@ -112,8 +115,10 @@ def _recording(made: list):
     return Recording
 
 
+@pytest.mark.slow
+@pytest.mark.cluster
 @pytest.mark.parametrize("victim", ["leader", "peer"])
-def test_a_lost_worker_gives_the_identical_result(pbmc3500, small_groups, monkeypatch, caplog, victim):
+def test_a_lost_worker_gives_the_identical_result(pbmc3500, small_groups, monkeypatch, caplog, victim, local_cluster):
     """SIGKILL the worker of the leading group or of a peer between Harmony iterations: the group is
     rebuilt on the restarted worker from the PCs and the corrections so far, bit for bit."""
     z, meta, _ = pbmc3500
@@ -121,24 +126,24 @@ def test_a_lost_worker_gives_the_identical_result(pbmc3500, small_groups, monkey
     kw = dict(max_iter_harmony=4, max_iter_cluster=5, seed=7)
     made = []
     monkeypatch.setattr(harmony_groups, "ClusterGroups", _recording(made))
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
-        with Client(cluster) as client:
-            expected = sd.harmonize(lazy, meta, "donor", **kw)
-            expected = (expected.Z_corr.compute(), expected.R.compute())
+    cluster, client = local_cluster(n_workers=2, processes=True)
+    with cluster, client:
+        expected = sd.harmonize(lazy, meta, "donor", **kw)
+        expected = (expected.Z_corr.compute(), expected.R.compute())
 
-            def kill() -> None:
-                address = made[-1].workers[0 if victim == "leader" else 1]
-                pid = client.run(os.getpid, workers=[address])[address]
-                os.kill(pid, signal.SIGKILL)
+        def kill() -> None:
+            address = made[-1].workers[0 if victim == "leader" else 1]
+            pid = client.run(os.getpid, workers=[address])[address]
+            os.kill(pid, signal.SIGKILL)
 
-            handler = _OnMessage("Harmony iteration 2:", kill)
-            logging.getLogger("symphony_dask").addHandler(handler)
-            try:
-                with caplog.at_level(logging.INFO, logger="symphony_dask"):
-                    res = sd.harmonize(lazy, meta, "donor", **kw)
-                    z_corr, r = res.Z_corr.compute(), res.R.compute()
-            finally:
-                logging.getLogger("symphony_dask").removeHandler(handler)
+        handler = _OnMessage("Harmony iteration 2:", kill)
+        logging.getLogger("symphony_dask").addHandler(handler)
+        try:
+            with caplog.at_level(logging.INFO, logger="symphony_dask"):
+                res = sd.harmonize(lazy, meta, "donor", **kw)
+                z_corr, r = res.Z_corr.compute(), res.R.compute()
+        finally:
+            logging.getLogger("symphony_dask").removeHandler(handler)
     assert handler.fired
     assert "lost with its worker; rebuilt" in caplog.text
     np.testing.assert_array_equal(z_corr, expected[0])
@@ -172,32 +177,28 @@ def test_outputs_are_recomputed_from_the_log_when_the_groups_are_gone(pbmc3500, 
     np.testing.assert_array_equal(again, r)
 
 
-def test_workers_with_less_memory_than_r_integrate_by_chunks():
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_workers_with_less_memory_than_r_integrate_by_chunks(local_cluster):
     """500,000 cells x k = 200: R alone is 800 MB, each worker may use 600 MiB (spilling off)."""
     n, k = 500_000, 200
-    memory = {
-        "distributed.worker.memory.target": False,
-        "distributed.worker.memory.spill": False,
-        "distributed.worker.memory.pause": False,
-        "distributed.worker.memory.terminate": 0.95,
-    }
     batch = np.random.default_rng(0).integers(0, 4, n)
     meta = pd.DataFrame({"batch": batch.astype(str)})
-    with dask.config.set(memory):
-        with LocalCluster(n_workers=2, threads_per_worker=1, memory_limit="600MiB", dashboard_address=":0") as cluster:
-            with Client(cluster) as client:
-                client.wait_for_workers(2)
-                pids = client.run(os.getpid)
-                z = da.random.RandomState(0).normal(size=(n, 10), chunks=(50_000, 10))
-                z = z + da.from_array(batch[:, None] * 0.5, chunks=(50_000, 1))
-                res = sd.harmonize(z, meta, "batch", n_clusters=k, max_iter_harmony=1, max_iter_cluster=3, n_init=1)
-                assert n * k * 8 > 600 * 2**20
-                assert res.Z_corr.shape == (n, 10)
-                means = [float(res.Z_corr[batch == b, 0].mean().compute()) for b in range(4)]
-                before = [float(z[batch == b, 0].mean().compute()) for b in range(4)]
-                assert np.ptp(means) < 0.5 * np.ptp(before)  # the batch shift is mostly removed
-                assert float(res.R[:1000].sum(axis=1).mean().compute()) == pytest.approx(1.0)
-                assert client.run(os.getpid) == pids, "a worker was restarted"
+    with dask.config.set(NO_SPILL):
+        cluster, client = local_cluster(n_workers=2, memory_limit="600MiB")
+        with cluster, client:
+            client.wait_for_workers(2)
+            pids = client.run(os.getpid)
+            z = da.random.RandomState(0).normal(size=(n, 10), chunks=(50_000, 10))
+            z = z + da.from_array(batch[:, None] * 0.5, chunks=(50_000, 1))
+            res = sd.harmonize(z, meta, "batch", n_clusters=k, max_iter_harmony=1, max_iter_cluster=3, n_init=1)
+            assert n * k * 8 > 600 * 2**20
+            assert res.Z_corr.shape == (n, 10)
+            means = [float(res.Z_corr[batch == b, 0].mean().compute()) for b in range(4)]
+            before = [float(z[batch == b, 0].mean().compute()) for b in range(4)]
+            assert np.ptp(means) < 0.5 * np.ptp(before)  # the batch shift is mostly removed
+            assert float(res.R[:1000].sum(axis=1).mean().compute()) == pytest.approx(1.0)
+            assert client.run(os.getpid) == pids, "a worker was restarted"
 
 
 def test_splitA_mapping_through_our_harmony(pbmcs, oracle):
@@ -261,9 +262,11 @@ def test_a_correction_is_applied_once(pbmc3500):
 def test_single_level_batch_falls_back_to_soft_kmeans(pbmc3500):
     z, meta, _ = pbmc3500
     meta = meta.assign(one="x")
-    with pytest.warns(UserWarning, match="'one' has a single level"):
-        with pytest.warns(UserWarning, match="soft k-means without correction"):
-            res = sd.harmonize(z[:600], meta.iloc[:600], "one", n_clusters=10)
+    with (
+        pytest.warns(UserWarning, match="'one' has a single level"),
+        pytest.warns(UserWarning, match="soft k-means without correction"),
+    ):
+        res = sd.harmonize(z[:600], meta.iloc[:600], "one", n_clusters=10)
     np.testing.assert_array_equal(res.Z_corr, z[:600])
     assert res.n_iter == 0 and res.R.shape == (600, 10)
 
@@ -295,6 +298,7 @@ def test_build_without_batch_keys_clusters_without_correcting(split):
     np.testing.assert_allclose(mapped.obsm["X_symphony_pca"], ref.embedding, atol=1e-10)
 
 
+@pytest.mark.slow
 def test_several_batch_variables_with_their_own_theta(pbmc3500):
     z, meta, _ = pbmc3500
     meta = meta.assign(lane=np.where(np.arange(len(meta)) % 3 == 0, "L1", "L2"))

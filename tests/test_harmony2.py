@@ -47,6 +47,7 @@ def test_matches_harmonypy_with_its_defaults(pbmc3500):
     assert ours.cluster_iterations == 4 * ours.n_iter  # harmony2's 4 rounds per iteration
 
 
+@pytest.mark.slow
 def test_matches_harmonypy_on_50k_synthetic_cells():
     z, meta = _synthetic(50_000)
     ours = sd.harmonize(z, meta, "batch", flavor="harmony2", chunk_size=12_500)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import zarr
-from conftest import R_BUILD
+from _helpers import R_BUILD
 
 import symphony_dask as sd
 from symphony_dask._io.expression import read_expression
@@ -26,6 +26,7 @@ def in_memory_reference(pbmcs, oracle):
     return sd.build_reference(pbmcs[oracle.ref_cells].copy(), "donor", **R_BUILD)
 
 
+@pytest.mark.slow
 def test_dense_store_chunked_along_genes(split, in_memory_reference, tmp_path):
     """Chunks of cells read whole rows across the store's gene chunks."""
     ref_cells, _ = split
@@ -46,6 +47,7 @@ def test_dask_matrix_chunked_along_genes_is_rechunked(split, in_memory_reference
         assert np.abs(getattr(ref, name) - getattr(in_memory_reference, name)).max() < 1e-10
 
 
+@pytest.mark.slow
 def test_64_bit_indptr(split, in_memory_reference, tmp_path):
     ref_cells, _ = split
     x = sp.csr_matrix(ref_cells.X)
@@ -103,6 +105,7 @@ def test_in_memory_chunks_are_views_and_the_query_is_left_unchanged(split, in_me
     np.testing.assert_array_equal(after, before.toarray() if sparse else before)
 
 
+@pytest.mark.slow
 def test_backed_views_give_their_cells_and_genes_only(pbmcs, oracle, in_memory_reference, tmp_path):
     """A view of a backed AnnData is read as the view, not the whole file (it used to give all
     1,200 cells, or all genes)."""
@@ -139,6 +142,7 @@ def test_backed_view_in_another_order_is_refused(pbmcs, tmp_path):
         read_expression(backed[[5, 3, 9]])
 
 
+@pytest.mark.slow
 def test_float16_and_coo_chunks(split):
     """float16 values (no scipy sparse type holds them) and a dask array of COO chunks are read as
     float32 and CSR."""

@@ -6,8 +6,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import DATA
-from distributed import Client, LocalCluster
+from _helpers import DATA
 
 import symphony_dask as sd
 from symphony_dask._reference.compression import compression_sums
@@ -48,14 +47,17 @@ def test_mapping_metrics_reproduce_r(r_reference_with_moments, pbmcs, oracle):
     assert np.abs(got - expected).max() <= 1e-6
 
 
-def test_sharded_query_equals_in_memory(built_reference, pbmcs, oracle, tmp_path):
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_sharded_query_equals_in_memory(built_reference, pbmcs, oracle, tmp_path, local_cluster):
     query = pbmcs[oracle.query_cells].copy()
     expected = sd.map_query(built_reference, query.copy(), "donor", normalize=False)
     paths = []
     for i, rows in enumerate(np.array_split(np.arange(query.n_obs), 3)):
         paths.append(tmp_path / f"shard_{i}.h5ad")
         query[rows].write_h5ad(paths[-1])
-    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster, Client(cluster):
+    cluster, client = local_cluster(n_workers=2)
+    with cluster, client:
         sharded = sd.map_query(built_reference, str(tmp_path / "shard_*.h5ad"), "donor", normalize=False, chunk_size=50)
     assert list(sharded.obs["symphony_shard"].unique()) == [0, 1, 2]
     for key in ("X_symphony", "X_symphony_pca", "X_symphony_R"):

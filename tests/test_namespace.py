@@ -6,6 +6,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 import symphony_dask as sd
 
 
@@ -16,6 +18,7 @@ def test_dir_lists_public_names_and_modules_only():
     assert not {"Any", "import_module", "version", "annotations", "TYPE_CHECKING"} & set(names)
 
 
+@pytest.mark.slow
 def test_pl_and_datasets_resolve_lazily():
     code = (
         "import sys, symphony_dask as sd\n"

@@ -51,6 +51,7 @@ def test_inner_product_graph_gives_cosine_neighbours():
     np.testing.assert_allclose(products, np.einsum("nd,nkd->nk", cells, fitted[found]), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_index_from_an_older_version_is_rebuilt_not_trusted(built_reference, tmp_path, monkeypatch):
     ref = sd.Reference.from_arrays(
         built_reference.genes,

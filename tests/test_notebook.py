@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import nbclient
 import nbformat
+import pytest
+from _helpers import ROOT
 
-NOTEBOOK = Path(__file__).parents[1] / "examples" / "pbmc_mapping.ipynb"
+NOTEBOOK = ROOT / "examples" / "pbmc_mapping.ipynb"
 
 
+@pytest.mark.slow
 def test_example_notebook_runs(tmp_path):
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     assert all(

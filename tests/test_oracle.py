@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.linalg
-from conftest import R_BUILD
+from _helpers import R_BUILD
 
 import symphony_dask as sd
 from symphony_dask._harmony.kernels import cosine_normalize, soft_assign

@@ -37,6 +37,7 @@ def pbmc_scaling(pbmcs, oracle, built_reference):
     return cells, scaling
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("solver", ["gram", "krylov"])
 def test_pbmcs_small_against_exact_svd(pbmc_scaling, solver):
     cells, scaling = pbmc_scaling
@@ -88,6 +89,7 @@ def exact_once():
     return get
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("solver", ["gram", "krylov"])
 def test_synthetic_20k_against_exact_svd(synthetic_20k, exact_once, solver):
     ref = sd.build_reference(

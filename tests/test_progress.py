@@ -11,7 +11,7 @@ import time
 import dask.array as da
 import numpy as np
 import pytest
-from distributed import Client, LocalCluster, Worker
+from distributed import Worker
 
 from symphony_dask._dask import chunked
 from symphony_dask._dask.cluster import wait_for_workers
@@ -85,17 +85,14 @@ class QueuedWorker(Worker):
 
 
 @pytest.fixture()
-def queued_cluster():
-    with (
-        LocalCluster(
-            n_workers=0, threads_per_worker=1, processes=False, worker_class=QueuedWorker, dashboard_address=":0"
-        ) as cluster,
-        Client(cluster) as client,
-    ):
-        cluster.scale(1)
-        yield client
+def queued_cluster(local_cluster):
+    cluster, client = local_cluster(n_workers=0, processes=False, worker_class=QueuedWorker)
+    cluster.scale(1)
+    return client
 
 
+@pytest.mark.slow
+@pytest.mark.cluster
 def test_the_command_line_says_it_waits_for_queued_workers(queued_cluster):
     out = io.StringIO()
     wait_for_workers(queued_cluster, out=out, report_every=1.5)
@@ -105,6 +102,8 @@ def test_the_command_line_says_it_waits_for_queued_workers(queued_cluster):
     assert re.fullmatch(r"1 worker\(s\) joined after \d s; starting", lines[-1])
 
 
+@pytest.mark.slow
+@pytest.mark.cluster
 def test_a_computation_waits_for_queued_workers_beyond_the_no_worker_limit(queued_cluster, monkeypatch):
     """No worker yet, but workers asked for: the wait is the queue's, not a failure (the limit is for
     clusters whose workers are gone)."""

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import DATA
+from _helpers import DATA
 
 import symphony_dask as sd
 from symphony_dask._reference import rds

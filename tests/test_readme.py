@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import matplotlib
 import pytest
+from _helpers import ROOT
 
-README = Path(__file__).parents[1] / "README.md"
+README = ROOT / "README.md"
 
 
 def _section(title: str, text: str) -> str:
@@ -17,6 +17,7 @@ def _section(title: str, text: str) -> str:
     return text[start : following if following >= 0 else None]
 
 
+@pytest.mark.slow
 def test_in_python_examples_run_as_written(tmp_path, monkeypatch):
     blocks = re.findall(r"```python\n(.*?)```", _section("In Python", README.read_text()), flags=re.S)
     assert len(blocks) == 3

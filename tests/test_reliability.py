@@ -5,36 +5,31 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import R_BUILD
-from distributed import Client, LocalCluster
+from _helpers import R_BUILD
 
 import symphony_dask as sd
 from symphony_dask._dask import chunked
 from symphony_dask._dask.chunked import WorkerFailure
 
-NO_SPILL = {
-    "distributed.worker.memory.target": False,
-    "distributed.worker.memory.spill": False,
-    "distributed.worker.memory.pause": False,
-    "distributed.worker.memory.terminate": 0.95,
-}
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 
-def test_cluster_without_workers_fails_instead_of_hanging(split, monkeypatch):
+def test_cluster_without_workers_fails_instead_of_hanging(split, monkeypatch, local_cluster):
     """The no-worker limit ends the wait with an error that says so (before, the build hung)."""
     monkeypatch.setattr(chunked, "NO_WORKERS_TIMEOUT_S", 3.0)
     ref_cells, _ = split
-    with LocalCluster(n_workers=0, dashboard_address=":0") as cluster, Client(cluster):
-        with pytest.raises(WorkerFailure, match="the cluster has had no worker for 3 s"):
-            sd.build_reference(ref_cells, "donor", **R_BUILD)
+    local_cluster(n_workers=0)
+    with pytest.raises(WorkerFailure, match="the cluster has had no worker for 3 s"):
+        sd.build_reference(ref_cells, "donor", **R_BUILD)
 
 
-def test_reference_built_on_a_cluster_outlives_it(split, built_reference, tmp_path):
+def test_reference_built_on_a_cluster_outlives_it(split, built_reference, tmp_path, local_cluster):
     """The corrected embedding comes to the client when the build ends: label transfer and saving
     work after the cluster is gone (they raised "Missing dependency" before)."""
     ref_cells, query = split
     ref_cells.write_h5ad(tmp_path / "ref.h5ad")
-    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster, Client(cluster):
+    cluster, client = local_cluster(n_workers=2)
+    with cluster, client:  # closed here: what follows runs without it
         ref = sd.build_reference(tmp_path / "ref.h5ad", "donor", **R_BUILD)
     assert isinstance(ref.embedding, np.ndarray)
     np.testing.assert_allclose(ref.embedding, built_reference.embedding, atol=1e-10)

@@ -19,18 +19,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import R_BUILD
+from _helpers import CLUSTER_CONFIGS, R_BUILD
 
 import symphony_dask as sd
 from symphony_dask._dask.cluster import connect
 from symphony_dask._harmony.cluster import groups as harmony_groups
 from symphony_dask._reference import stages
 
-CONFIG = Path(__file__).parents[1] / "cluster_configs" / "slurm-local.yaml"
+CONFIG = CLUSTER_CONFIGS / "slurm-local.yaml"
 TOL = 1e-10
 #: The nodes of .ci/slurm_up and their addresses; the driver's, on the bridge.
 NODES = {"node1": "10.77.0.11", "node2": "10.77.0.12"}
 DRIVER_HOST = "10.77.0.1"
+
+pytestmark = [pytest.mark.slurm, pytest.mark.cluster, pytest.mark.slow]
 
 
 def _slurm_problem() -> str | None:

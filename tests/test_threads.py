@@ -57,6 +57,7 @@ def test_concurrent_label_transfer_with_different_k(hnsw_reference, pbmcs, oracl
             np.testing.assert_array_equal(labels, expected[k])
 
 
+@pytest.mark.slow
 def test_concurrent_hnsw_queries_use_their_own_breadth():
     """Queries with small k (breadth 64) beside queries with large k (breadth 4 k): each gives what
     it gives alone. Random 30-d points make HNSW approximate, so the breadth changes answers."""

@@ -214,14 +214,14 @@ def files_with_reference(built_reference, split, tmp_path):
     return tmp_path
 
 
-def test_placement_on_the_workers_of_a_cluster_equals_threads(built_reference):
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_placement_on_the_workers_of_a_cluster_equals_threads(built_reference, local_cluster):
     """The reference cells beyond the fit cap, and query cells, are placed by tasks on the workers
     of a process cluster exactly as on threads (per-cell random streams, a graph per process)."""
-    from distributed import Client, LocalCluster
-
     threads = fit_umap(built_reference.embedding, seed=3, max_fit_cells=400, chunk_size=128)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
-        with Client(cluster):
-            workers = fit_umap(built_reference.embedding, seed=3, max_fit_cells=400, chunk_size=128)
+    cluster, client = local_cluster(n_workers=2, processes=True)
+    with cluster, client:
+        workers = fit_umap(built_reference.embedding, seed=3, max_fit_cells=400, chunk_size=128)
     np.testing.assert_array_equal(workers.coords, threads.coords)
     assert len(np.setdiff1d(np.arange(910), workers.fitted)) == 510  # placed, not fitted

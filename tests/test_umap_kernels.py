@@ -37,9 +37,10 @@ def model(embedding):
     return fit_umap(embedding, seed=111)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("local_connectivity", [1.0, 0.0, 1.5])
 def test_smooth_knn_dist_is_umap_learns(embedding, umap_learn, local_connectivity):
-    """Fitting (each cell its own first neighbour, local connectivity 1) and placement (0)."""
+    """Fitting (each cell its own first neighbor, local connectivity 1) and placement (0)."""
     _, distances = _cosine_neighbors(embedding, embedding, 30)
     for d in (distances, distances[:, 1:]):
         d = d.astype(np.float32)
@@ -54,6 +55,7 @@ def test_curve_is_umap_learns(umap_learn, min_dist):
     np.testing.assert_allclose(find_ab_params(1.0, min_dist), umap_learn.find_ab_params(1.0, min_dist), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_layout_is_the_same_in_every_fit_and_process(embedding, model, tmp_path):
     np.testing.assert_array_equal(fit_umap(embedding, seed=111).coords, model.coords)
     np.save(tmp_path / "embedding.npy", embedding)
