@@ -36,7 +36,7 @@ def test_query_batch_key_missing_or_with_missing_values(built_reference, split):
 def test_query_sharing_no_genes(built_reference, split):
     _, query = split
     query.var_names = [f"ENSG{i:011d}" for i in range(query.n_vars)]
-    with pytest.raises(ValueError, match="shares no genes with the reference.*same gene identifiers"):
+    with pytest.raises(ValueError, match=r"shares no genes with the reference.*same gene identifiers"):
         sd.map_query(built_reference, query, "donor", normalize=False)
 
 
@@ -140,7 +140,7 @@ def test_input_that_is_not_anndata(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
         sd.build_reference(tmp_path / "missing.h5ad")
     (tmp_path / "bad.h5ad").write_text("not hdf5")
-    with pytest.raises(ValueError, match="is not an .h5ad"):
+    with pytest.raises(ValueError, match=r"is not an \.h5ad"):
         sd.build_reference(tmp_path / "bad.h5ad")
 
 

@@ -35,7 +35,7 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, np.ndarray):
         return isinstance(b, np.ndarray) and a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
     if isinstance(a, tuple):
-        return isinstance(b, tuple) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+        return isinstance(b, tuple) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     return type(a) is type(b) and a == b
 
 
@@ -333,7 +333,7 @@ def test_a_silent_listener_times_out_in_the_handshake(monkeypatch):
             writer.close()
 
         server = await asyncio.start_server(silent, "127.0.0.1", 0)
-        with pytest.raises(TimeoutError, match="did not acknowledge the token within 0.2 s"):
+        with pytest.raises(TimeoutError, match=r"did not acknowledge the token within 0\.2 s"):
             await Channel.open(server.sockets[0].getsockname()[:2], TOKEN)
         server.close()
 
@@ -348,7 +348,7 @@ def test_a_connection_that_is_never_accepted_times_out(monkeypatch):
         await asyncio.sleep(3600)
 
     monkeypatch.setattr(harmony_channel.asyncio, "open_connection", never)
-    with pytest.raises(TimeoutError, match="10.0.0.1:4 did not accept a connection within 0.2 s"):
+    with pytest.raises(TimeoutError, match=r"10\.0\.0\.1:4 did not accept a connection within 0\.2 s"):
         _talk(lambda: Channel.open(("10.0.0.1", 4), TOKEN))
 
 

@@ -353,7 +353,7 @@ def _differences(given: Any, back: Any, path: str = "") -> Iterator[tuple[str, s
         for key in set(back) - set(given):
             yield f"{path}.{key}", f"added by the Kubernetes client: {back[key]!r}"
     elif isinstance(given, list) and isinstance(back, list) and len(given) == len(back):
-        for i, (a, b) in enumerate(zip(given, back)):
+        for i, (a, b) in enumerate(zip(given, back, strict=True)):
             yield from _differences(a, b, f"{path}.{i}")
     elif given != back or type(given) is not type(back):
         yield path, f"{given!r} is read back as {back!r}"

@@ -108,10 +108,10 @@ def test_build_out_naming_its_input_is_refused(files, capsys):
 
 def test_save_into_the_build_input_or_a_lazily_read_store_is_refused(files, built_reference, tmp_path):
     ref = sd.build_reference(files / "ref.h5ad", "donor", **{**R_BUILD, "umap": False, "neighbor_index": False})
-    with pytest.raises(ValueError, match="is the input .*ref.h5ad"):
+    with pytest.raises(ValueError, match=r"is the input .*ref\.h5ad"):
         ref.save(files / "ref.h5ad", overwrite=True)
     lazy = sd.load_reference(files / "ref.zarr", lazy_embedding=True)
-    with pytest.raises(ValueError, match="the save target .* is the input"):
+    with pytest.raises(ValueError, match=r"the save target .* is the input"):
         lazy.save(files / "ref.zarr", overwrite=True)
     eager = sd.load_reference(files / "ref.zarr")  # nothing is read later: saving it again is fine
     eager.save(files / "ref.zarr", overwrite=True)
@@ -505,7 +505,7 @@ def test_full_disk_gives_one_line_and_leaves_nothing(files, small_disk, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "No space left on device" in err and "free some space" in err
     assert list(small_disk.iterdir()) == []
-    with pytest.raises(OSError, match="cannot write .*ref.zarr: No space left on device"):
+    with pytest.raises(OSError, match=r"cannot write .*ref\.zarr: No space left on device"):
         sd.load_reference(files / "ref.zarr").save(small_disk / "ref.zarr")
     assert list(small_disk.iterdir()) == []
 

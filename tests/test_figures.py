@@ -1,5 +1,5 @@
 """Figures that fit: each pl figure, drawn at its default size, holds its legend and every text inside it, and
-pl.reference gives every labelled group, the smallest included, density bands over its cells."""
+pl.reference gives every labeled group, the smallest included, density bands over its cells."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ FIGURES = {
     "reference_points": lambda ref, query: pl.reference(ref, color="cell_type", density=False),
     "reference_plain": lambda ref, query: pl.reference(ref),
     "mapping": lambda ref, query: pl.mapping(ref, query, color="cell_type_pred"),
-    "mapping_labelled": lambda ref, query: pl.mapping(ref, query, color="cell_type_pred", labels=True),
+    "mapping_labeled": lambda ref, query: pl.mapping(ref, query, color="cell_type_pred", labels=True),
     "mapping_plain": lambda ref, query: pl.mapping(ref, query),
     "confusion": lambda ref, query: pl.confusion(query.obs["cell_type"], query.obs["cell_type_pred"]),
     "mapping_scores": lambda ref, query: pl.mapping_scores(query, "cell_type_pred", threshold=10),
@@ -28,7 +28,7 @@ FIGURES = {
 
 
 @pytest.fixture(scope="module")
-def labelled(built_reference, pbmcs, oracle):
+def labeled(built_reference, pbmcs, oracle):
     query = sd.map_query(built_reference, pbmcs[oracle.query_cells].copy(), "donor", normalize=False)
     sd.transfer_labels(built_reference, query, "cell_type")
     query.obs["mapping_score"] = sd.per_cell_mapping_metric(built_reference, query)
@@ -36,9 +36,9 @@ def labelled(built_reference, pbmcs, oracle):
 
 
 @pytest.fixture()
-def drawn(request, built_reference, labelled):
+def drawn(request, built_reference, labeled):
     """The axes of a figure of FIGURES, drawn (Agg) at its default size; closed afterwards."""
-    ax = FIGURES[request.param](built_reference, labelled)
+    ax = FIGURES[request.param](built_reference, labeled)
     ax.figure.canvas.draw()
     yield ax
     plt.close(ax.figure)
@@ -46,7 +46,7 @@ def drawn(request, built_reference, labelled):
 
 def _drawn_texts(fig) -> list[Text]:
     """Every non-empty visible text the figure draws: titles, axis labels, the tick labels of the ticks in
-    view (of the colour bar too), texts written into the axes, legend texts."""
+    view (of the color bar too), texts written into the axes, legend texts."""
     texts = list(fig.texts)
     for ax in fig.axes:
         texts += [ax.title, ax.xaxis.label, ax.yaxis.label, *ax.texts]
@@ -89,7 +89,7 @@ def test_legend_and_every_text_lie_inside_the_figure(drawn):
         assert not drawn.get_legend().get_window_extent(renderer).overlaps(drawn.get_window_extent(renderer))
 
 
-@pytest.mark.parametrize("drawn", ["reference", "reference_points", "mapping_labelled"], indirect=True)
+@pytest.mark.parametrize("drawn", ["reference", "reference_points", "mapping_labeled"], indirect=True)
 def test_group_labels_do_not_cover_each_other(drawn):
     boxes = [t.get_window_extent(drawn.figure.canvas.get_renderer()) for t in drawn.texts]
     assert len(boxes) >= 8
@@ -101,7 +101,7 @@ def test_every_group_has_density_bands_over_its_cells(drawn, built_reference):
     """Bands at fractions of each group's own density maximum: the single HSC cell, the 4 MK cells and
     the 42 NK cells get theirs as T_CD4's 276 do; the smallest groups' bands are drawn last (on top)."""
     labels = built_reference.obs["cell_type"].astype(str).to_numpy()
-    sizes = dict(zip(*np.unique(labels, return_counts=True)))
+    sizes = dict(zip(*np.unique(labels, return_counts=True), strict=True))
     bands = {c.get_gid(): c for c in drawn.collections if isinstance(c, ContourSet)}
     assert set(bands) == {f"density {label}" for label in sizes}
     smallest = min(sizes, key=sizes.get)

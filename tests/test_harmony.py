@@ -249,7 +249,7 @@ def test_a_correction_is_applied_once(pbmc3500):
     before = piece.z_corr.copy()
     first, again = piece.corrected_state(step, 0.1), piece.corrected_state(step, 0.1)
     np.testing.assert_array_equal(piece.z_corr, before)
-    for a, b in zip(first, again):
+    for a, b in zip(first, again, strict=True):
         np.testing.assert_array_equal(a, b)
     group = ChunkGroup(None, [(0, 0, z[:500], np.zeros(500, dtype=int))], spec, n_threads=2)
     sums = group.correct(1, step)
@@ -289,7 +289,7 @@ def test_bad_harmony_input(pbmc3500):
 
 
 def test_build_without_batch_keys_clusters_without_correcting(split):
-    ref_cells, query = split
+    ref_cells, _ = split
     ref = sd.build_reference(ref_cells, normalize=False, n_hvg=1000, hvg_batch_key="donor", n_clusters=30)
     mapped = sd.map_query(ref, ref_cells.copy(), normalize=False)
     assert ref.params["harmony_iterations"] == 0

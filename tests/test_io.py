@@ -173,7 +173,7 @@ def test_unsupported_values_and_chunks_are_refused(split):
     odd.X = da.from_array(ref_cells.X.toarray(), chunks=(300, -1)).map_blocks(
         lambda b: {"not": "an array"}, dtype=np.float64, meta=np.empty((0, 0))
     )
-    with pytest.raises(TypeError, match="a chunk of the expression matrix is a builtins.dict"):
+    with pytest.raises(TypeError, match=r"a chunk of the expression matrix is a builtins\.dict"):
         sd.build_reference(odd, "donor", normalize=False, n_hvg=500, n_clusters=20)
 
 

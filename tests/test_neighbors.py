@@ -1,4 +1,4 @@
-"""The neighbour index: HNSW (faiss) against exact search, seeded graphs, and stores from older versions."""
+"""The neighbor index: HNSW (faiss) against exact search, seeded graphs, and stores from older versions."""
 
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ def _clustered(n: int, d: int, seed: int) -> np.ndarray:
 
 
 def _recall(found: np.ndarray, exact: np.ndarray) -> float:
-    return float(np.mean([len(np.intersect1d(a, b)) / exact.shape[1] for a, b in zip(found, exact)]))
+    return float(np.mean([len(np.intersect1d(a, b)) / exact.shape[1] for a, b in zip(found, exact, strict=True)]))
 
 
-def test_hnsw_finds_the_exact_neighbours_of_nearly_every_cell():
+def test_hnsw_finds_the_exact_neighbors_of_nearly_every_cell():
     reference, queries = _clustered(20_000, 20, seed=0), _clustered(2_000, 20, seed=1)
     exact = cKDTree(reference).query(queries, k=5)[1]
     index = NeighborIndex.build(reference, method="hnsw", seed=0)
@@ -40,7 +40,7 @@ def test_hnsw_graph_is_seeded():
     assert not np.array_equal(hnsw_search(other, queries, 10, ef=10)[0], found)  # another graph
 
 
-def test_inner_product_graph_gives_cosine_neighbours():
+def test_inner_product_graph_gives_cosine_neighbors():
     """UMAP placement searches unit vectors by inner product (k = 30, breadth 100)."""
     from symphony_dask._embedding.umap_layout import HNSW_EF, _unit_rows
 

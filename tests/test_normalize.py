@@ -75,5 +75,7 @@ def test_map_query_on_counts_equals_formula_values(normalized_pair):
 
 def test_normalizing_non_integer_values_warns(normalized_pair):
     ref, _, _, logged = normalized_pair
-    with pytest.warns(UserWarning, match=r"non-integer value.*raw counts are expected \(normalization is on\).*pass normalize=False"):
+    with pytest.warns(
+        UserWarning, match=r"non-integer value.*raw counts are expected \(normalization is on\).*pass normalize=False"
+    ):
         sd.map_query(ref, logged.copy(), "batch", normalize=True)

@@ -32,7 +32,7 @@ def test_example_notebook_runs(tmp_path):
     assert difference <= 1e-10
     images = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(images) == 3
-    # the builds on threads and on the cluster draw a widget bar per pass, labelled with the stage
+    # the builds on threads and on the cluster draw a widget bar per pass, labeled with the stage
     # names the terminal shows, each complete at the end
     state = notebook.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
     bars = []

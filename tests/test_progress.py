@@ -1,4 +1,4 @@
-"""What the command line shows while it works: labelled progress bars, stage lines, queue waits."""
+"""What the command line shows while it works: labeled progress bars, stage lines, queue waits."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def test_into_a_file_one_line_per_pass_and_no_carriage_returns():
         assert done == total > 8
 
 
-def test_on_a_terminal_the_bar_is_labelled_and_reaches_100_percent():
+def test_on_a_terminal_the_bar_is_labeled_and_reaches_100_percent():
     out = Terminal()
     with PassProgress(minimum=0.0, out=out), timed({}, "pca"):
         _pass().compute(scheduler="threads")

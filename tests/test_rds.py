@@ -88,7 +88,8 @@ def _transposed(name: str) -> Callable[[dict], dict]:
         (_transposed("centroids"), r"centroids should be the centroids Y_cos, a numeric matrix of 20 rows"),
         (
             lambda obj: {**obj, "cache": obj["cache"][:1]},
-            r"cache should be an unnamed list of the compression terms N_r \(100 x 1\) and C \(100 x 20\), found an unn",
+            r"cache should be an unnamed list of the compression terms N_r \(100 x 1\) and C \(100 x 20\), "
+            r"found an unn",
         ),
         (lambda obj: {**obj, "cache": [obj["cache"][0][:5], obj["cache"][1]]}, r"cache\[\[1\]\] should be N_r"),
         (

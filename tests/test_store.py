@@ -264,7 +264,7 @@ def test_to_xarray_labels_every_element(built_reference):
 
 
 def test_store_marker_keeps_its_format_name(built_reference, tmp_path):
-    """Stores saved by earlier versions are recognised by this exact marker; it must never change."""
+    """Stores saved by earlier versions are recognized by this exact marker; it must never change."""
     path = built_reference.save(tmp_path / "ref.zarr")
     marker = json.loads((path / "zarr.json").read_text())["attributes"]["symphony_dask"]
     assert marker["format"] == "symphony_dask.reference" and marker["version"] == 3

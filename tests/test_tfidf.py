@@ -137,5 +137,5 @@ def test_command_line_tfidf_build_and_map(peaks, tmp_path, capsys):
     mapped = ad.read_h5ad(tmp_path / "mapped.h5ad")
     expected = sd.map_query(ref, query.copy(), "donor").obsm["X_symphony"]
     np.testing.assert_allclose(mapped.obsm["X_symphony"], expected, atol=1e-12)
-    assert main(build[:-1] + ["--no-normalize", "--overwrite", "-q"]) == 2
+    assert main([*build[:-1], "--no-normalize", "--overwrite", "-q"]) == 2
     assert "--tfidf and --no-normalize contradict each other" in capsys.readouterr().err

@@ -53,7 +53,7 @@ def test_concurrent_label_transfer_with_different_k(hnsw_reference, pbmcs, oracl
     for _ in range(3):
         with ThreadPoolExecutor(len(ks) * 4) as pool:
             runs = list(pool.map(transfer, ks * 4))
-        for k, labels in zip(ks * 4, runs):
+        for k, labels in zip(ks * 4, runs, strict=True):
             np.testing.assert_array_equal(labels, expected[k])
 
 
@@ -76,7 +76,7 @@ def test_concurrent_hnsw_queries_use_their_own_breadth():
 
     for _ in range(5):
         with ThreadPoolExecutor(8) as pool:
-            for k, nearest in zip([1, 100] * 4, pool.map(run, [1, 100] * 4)):
+            for k, nearest in zip([1, 100] * 4, pool.map(run, [1, 100] * 4), strict=True):
                 np.testing.assert_array_equal(nearest, alone[k])
 
 

@@ -1,4 +1,4 @@
-"""Our UMAP kernels: umap-learn's smoothing and curve, a deterministic layout that keeps the neighbours."""
+"""Our UMAP kernels: umap-learn's smoothing and curve, a deterministic layout that keeps the neighbors."""
 
 from __future__ import annotations
 
@@ -71,20 +71,20 @@ def test_layout_is_the_same_in_every_fit_and_process(embedding, model, tmp_path)
     assert not np.array_equal(fit_umap(few, seed=112).coords, fit_umap(few, seed=111).coords)
 
 
-def test_layout_keeps_the_neighbours(embedding, model):
+def test_layout_keeps_the_neighbors(embedding, model):
     trustworthiness = pytest.importorskip("sklearn.manifold").trustworthiness  # with umap-learn
     score = trustworthiness(_unit_rows(embedding), model.coords, n_neighbors=15)
-    print(f"trustworthiness (15 neighbours): {score:.3f}")  # observed 0.963 (umap-learn: 0.964)
+    print(f"trustworthiness (15 neighbors): {score:.3f}")  # observed 0.963 (umap-learn: 0.964)
     assert score >= 0.9
 
 
 def test_components_are_laid_out_apart():
-    """Eight far-apart groups whose neighbourhoods do not meet (eight components of the graph): each
+    """Eight far-apart groups whose neighborhoods do not meet (eight components of the graph): each
     group is laid out around its own place, away from the others."""
     rng = np.random.default_rng(0)
-    centres = _unit_rows(rng.normal(size=(8, 10)))
+    centers = _unit_rows(rng.normal(size=(8, 10)))
     groups = np.repeat(np.arange(8), 40)
-    data = _unit_rows(centres[groups] + rng.normal(scale=0.02, size=(320, 10)))
+    data = _unit_rows(centers[groups] + rng.normal(scale=0.02, size=(320, 10)))
     neighbors, distances = _cosine_neighbors(data, data, 15)
     assert np.all(groups[neighbors] == groups[:, None])
     a, b = find_ab_params(1.0, 0.1)
