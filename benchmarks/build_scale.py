@@ -6,13 +6,13 @@ Each build runs in its own process; its peak RSS is sampled over the whole proce
     python benchmarks/build_scale.py --cells 100000 500000 1400000 --builds default peer-work \\
         --peer-python /path/to/venv-with-symphonypy/bin/python
 
-symphony_dask: ``build_reference(store, "donor", n_hvg=2000, n_pcs=20, chunk_size=10_000)`` as ``--builds``
-asks (``default``: UMAP and neighbour index included; ``no-umap``; ``no-index``: no UMAP and no
-neighbour index; ``peer-work``: Harmony 2 with harmonypy's defaults as symphonypy runs it, no UMAP and
-no neighbour index) on the threaded scheduler (raw counts, log-normalized on the fly). symphonypy: the same steps in memory
-(read the whole AnnData, ``normalize_total`` + ``log1p``, 2,000 Seurat-flavor variable genes,
-``scale(max_value=10)``, 20 PCs, ``symphonypy.pp.harmony_integrate`` over ``donor``) with its
-defaults for Harmony (harmonypy 2.1). Prints a table and writes JSON.
+symphony_dask (``_build_ours.py``): ``build_reference(store, "donor", n_hvg=2000, n_pcs=20, chunk_size=10_000)``
+as ``--builds`` asks (``default``: UMAP and neighbor index included; ``no-umap``; ``no-index``: no UMAP
+and no neighbor index; ``peer-work``: Harmony 2 with harmonypy's defaults as symphonypy runs it, no UMAP
+and no neighbor index) on the threaded scheduler (raw counts, log-normalized on the fly). symphonypy
+(``_build_peer.py``): the same steps in memory (read the whole AnnData, ``normalize_total`` + ``log1p``,
+2,000 Seurat-flavor variable genes, ``scale(max_value=10)``, 20 PCs, ``symphonypy.pp.harmony_integrate``
+over ``donor``) with its defaults for Harmony (harmonypy 2.1). Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -31,48 +31,14 @@ import psutil
 
 HERE = Path(__file__).resolve().parent
 
-OURS = """
-import json, sys, time
-import symphony_dask as sd
-start = time.perf_counter()
-mode = sys.argv[2]
-settings = {"default": {}, "no-umap": dict(umap=False), "no-index": dict(umap=False, neighbor_index=False),
-            "peer-work": dict(umap=False, neighbor_index=False, harmony_flavor="harmony2")}[mode]
-ref = sd.build_reference(sys.argv[1], "donor", n_hvg=2000, n_pcs=20, chunk_size=10_000, **settings)
-wall = time.perf_counter() - start
-p = ref.params
-print(json.dumps({"seconds": round(wall, 1), "stages_s": {k: round(v, 1) for k, v in p["timings_s"].items()},
-                  "genes": p["n_variable_genes"], "pca_solver": p["pca_solver"], "clusters": p["n_clusters"],
-                  "harmony_iterations": p["harmony_iterations"]}))
-"""
-
-PEER = """
-import json, sys, time
-import anndata as ad, scanpy as sc, symphonypy as sp
-stages = {}
-def stage(name, t0):
-    stages[name] = round(time.perf_counter() - t0, 1)
-    return time.perf_counter()
-start = t = time.perf_counter()
-adata = ad.read_zarr(sys.argv[1]); t = stage("read", t)
-sc.pp.normalize_total(adata, target_sum=1e4); sc.pp.log1p(adata); t = stage("normalize", t)
-sc.pp.highly_variable_genes(adata, n_top_genes=2000, flavor="seurat"); t = stage("variable_genes", t)
-adata = adata[:, adata.var["highly_variable"]].copy()
-sc.pp.scale(adata, max_value=10); t = stage("scale", t)
-sc.tl.pca(adata, n_comps=20); t = stage("pca", t)
-sp.pp.harmony_integrate(adata, key="donor", verbose=False); t = stage("harmony", t)
-print(json.dumps({"seconds": round(time.perf_counter() - start, 1), "stages_s": stages}))
-"""
-
-
 #: Our builds (``--builds``): their labels in the table and what each leaves out.
 BUILDS = {
-    "default": ("symphony_dask", "the defaults (UMAP and neighbour index included)"),
+    "default": ("symphony_dask", "the defaults (UMAP and neighbor index included)"),
     "no-umap": ("symphony_dask, umap=False", "no UMAP"),
-    "no-index": ("symphony_dask, no UMAP, no index", "no UMAP and no neighbour index: the build's own work"),
+    "no-index": ("symphony_dask, no UMAP, no index", "no UMAP and no neighbor index: the build's own work"),
     "peer-work": (
         "symphony_dask, peer's work",
-        "the peer's work only: Harmony 2 with harmonypy's defaults, no UMAP, no neighbour index",
+        "the peer's work only: Harmony 2 with harmonypy's defaults, no UMAP, no neighbor index",
     ),
 }
 
@@ -135,9 +101,9 @@ def main() -> None:
     rows = []
     for n in args.cells:
         path = dataset(n, args.data_dir)
-        runs = [(BUILDS[b][0], [sys.executable, "-c", OURS, str(path), b]) for b in args.builds]
+        runs = [(BUILDS[b][0], [sys.executable, str(HERE / "_build_ours.py"), str(path), b]) for b in args.builds]
         if args.peer_python and n <= args.peer_max_cells:
-            runs.append(("symphonypy", [args.peer_python, "-c", PEER, str(path)]))
+            runs.append(("symphonypy", [args.peer_python, str(HERE / "_build_peer.py"), str(path)]))
         for method, cmd in runs:
             row = {"method": method, "cells": n, **run_measured(cmd)}
             rows.append(row)
@@ -146,8 +112,9 @@ def main() -> None:
         peer = next((r for r in rows if r["cells"] == n and r["method"] == "symphonypy"), None)
         for ours in (r for r in rows if r["cells"] == n and r["method"] != "symphonypy" and "error" not in r):
             if peer and "error" not in peer:
+                time_ratio = ours["seconds"] / peer["seconds"]
                 print(
-                    f"{n:>9} cells: time ratio {ours['method']} / symphonypy = {ours['seconds'] / peer['seconds']:.2f}, "
+                    f"{n:>9} cells: time ratio {ours['method']} / symphonypy = {time_ratio:.2f}, "
                     f"peak RSS ratio = {ours['peak_rss_gb'] / peer['peak_rss_gb']:.2f}"
                 )
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -13,12 +13,14 @@ Times: ``map_query`` from an in-memory AnnData of raw counts to the corrected em
 excluded; best of 3), the same 100k cells as 4 zarr shards mapped together (read included), the
 1M-cell query from disk in chunks (read included), and 5-NN label transfer
 (``transfer_labels``). symphonypy 0.2.4 is timed on the 50k reference (it cannot build the 1.4M one
-in 24 GB): ``map_embedding`` after ``normalize_total`` + ``log1p``, and ``transfer_labels_kNN``.
+in 24 GB): ``map_embedding`` after ``normalize_total`` + ``log1p``, and ``transfer_labels_kNN``, run by
+the peer's Python in ``_map_peer.py``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -86,8 +88,9 @@ def ours(reference_store: Path, query_store: Path, full_query: bool) -> list[dic
         base["reference_build_s"] = round(build_s, 1)
     for n in SIZES:
         query = first_cells(query_store, n)
-        seconds, mapped = best_of(3, lambda: sd.map_query(ref, query, "donor"))  # annotates query in place
-        transfer_s, _ = best_of(1 if n > 10_000 else 3, lambda: sd.transfer_labels(ref, mapped, "cell_type", k=5))
+        seconds, mapped = best_of(3, functools.partial(sd.map_query, ref, query, "donor"))  # annotates query in place
+        transfer = functools.partial(sd.transfer_labels, ref, mapped, "cell_type", k=5)
+        transfer_s, _ = best_of(1 if n > 10_000 else 3, transfer)
         accuracy = float((mapped.obs["cell_type_pred"] == mapped.obs["cell_type"]).mean())
         rows.append(
             {
@@ -124,44 +127,6 @@ def ours(reference_store: Path, query_store: Path, full_query: bool) -> list[dic
     return rows
 
 
-PEER = """
-import json, sys, time
-import anndata as ad, scanpy as sc, symphonypy as sp
-from anndata.experimental import read_elem_lazy
-import zarr
-
-def first_cells(path, n):
-    g = zarr.open_group(path, mode="r")
-    x = read_elem_lazy(g["X"], chunks=(10_000, -1))[:n].compute()
-    return ad.AnnData(x, obs=ad.io.read_elem(g["obs"]).iloc[:n].copy(), var=ad.io.read_elem(g["var"]))
-
-reference_store, query_store = sys.argv[1], sys.argv[2]
-start = time.perf_counter()
-ref = ad.read_zarr(reference_store)
-sc.pp.normalize_total(ref, target_sum=1e4); sc.pp.log1p(ref)
-sc.pp.highly_variable_genes(ref, n_top_genes=2000, flavor="seurat")
-ref.raw = ref
-ref = ref[:, ref.var["highly_variable"]].copy()
-sc.pp.scale(ref, max_value=10); sc.tl.pca(ref, n_comps=20)
-sp.pp.harmony_integrate(ref, key="donor", verbose=False)
-build = time.perf_counter() - start
-for n in (1_000, 10_000, 100_000):
-    q0 = first_cells(query_store, n)
-    best = float("inf")
-    for _ in range(3 if n <= 10_000 else 1):
-        q = q0.copy()
-        t = time.perf_counter()
-        sc.pp.normalize_total(q, target_sum=1e4); sc.pp.log1p(q)
-        sp.tl.map_embedding(q, ref, key="donor")
-        best = min(best, time.perf_counter() - t)
-    t = time.perf_counter()
-    sp.tl.transfer_labels_kNN(q, ref, ref_labels=["cell_type"], n_neighbors=5)
-    transfer = time.perf_counter() - t
-    print(json.dumps({"method": "symphonypy", "reference_cells": ref.n_obs, "reference_build_s": round(build, 1),
-                      "query_cells": n, "map_s": round(best, 3), "transfer_s": round(transfer, 3)}), flush=True)
-"""
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reference", type=Path, action="append", required=True, help="reference atlas store")
@@ -177,7 +142,9 @@ def main() -> None:
         n_ref = rows[-1]["reference_cells"]
         if args.peer_python and n_ref <= args.peer_max_cells:
             done = subprocess.run(
-                [args.peer_python, "-c", PEER, str(store), str(args.query)], capture_output=True, text=True
+                [args.peer_python, str(HERE / "_map_peer.py"), str(store), str(args.query)],
+                capture_output=True,
+                text=True,
             )
             if done.returncode != 0:
                 rows.append(
