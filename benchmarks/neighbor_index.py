@@ -1,4 +1,4 @@
-"""The reference's neighbour index at scale: faiss's HNSW (ours) beside hnswlib (the library we
+"""The reference's neighbor index at scale: faiss's HNSW (ours) beside hnswlib (the library we
 used before; it ships no wheels) and exact search, on the same embedding.
 
     python benchmarks/neighbor_index.py --cells 1400000 --out benchmarks/results/neighbor_index.json
@@ -38,7 +38,7 @@ def embedding(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def recall(found: np.ndarray, exact: np.ndarray) -> float:
-    return float(np.mean([len(set(a) & set(b)) / exact.shape[1] for a, b in zip(found, exact)]))
+    return float(np.mean([len(set(a) & set(b)) / exact.shape[1] for a, b in zip(found, exact, strict=True)]))
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ Two workloads, each run in a fresh process per scheduler (cluster start-up not t
   k = 100, one k-means start, 10 Harmony x 4 clustering iterations forced), NumPy in and out;
 - ``build``: ``build_reference`` of a chunked zarr store of raw counts (20,000 genes;
   ``symphony_dask.datasets.synthetic``, written first if missing), ``n_hvg=2000``, ``n_pcs=20``,
-  chunks of 10,000 cells, without the neighbour index (built on the client, not a pass).
+  chunks of 10,000 cells, without the neighbor index (built on the client, not a pass).
 
 Schedulers: ``threads`` (dask's threaded scheduler, one process), ``local-WxT`` (a
 ``distributed.LocalCluster`` of W worker processes x T threads) and ``slurm-2x1`` (two 1-core
