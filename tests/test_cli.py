@@ -413,6 +413,7 @@ def test_help_shows_every_default_and_answers_without_heavy_imports():
     assert done.stdout.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_stage_times_are_printed_once_as_per_stage_seconds(files, capsys, caplog):
     import logging
 

@@ -21,13 +21,8 @@ def write_zarr(adata: ad.AnnData, path, **kwargs) -> None:
         adata.write_zarr(path, **kwargs)
 
 
-@pytest.fixture(scope="module")
-def in_memory_reference(pbmcs, oracle):
-    return sd.build_reference(pbmcs[oracle.ref_cells].copy(), "donor", **R_BUILD)
-
-
 @pytest.mark.slow
-def test_dense_store_chunked_along_genes(split, in_memory_reference, tmp_path):
+def test_dense_store_chunked_along_genes(split, built_reference, tmp_path):
     """Chunks of cells read whole rows across the store's gene chunks."""
     ref_cells, _ = split
     ref_cells.X = ref_cells.X.toarray()
@@ -35,20 +30,20 @@ def test_dense_store_chunked_along_genes(split, in_memory_reference, tmp_path):
     assert read_expression(tmp_path / "dense.zarr", chunk_size=300).X.chunks[1] == (1767,)
     ref = sd.build_reference(tmp_path / "dense.zarr", "donor", chunk_size=300, **R_BUILD)
     for name in ELEMENTS:
-        assert np.abs(getattr(ref, name) - getattr(in_memory_reference, name)).max() < 1e-10
+        assert np.abs(getattr(ref, name) - getattr(built_reference, name)).max() < 1e-10
 
 
-def test_dask_matrix_chunked_along_genes_is_rechunked(split, in_memory_reference):
+def test_dask_matrix_chunked_along_genes_is_rechunked(split, built_reference):
     ref_cells, _ = split
     ref_cells.X = da.from_array(ref_cells.X.toarray(), chunks=(300, 500))
     with pytest.warns(UserWarning, match=r"chunked along genes \(4 chunks\); rechunking"):
         ref = sd.build_reference(ref_cells, "donor", **R_BUILD)
     for name in ELEMENTS:
-        assert np.abs(getattr(ref, name) - getattr(in_memory_reference, name)).max() < 1e-10
+        assert np.abs(getattr(ref, name) - getattr(built_reference, name)).max() < 1e-10
 
 
 @pytest.mark.slow
-def test_64_bit_indptr(split, in_memory_reference, tmp_path):
+def test_64_bit_indptr(split, built_reference, tmp_path):
     ref_cells, _ = split
     x = sp.csr_matrix(ref_cells.X)
     x.indptr = x.indptr.astype(np.int64)
@@ -58,7 +53,7 @@ def test_64_bit_indptr(split, in_memory_reference, tmp_path):
     assert zarr.open_group(str(tmp_path / "wide.zarr"))["X/indptr"].dtype == np.int64
     ref = sd.build_reference(tmp_path / "wide.zarr", "donor", chunk_size=256, **R_BUILD)
     for name in ELEMENTS:
-        assert np.abs(getattr(ref, name) - getattr(in_memory_reference, name)).max() < 1e-10
+        assert np.abs(getattr(ref, name) - getattr(built_reference, name)).max() < 1e-10
 
 
 def test_store_by_gene_is_refused(split, tmp_path):
@@ -84,7 +79,7 @@ def test_store_without_x_or_with_mismatched_obs(split, tmp_path):
 
 
 @pytest.mark.parametrize("sparse", [True, False])
-def test_in_memory_chunks_are_views_and_the_query_is_left_unchanged(split, in_memory_reference, sparse):
+def test_in_memory_chunks_are_views_and_the_query_is_left_unchanged(split, built_reference, sparse):
     _, query = split
     query.X = sp.csr_matrix(query.X) if sparse else query.X.toarray()
     before = query.X.copy()
@@ -98,15 +93,15 @@ def test_in_memory_chunks_are_views_and_the_query_is_left_unchanged(split, in_me
         return np.array([[np.shares_memory(*values)]])
 
     assert x.map_blocks(shares, chunks=(1, 1), dtype=bool, meta=np.array([[True]])).compute().all()
-    chunked = sd.map_query(in_memory_reference, query, "donor", normalize=False, chunk_size=100, copy=True)
-    whole = sd.map_query(in_memory_reference, query, "donor", normalize=False, copy=True)
+    chunked = sd.map_query(built_reference, query, "donor", normalize=False, chunk_size=100, copy=True)
+    whole = sd.map_query(built_reference, query, "donor", normalize=False, copy=True)
     assert np.abs(chunked.obsm["X_symphony"] - whole.obsm["X_symphony"]).max() <= 1e-10
     after = query.X.toarray() if sparse else query.X
     np.testing.assert_array_equal(after, before.toarray() if sparse else before)
 
 
 @pytest.mark.slow
-def test_backed_views_give_their_cells_and_genes_only(pbmcs, oracle, in_memory_reference, tmp_path):
+def test_backed_views_give_their_cells_and_genes_only(pbmcs, oracle, built_reference, tmp_path):
     """A view of a backed AnnData is read as the view, not the whole file (it used to give all
     1,200 cells, or all genes)."""
     pbmcs.write_h5ad(tmp_path / "all.h5ad")
@@ -124,8 +119,8 @@ def test_backed_views_give_their_cells_and_genes_only(pbmcs, oracle, in_memory_r
         assert np.abs(getattr(ref, name) - getattr(in_order, name)).max() < 1e-10
 
     query_view = backed[backed.obs.donor == "3pv1"]
-    mapped = sd.map_query(in_memory_reference, query_view, "donor", normalize=False)
-    direct = sd.map_query(in_memory_reference, pbmcs[pbmcs.obs.donor == "3pv1"].copy(), "donor", normalize=False)
+    mapped = sd.map_query(built_reference, query_view, "donor", normalize=False)
+    direct = sd.map_query(built_reference, pbmcs[pbmcs.obs.donor == "3pv1"].copy(), "donor", normalize=False)
     assert mapped.n_obs == 290
     np.testing.assert_allclose(mapped.obsm["X_symphony"], direct.obsm["X_symphony"], atol=1e-10)
 
