@@ -16,13 +16,7 @@ import symphony_dask as sd
 #: Docstrings without a Parameters section, by qualified name: expected failures, strict, so that a
 #: fixed one fails until it leaves this set (issue #23: docstrings being completed).
 BEING_COMPLETED = {
-    "HarmonyResult.map_assignment_pieces",  # kernel
-    "Reference.neighbor_index",  # method, seed
-    "Reference.umap_placement",  # n_cells
     "evaluate",  # true, predicted
-    "knn_corr",  # gold_reference, gold_query, alt_reference, alt_query, k
-    "per_cell_mapping_metric",  # reference, query, pca_key, r_key
-    "within_query_knn_corr",  # gold_query, alt_query, k
 }
 
 #: The numpydoc sections that list parameters.
@@ -113,9 +107,7 @@ def test_every_public_function_is_checked():
         "per_cluster_mapping_metric",
         "Reference.from_arrays",
         "Reference.save",
-        "Reference.neighbor_index",
         "Reference.to_anndata",
-        "HarmonyResult.map_assignment_pieces",
         "pl.reference",
         "pl.mapping",
         "datasets.pbmcs_small",

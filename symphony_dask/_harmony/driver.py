@@ -128,8 +128,14 @@ class HarmonyResult:
         Each task computes its piece of ``R`` and hands it straight to ``kernel``, so a running task
         holds no more than a piece of ``R``. (``R`` itself is chunked by Harmony's chunks of up to
         250,000 cells, 200 MB at k = 100, and dask computes many of them before their consumers
-        run.) ``aligned`` are per-cell dask arrays. Only for a result of dask input: a NumPy
-        result has ``R`` in memory.
+        run.) Only for a result of dask input: a NumPy result has ``R`` in memory.
+
+        Parameters
+        ----------
+        kernel
+            Called with each piece's rows of ``aligned`` and its ``R``.
+        *aligned
+            Per-cell dask arrays, cut into the same pieces.
         """
         if self._assignment_pieces is None:
             raise ValueError("map_assignment_pieces needs a result of dask input; use R for a NumPy result")

@@ -105,6 +105,17 @@ def per_cell_mapping_metric(
     the reference (``sum R``, ``sum R^2``, ``sum R z``, ``sum R z z^T``). Values below ~10 are typical
     of cell states the reference holds.
 
+    Parameters
+    ----------
+    reference
+        The reference the query was mapped onto, with its ``pca_moments``.
+    query
+        Output of :func:`~symphony_dask.map_query`.
+    pca_key
+        ``obsm`` key of the query's projection into the reference PCs, before correction.
+    r_key
+        ``obsm`` key of the query's soft cluster assignments.
+
     Returns
     -------
     pandas.Series
@@ -199,6 +210,20 @@ def knn_corr(
     For each query cell, the Spearman correlation between the distances to its k nearest reference
     cells in the gold-standard embedding and the distances of the same pairs in the alternative
     embedding. 1 means the neighborhood order is preserved.
+
+    Parameters
+    ----------
+    gold_reference, gold_query
+        Reference and query cells in the gold-standard embedding (cells x dimensions).
+    alt_reference, alt_query
+        The same cells, in the same order, in the alternative embedding.
+    k
+        Reference neighbors per query cell (at most the number of reference cells).
+
+    Returns
+    -------
+    numpy.ndarray
+        One correlation per query cell.
     """
     k = min(k, len(gold_reference))
     dist, idx = cKDTree(np.asarray(gold_reference, dtype=np.float64)).query(
@@ -213,6 +238,20 @@ def within_query_knn_corr(gold_query: np.ndarray, alt_query: np.ndarray, *, k: i
 
     The neighbors are found in the gold embedding (e.g. the query's own PCA), their distances compared
     in the alternative one (e.g. the mapped embedding).
+
+    Parameters
+    ----------
+    gold_query
+        Query cells in the gold-standard embedding (cells x dimensions).
+    alt_query
+        The same cells, in the same order, in the alternative embedding.
+    k
+        Neighbors per cell (at most the number of cells less one).
+
+    Returns
+    -------
+    numpy.ndarray
+        One correlation per query cell.
     """
     k = min(k, len(gold_query) - 1)
     dist, idx = cKDTree(np.asarray(gold_query, dtype=np.float64)).query(

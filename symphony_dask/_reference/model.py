@@ -239,7 +239,14 @@ class Reference:
         return xr.Dataset(data, coords=coords, attrs={"params": json.dumps(jsonable(self.params))})
 
     def umap_placement(self, n_cells: int = 1) -> Placement | None:
-        """What placing ``n_cells`` query cells into the reference UMAP needs, or None without a UMAP."""
+        """What placing ``n_cells`` query cells into the reference UMAP needs, or None without a UMAP.
+
+        Parameters
+        ----------
+        n_cells
+            Query cells placed together (it sets the number of optimization epochs, as umap-learn's
+            ``transform`` does).
+        """
         if self.umap_layout is None or self.embedding is None:
             return None
         return self.umap_layout.placement(np.asarray(self.embedding), n_cells)
@@ -247,8 +254,15 @@ class Reference:
     def neighbor_index(self, *, method: Method = "auto", seed: int | None = None) -> NeighborIndex:
         """The k-NN index over the corrected reference embedding, built on first use and kept.
 
-        Exact for references up to 20,000 cells, HNSW above (``method`` forces one). ``seed``
-        defaults to the build's seed, so that an index built here is the one the build would have made.
+        Exact for references up to 20,000 cells, HNSW above.
+
+        Parameters
+        ----------
+        method
+            ``'auto'``, or ``'exact'`` / ``'hnsw'`` to force one.
+        seed
+            Seeds the HNSW graph; default the build's seed, so that an index built here is the one the
+            build would have made.
         """
         if seed is None:
             seed = int(self.params.get("seed", 0))
