@@ -43,6 +43,9 @@ _BACKGROUND_ALPHAS = (0.15, 0.25, 0.35)
 _UMAP_SIZE = (6.0, 5.0)
 #: Legend entries per column.
 _LEGEND_ROWS = 18
+#: The color of cells that label transfer called 'Unknown' (``transfer_labels(unknown=...)``): a gray
+#: darker than the reference under them and than the gray of the tab10/tab20 palettes.
+UNKNOWN_COLOR = (0.3, 0.3, 0.3, 1.0)
 
 
 def reference(
@@ -332,7 +335,7 @@ def _palette(values: pd.Series) -> tuple[list, list]:
         else sorted(values.astype(str).unique())
     )
     cmap = mpl.colormaps["tab10" if len(categories) <= 10 else "tab20"]
-    palette = [cmap(i % cmap.N) for i in range(len(categories))]
+    palette = [UNKNOWN_COLOR if c == "Unknown" else cmap(i % cmap.N) for i, c in enumerate(categories)]
     present = [(c, p) for c, p in zip(categories, palette, strict=True) if (values == c).any()]
     return [c for c, _ in present], [p for _, p in present]
 
