@@ -25,12 +25,7 @@ import numpy as np
 import pandas as pd
 
 from symphony_dask._io.validation import option
-from symphony_dask._mapping.novelty import (
-    NOVELTY_K,
-    UNKNOWN_QUANTILE,
-    calibrate,
-    neighbor_distances,
-)
+from symphony_dask._mapping.novelty import NOVELTY_K, UNKNOWN_QUANTILE, calibrate, neighbor_distances
 from symphony_dask._mapping.novelty import novelty as mean_neighbor_distance
 from symphony_dask._reference.model import Reference, no_per_cell_data
 
@@ -192,12 +187,7 @@ def transfer_labels(
 
 
 def transfer_values(
-    reference: Reference,
-    query: ad.AnnData,
-    keys: str | Sequence[str],
-    *,
-    k: int = 5,
-    embedding_key: str = "X_symphony",
+    reference: Reference, query: ad.AnnData, keys: str | Sequence[str], *, k: int = 5, embedding_key: str = "X_symphony"
 ) -> ad.AnnData:
     """Predict continuous reference annotations as the mean over the k nearest reference cells.
 
@@ -236,15 +226,19 @@ def transfer_values(
 
 
 def check_transfers(
-    reference: Reference, *, labels: Sequence[str] = (), values: Sequence[str] = (), k: int = 5
+    reference: Reference, *, labels: Sequence[str] = (), values: Sequence[str] = (), k: int = 5, unknown: bool = False
 ) -> None:
     """Raise, before any mapping, what the transfers of ``labels`` and ``values`` would raise.
 
-    That is what :func:`transfer_labels` of ``labels`` and :func:`transfer_values` of ``values`` with
-    ``k`` neighbors would raise for this reference.
+    That is what :func:`transfer_labels` of ``labels`` (calling cells Unknown if ``unknown``) and
+    :func:`transfer_values` of ``values`` with ``k`` neighbors would raise for this reference.
     """
     for key in labels:
-        _reference_column(reference, key)
+        _reference_labels(reference, key, unknown)
+    if unknown and labels and reference.n_cells <= NOVELTY_K:
+        raise ValueError(
+            f"Unknown cells need more than {NOVELTY_K} reference cells; this reference has {reference.n_cells}"
+        )
     for key in values:
         _reference_values(reference, key)
     if not 1 <= k <= reference.n_cells:
@@ -480,11 +474,7 @@ def evaluate(true: pd.Series | np.ndarray, predicted: pd.Series | np.ndarray) ->
         precision = tp / n_pred if n_pred else 0.0
         recall = tp / n_true
         f1[label] = 0.0 if tp == 0 else 2 * precision * recall / (precision + recall)
-    return {
-        "accuracy": float((true == predicted).mean()),
-        "median_f1": float(np.median(list(f1.values()))),
-        "f1": f1,
-    }
+    return {"accuracy": float((true == predicted).mean()), "median_f1": float(np.median(list(f1.values()))), "f1": f1}
 
 
 def _neighbors(reference: Reference, query: ad.AnnData, k: int, embedding_key: str) -> np.ndarray:

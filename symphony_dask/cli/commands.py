@@ -46,6 +46,13 @@ def check_build(args: argparse.Namespace) -> None:
         raise UsageError("--tfidf and --no-normalize contradict each other: --tfidf normalizes raw peak counts")
 
 
+#: Options of ``build`` that build_reference takes under their own names.
+BUILD_OPTIONS = (
+    "n_hvg", "variable_genes", "additional_genes", "hvg_batch_key", "n_pcs", "n_clusters", "theta",
+    "max_iter_harmony", "harmony_flavor", "seed", "chunk_size", "layer", "obs_filter",
+)  # fmt: skip
+
+
 def run_build(args: argparse.Namespace) -> int:
     """Build the reference, save it and print it with its stage times; the exit status."""
     from symphony_dask._reference.build import build_reference
@@ -54,22 +61,10 @@ def run_build(args: argparse.Namespace) -> int:
         args.input,
         args.batch_key or None,
         normalize="tfidf" if args.tfidf else not args.no_normalize,
-        n_hvg=args.n_hvg,
-        variable_genes=args.variable_genes,
-        additional_genes=args.additional_genes,
-        hvg_batch_key=args.hvg_batch_key,
-        n_pcs=args.n_pcs,
-        n_clusters=args.n_clusters,
-        theta=args.theta,
-        max_iter_harmony=args.max_iter_harmony,
-        harmony_flavor=args.harmony_flavor,
-        seed=args.seed,
-        chunk_size=args.chunk_size,
-        layer=args.layer,
-        obs_filter=args.obs_filter,
         keep_embedding=not args.minimal,
         neighbor_index=not args.no_neighbor_index,
         umap=not args.no_umap,
+        **{name: getattr(args, name) for name in BUILD_OPTIONS},
     )
     reference.save(args.out, overwrite=args.overwrite)
     print(f"{reference} saved to {args.out}")
@@ -106,6 +101,11 @@ def check_map(args: argparse.Namespace) -> None:
         raise UsageError(f"--plot {args.plot}: name a picture file ending in {', '.join(PLOT_SUFFIXES)}")
     if not args.transfer and args.min_confidence is not None:
         raise UsageError("--min-confidence applies to --transfer; name the labels to transfer")
+    for flag, value in (("--unknown", args.unknown), ("--majority-vote", args.majority_vote)):
+        if not args.transfer and value is not None:
+            raise UsageError(f"{flag} applies to --transfer; name the labels to transfer")
+    if not args.transfer and args.label_weights != "uniform":
+        raise UsageError("--label-weights applies to --transfer; name the labels to transfer")
     args.shards = query_shards(args.query)
     out = Path(args.out)
     if len(args.shards) == 1 and out.suffix in MAPPED_SUFFIXES:
@@ -148,7 +148,9 @@ def _check_reference(args: argparse.Namespace, reference) -> None:
     if args.transfer or args.transfer_values:
         from symphony_dask._mapping.annotate import check_transfers
 
-        check_transfers(reference, labels=args.transfer, values=args.transfer_values, k=args.k)
+        check_transfers(
+            reference, labels=args.transfer, values=args.transfer_values, k=args.k, unknown=args.unknown is not None
+        )
 
 
 def run_map(args: argparse.Namespace) -> int:
@@ -171,17 +173,34 @@ def run_map(args: argparse.Namespace) -> int:
         chunk_size=args.chunk_size,
         layer=args.layer,
     )
-    for key in args.transfer:
-        transfer_labels(reference, mapped, key, k=args.k, min_confidence=args.min_confidence)
+    if args.transfer:
+        transfer_labels(
+            reference,
+            mapped,
+            list(dict.fromkeys(args.transfer)),  # each once, from one neighbor search
+            k=args.k,
+            min_confidence=args.min_confidence,
+            weights=args.label_weights,
+            unknown=args.unknown,
+            majority_vote=args.majority_vote,
+        )
     if args.transfer_values:
         transfer_values(reference, mapped, args.transfer_values, k=args.k)
     print(
         f"mapped {mapped.n_obs} cells from {len(shards)} file(s) "
         f"({mapped.uns['symphony']['fraction_genes_found']:.1%} of reference genes found)"
     )
-    for key in args.transfer:
+    for key in dict.fromkeys(args.transfer):
         counts = mapped.obs[f"{key}_pred"].value_counts()
-        print(f"{key}_pred: " + ", ".join(f"{label} {n}" for label, n in counts.items()))
+        line = f"{key}_pred: " + ", ".join(f"{label} {n}" for label, n in counts.items())
+        if args.unknown is not None:
+            record = mapped.uns["symphony"][f"{key}_unknown"]
+            how = "calibrated on the reference" if record["method"] == "auto" else "given"
+            line += (
+                f" (Unknown: {int(counts.get('Unknown', 0))} of {mapped.n_obs} cells, "
+                f"novelty above {record['threshold']:.4g}, {how})"
+            )
+        print(line)
     if args.plot is not None:
         _plot_mapping(reference, mapped, args)
     for i, target in enumerate(args.targets):

@@ -5,14 +5,7 @@ from __future__ import annotations
 import argparse
 
 from symphony_dask._harmony.settings import FLAVOR_DEFAULTS, HarmonySettings
-from symphony_dask.cli.commands import (
-    check_build,
-    check_map,
-    check_nothing,
-    run_build,
-    run_demo_report,
-    run_map,
-)
+from symphony_dask.cli.commands import check_build, check_map, check_nothing, run_build, run_demo_report, run_map
 from symphony_dask.cli.outputs import MAPPED_SUFFIXES
 
 #: Harmony's defaults, the same as build_reference's.
@@ -140,10 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Harmony's soft clusters; default: min(100, cells / 30)",
     )
     b.add_argument(
-        "--theta",
-        type=float,
-        default=HARMONY.theta,
-        help="Harmony's diversity penalty (0: no push to mix the batches)",
+        "--theta", type=float, default=HARMONY.theta, help="Harmony's diversity penalty (0: no push to mix the batches)"
     )
     b.add_argument(
         "--harmony-flavor",
@@ -244,6 +234,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="label cells whose winning label has fewer votes than this fraction 'Unassigned' "
         "(the paper uses 0.6); default: keep every vote",
     )
+    m.add_argument(
+        "--label-weights",
+        choices=["uniform", "distance"],
+        default="uniform",
+        help="how the k neighbors vote for --transfer labels: uniform (each counts the same) or distance (a "
+        "Gaussian kernel on their distances); the probability of every label is written to obsm[<COLUMN>_proba]",
+    )
+    m.add_argument(
+        "--unknown",
+        type=_unknown_threshold,
+        default=None,
+        metavar="auto|FLOAT",
+        help="label cells far from every reference cell 'Unknown' (writes <COLUMN>_novelty, their mean distance "
+        "to the 20 nearest reference cells): 'auto' takes the threshold from the reference's own cells (its "
+        "95th percentile), a number is the threshold; default: no Unknown",
+    )
+    m.add_argument(
+        "--majority-vote",
+        default=None,
+        metavar="COLUMN",
+        help="query obs column of clusters (e.g. leiden): each cluster gets its most frequent --transfer label "
+        "(per-cell labels kept in <COLUMN>_pred_cell); clusters whose label has under half of their cells are "
+        "reported; default: a label per cell",
+    )
     m.add_argument("--k", type=int, default=5, metavar="K", help="reference neighbors of each query cell for transfers")
     m.add_argument(
         "--plot",
@@ -261,6 +275,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.set_defaults(run=run_demo_report, check=check_nothing)
     return parser
+
+
+def _unknown_threshold(text: str) -> str | float:
+    """``--unknown``'s value: 'auto' or a number."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'auto' or a number (a novelty threshold), got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"'auto' or a finite number, got {text!r}")
+    return value
 
 
 def _add_input_options(parser: argparse.ArgumentParser, what: str) -> None:
