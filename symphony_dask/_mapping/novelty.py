@@ -47,14 +47,23 @@ _cache_lock = threading.Lock()
 _cache: dict[tuple[int, int], tuple[object, np.ndarray]] = {}
 
 
-def neighbor_distances(embedding: np.ndarray, points: np.ndarray, neighbors: np.ndarray) -> np.ndarray:
+def neighbor_distances(embedding, points: np.ndarray, neighbors: np.ndarray) -> np.ndarray:
     """Euclidean distance of each row of ``points`` to the ``embedding`` rows its row of ``neighbors`` names.
 
     Computed in float64 from the coordinates (not taken from the index), so that a cell's distances
     do not depend on the index's arithmetic or on which other cells are looked up with it.
     """
-    diff = np.asarray(embedding, dtype=np.float64)[neighbors] - np.asarray(points, dtype=np.float64)[:, None, :]
+    diff = embedding_rows(embedding, neighbors) - np.asarray(points, dtype=np.float64)[:, None, :]
     return np.sqrt(np.einsum("ijk,ijk->ij", diff, diff))
+
+
+def embedding_rows(embedding, rows: np.ndarray) -> np.ndarray:
+    """``embedding[rows]`` in float64 (any shape of ``rows``); of a lazy (dask) embedding only those rows are read."""
+    if isinstance(embedding, np.ndarray):
+        return np.asarray(embedding[rows], dtype=np.float64)
+    wanted, where = np.unique(rows, return_inverse=True)
+    values = np.asarray(embedding[wanted].compute() if hasattr(embedding, "compute") else embedding[wanted])
+    return values.astype(np.float64)[where.reshape(rows.shape)]
 
 
 def novelty(distances: np.ndarray, k: int = NOVELTY_K) -> np.ndarray:
@@ -114,17 +123,20 @@ def out_of_sample_scale(reference: Reference) -> tuple[np.ndarray, float, int]:
     """Per component, a projected cell's expected spread over a reference cell's; the noise variance; the spikes.
 
     From the reference's singular values (its PCA's, recorded at build) or, for references without
-    them, the variance of each embedding component; see the module docstring for the model.
+    them, the variance of each embedding component; see the module docstring for the model. Components
+    that hold more variance than the scaled genes have are not PCs of them: they are left as they are
+    (factors 1, noise variance NaN).
     """
-    emb = np.asarray(reference.embedding, dtype=np.float64)
-    n, g = emb.shape[0], reference.n_genes
+    n, g = reference.n_cells, reference.n_genes
     singular = np.asarray(reference.params.get("singular_values", ()), dtype=np.float64).ravel()
     n_fit = int(reference.params.get("n_cells", n))
     if singular.shape == (reference.n_pcs,) and n_fit > 1:
         eig = singular**2 / (n_fit - 1)
-    else:
-        eig, n_fit = emb.var(axis=0, ddof=1), n
+    else:  # e.g. a reference made from_arrays: its embedding's spread
+        eig, n_fit = np.asarray(reference.embedding.var(axis=0, ddof=1), dtype=np.float64), n
     eig = np.maximum(eig, np.finfo(float).tiny)
+    if eig.sum() >= g:  # more than the scaled genes' variance: not PCs of them; as they are
+        return np.ones(len(eig)), float("nan"), len(eig)
     gamma = g / n_fit
     edge = (1.0 + np.sqrt(gamma)) ** 2
     noise = min(float(eig.min()) / edge, 1.0)
@@ -156,15 +168,14 @@ def _reference_novelty(reference: Reference, k: int) -> np.ndarray:
         cached = _cache.get(key)
     if cached is not None and cached[0] is reference.embedding:
         return cached[1]
-    emb = np.asarray(reference.embedding, dtype=np.float64)
-    n = emb.shape[0]
+    n = reference.n_cells
     if not 1 <= k < n:
         raise ValueError(f"the novelty's {k} neighbors must be fewer than the reference's {n} cells")
     rows = np.arange(n) if n <= MAX_CALIBRATION_CELLS else np.linspace(0, n - 1, MAX_CALIBRATION_CELLS).astype(int)
-    points = emb[rows] * out_of_sample_scale(reference)[0]
+    points = embedding_rows(reference.embedding, rows) * out_of_sample_scale(reference)[0]
     found = reference.neighbor_index().query(points, k + 1)
     neighbors = _shift_out(found, found != rows[:, None])[:, :k]  # each cell's own row is not its neighbor
-    scores = novelty(neighbor_distances(emb, points, neighbors), k)
+    scores = novelty(neighbor_distances(reference.embedding, points, neighbors), k)
     with _cache_lock:
         if key not in _cache:
             weakref.finalize(reference, _cache.pop, key, None)
