@@ -1,5 +1,6 @@
 """What the test modules share besides fixtures: paths, R Symphony's build parameters, the oracle's
-reader, and the local clusters that the ``local_cluster`` fixtures start.
+reader and the reference it gives, fresh references from another's elements, and the local clusters
+that the ``local_cluster`` fixtures start.
 
 Imported as ``from _helpers import ...``: pytest puts tests/ on ``sys.path`` (its default ``prepend``
 import mode, tests/ being no package), as it does for conftest.py, which keeps only fixtures.
@@ -13,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+
+import symphony_dask as sd
 
 if TYPE_CHECKING:
     from distributed import Client, LocalCluster
@@ -28,6 +31,7 @@ CLUSTER_CONFIGS = ROOT / "cluster_configs"
 
 #: R Symphony's buildReference parameters of the oracle run (splitA).
 R_BUILD = dict(normalize=False, n_hvg=1000, hvg_batch_key="donor", n_pcs=20, n_clusters=100, theta=2.0)
+
 
 #: Dask settings for workers that must not spill, pause or be stopped short of their memory limit: a
 #: worker that runs out of memory is killed (at 95 %), so that the tests see what used the memory.
@@ -63,6 +67,38 @@ class Oracle:
     @property
     def vargenes(self) -> pd.DataFrame:
         return self.table("vargenes")
+
+
+def oracle_reference(oracle: Oracle, pbmcs, **kwargs: Any) -> sd.Reference:
+    """R's reference elements through Reference.from_arrays, with R's corrected embedding and the cells'
+    obs; ``kwargs`` go to from_arrays too (``pca_moments=...``)."""
+    vg = oracle.vargenes
+    return sd.Reference.from_arrays(
+        vg["symbol"],
+        vg["mean"],
+        vg["stddev"],
+        oracle.matrix("loadings_U"),
+        oracle.matrix("centroids_Ycos"),
+        oracle.matrix("cache_Nr").ravel(),
+        oracle.matrix("cache_C"),
+        embedding=oracle.per_cell("ref_Z_corr", oracle.ref_cells),
+        obs=pbmcs.obs.loc[oracle.ref_cells],
+        **kwargs,
+    )
+
+
+#: The elements every reference has: Reference.from_arrays's positional arguments, in their order.
+ELEMENTS = ("genes", "mean", "std", "loadings", "centroids", "cluster_sizes", "compression")
+
+
+def from_elements(reference: sd.Reference, *, cells: bool = True, **kwargs: Any) -> sd.Reference:
+    """A fresh Reference (no neighbor index, no params) through Reference.from_arrays from the
+    :data:`ELEMENTS` of ``reference`` and, unless ``cells=False`` (a minimal reference, as
+    ``--minimal`` saves), its embedding and obs. ``kwargs`` replace any of these or add others."""
+    given = {name: getattr(reference, name) for name in ELEMENTS}
+    if cells:
+        given.update(embedding=reference.embedding, obs=reference.obs)
+    return sd.Reference.from_arrays(**{**given, **kwargs})
 
 
 class LocalClusters:

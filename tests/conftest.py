@@ -7,7 +7,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-from _helpers import DATA, ORACLE, R_BUILD, LocalClusters, Oracle
+from _helpers import DATA, ORACLE, R_BUILD, LocalClusters, Oracle, oracle_reference
 
 import symphony_dask as sd
 from symphony_dask.datasets import pbmcs_small
@@ -32,18 +32,7 @@ def split(pbmcs, oracle) -> tuple[ad.AnnData, ad.AnnData]:
 @pytest.fixture(scope="session")
 def r_reference(pbmcs, oracle) -> sd.Reference:
     """R's reference elements through Reference.from_arrays, with R's corrected embedding."""
-    vg = oracle.vargenes
-    return sd.Reference.from_arrays(
-        vg["symbol"],
-        vg["mean"],
-        vg["stddev"],
-        oracle.matrix("loadings_U"),
-        oracle.matrix("centroids_Ycos"),
-        oracle.matrix("cache_Nr").ravel(),
-        oracle.matrix("cache_C"),
-        embedding=oracle.per_cell("ref_Z_corr", oracle.ref_cells),
-        obs=pbmcs.obs.loc[oracle.ref_cells],
-    )
+    return oracle_reference(oracle, pbmcs)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-from _helpers import R_BUILD
+from _helpers import R_BUILD, from_elements
 
 import symphony_dask as sd
 from symphony_dask.cli.spelling import command_line_spelling
@@ -118,15 +118,7 @@ def test_label_transfer_needs_embedding_and_key(built_reference, r_reference, sp
         sd.transfer_labels(built_reference, mapped, "celltype")
     with pytest.raises(ValueError, match=r"k=5000 must be between 1 and the number of reference cells \(910\)"):
         sd.transfer_labels(built_reference, mapped, "cell_type", k=5000)
-    minimal = sd.Reference.from_arrays(
-        r_reference.genes,
-        r_reference.mean,
-        r_reference.std,
-        r_reference.loadings,
-        r_reference.centroids,
-        r_reference.cluster_sizes,
-        r_reference.compression,
-    )
+    minimal = from_elements(r_reference, cells=False)
     with pytest.raises(ValueError, match="saved without its per-cell embedding"):
         sd.transfer_labels(minimal, mapped, "cell_type")
     del mapped.obsm["X_symphony"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import anndata as ad
 import numpy as np
 import pytest
-from _helpers import CLUSTER_CONFIGS
+from _helpers import CLUSTER_CONFIGS, from_elements
 
 import symphony_dask as sd
 from symphony_dask.cli import main
@@ -288,15 +288,7 @@ def test_transfer_checks_come_before_the_mapping(files, capsys, built_reference,
         raise AssertionError("map_query ran before the checks")
 
     monkeypatch.setattr(symphony_dask._mapping.query, "map_query", not_called)
-    minimal = sd.Reference.from_arrays(
-        built_reference.genes,
-        built_reference.mean,
-        built_reference.std,
-        built_reference.loadings,
-        built_reference.centroids,
-        built_reference.cluster_sizes,
-        built_reference.compression,
-    )
+    minimal = from_elements(built_reference, cells=False)
     minimal.save(files / "minimal.zarr")
     built_reference.save(files / "ref.zarr")
     cases = [

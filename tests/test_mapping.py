@@ -6,7 +6,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-from _helpers import DATA
+from _helpers import DATA, from_elements, oracle_reference
 
 import symphony_dask as sd
 from symphony_dask._reference.compression import compression_sums
@@ -20,19 +20,7 @@ def r_reference_with_moments(pbmcs, oracle):
     z = oracle.per_cell("ref_Z_orig", oracle.ref_cells)
     z_corr = oracle.per_cell("ref_Z_corr", oracle.ref_cells)
     sums = compression_sums(z, z_corr, oracle.per_cell("ref_R", oracle.ref_cells))
-    vg = oracle.vargenes
-    return sd.Reference.from_arrays(
-        vg["symbol"],
-        vg["mean"],
-        vg["stddev"],
-        oracle.matrix("loadings_U"),
-        oracle.matrix("centroids_Ycos"),
-        oracle.matrix("cache_Nr").ravel(),
-        oracle.matrix("cache_C"),
-        embedding=z_corr,
-        obs=pbmcs.obs.loc[oracle.ref_cells],
-        pca_moments=sums.pca_moments,
-    )
+    return oracle_reference(oracle, pbmcs, pca_moments=sums.pca_moments)
 
 
 def test_mapping_metrics_reproduce_r(r_reference_with_moments, pbmcs, oracle):
@@ -121,17 +109,7 @@ def test_protein_transfer(tmp_path):
 def test_labels_with_hnsw_index_saved_with_the_reference(built_reference, pbmcs, oracle, tmp_path):
     query = sd.map_query(built_reference, pbmcs[oracle.query_cells].copy(), "donor", normalize=False)
     exact = sd.transfer_labels(built_reference, query.copy(), "cell_type").obs["cell_type_pred"]
-    ref = sd.Reference.from_arrays(
-        built_reference.genes,
-        built_reference.mean,
-        built_reference.std,
-        built_reference.loadings,
-        built_reference.centroids,
-        built_reference.cluster_sizes,
-        built_reference.compression,
-        embedding=built_reference.embedding,
-        obs=built_reference.obs,
-    )
+    ref = from_elements(built_reference)
     index = ref.neighbor_index(method="hnsw", seed=3)
     ref.save(tmp_path / "ref.zarr")
     loaded = sd.load_reference(tmp_path / "ref.zarr")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _helpers import from_elements
 from scipy.spatial import cKDTree
 
 import symphony_dask as sd
@@ -53,17 +54,7 @@ def test_inner_product_graph_gives_cosine_neighbors():
 
 @pytest.mark.slow
 def test_index_from_an_older_version_is_rebuilt_not_trusted(built_reference, tmp_path, monkeypatch):
-    ref = sd.Reference.from_arrays(
-        built_reference.genes,
-        built_reference.mean,
-        built_reference.std,
-        built_reference.loadings,
-        built_reference.centroids,
-        built_reference.cluster_sizes,
-        built_reference.compression,
-        embedding=built_reference.embedding,
-        obs=built_reference.obs,
-    )
+    ref = from_elements(built_reference)
     ref.neighbor_index(method="hnsw")
     with monkeypatch.context() as patch:
         patch.setattr("symphony_dask._reference.store.INDEX_FORMAT", "hnswlib")  # as an older version saved it

@@ -12,6 +12,7 @@ import anndata as ad
 import numpy as np
 import pytest
 import zarr
+from _helpers import from_elements
 
 import symphony_dask as sd
 from symphony_dask._reference import store as reference_module
@@ -36,15 +37,7 @@ def test_round_trip_gives_identical_mapping(built_reference, split, tmp_path):
 
 
 def test_store_is_zarr_v3_and_small_without_cells(built_reference, tmp_path):
-    minimal = sd.Reference.from_arrays(
-        built_reference.genes,
-        built_reference.mean,
-        built_reference.std,
-        built_reference.loadings,
-        built_reference.centroids,
-        built_reference.cluster_sizes,
-        built_reference.compression,
-    )
+    minimal = from_elements(built_reference, cells=False)
     path = minimal.save(tmp_path / "minimal.zarr")
     group = zarr.open_group(str(path), mode="r")
     assert group.metadata.zarr_format == 3
@@ -229,27 +222,9 @@ def test_newer_store_version_is_refused(built_reference, tmp_path):
 
 def test_from_arrays_checks_shapes(r_reference):
     with pytest.raises(ValueError, match=r"compression must have shape \(100, 20\)"):
-        sd.Reference.from_arrays(
-            r_reference.genes,
-            r_reference.mean,
-            r_reference.std,
-            r_reference.loadings,
-            r_reference.centroids,
-            r_reference.cluster_sizes,
-            r_reference.compression[:, :5],
-        )
+        from_elements(r_reference, cells=False, compression=r_reference.compression[:, :5])
     with pytest.raises(ValueError, match="obs has 3 rows but the embedding has 910 cells"):
-        sd.Reference.from_arrays(
-            r_reference.genes,
-            r_reference.mean,
-            r_reference.std,
-            r_reference.loadings,
-            r_reference.centroids,
-            r_reference.cluster_sizes,
-            r_reference.compression,
-            embedding=r_reference.embedding,
-            obs=r_reference.obs.iloc[:3],
-        )
+        from_elements(r_reference, obs=r_reference.obs.iloc[:3])
 
 
 def test_to_xarray_labels_every_element(built_reference):

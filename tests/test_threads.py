@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from _helpers import from_elements
 from threadpoolctl import threadpool_info
 
 import symphony_dask as sd
@@ -20,17 +21,7 @@ def _blas_threads() -> list[int]:
 
 @pytest.fixture(scope="module")
 def hnsw_reference(built_reference):
-    ref = sd.Reference.from_arrays(
-        built_reference.genes,
-        built_reference.mean,
-        built_reference.std,
-        built_reference.loadings,
-        built_reference.centroids,
-        built_reference.cluster_sizes,
-        built_reference.compression,
-        embedding=built_reference.embedding,
-        obs=built_reference.obs,
-    )
+    ref = from_elements(built_reference)
     ref.neighbor_index(method="hnsw", seed=3)
     return ref
 
