@@ -1,6 +1,7 @@
-"""What the test modules share besides fixtures: paths, R Symphony's build parameters, the oracle's
-reader and the reference it gives, fresh references from another's elements, and the local clusters
-that the ``local_cluster`` fixtures start.
+"""What the test modules share besides fixtures: paths, R Symphony's build parameters (in Python and on
+the command line), the oracle's reader and the reference it gives, fresh references from another's
+elements, ``symphony-dask build`` and ``map`` arguments, and the local clusters that the
+``local_cluster`` fixtures start.
 
 Imported as ``from _helpers import ...``: pytest puts tests/ on ``sys.path`` (its default ``prepend``
 import mode, tests/ being no package), as it does for conftest.py, which keeps only fixtures.
@@ -31,7 +32,9 @@ CLUSTER_CONFIGS = ROOT / "cluster_configs"
 
 #: R Symphony's buildReference parameters of the oracle run (splitA).
 R_BUILD = dict(normalize=False, n_hvg=1000, hvg_batch_key="donor", n_pcs=20, n_clusters=100, theta=2.0)
-
+#: R_BUILD on the ``symphony-dask build`` command line (batch key ``donor``), but for ``--no-normalize``:
+#: add it for the log-normalized PBMCs, leave it out for counts (20 PCs and theta 2 are the defaults).
+CLI_BUILD = ["--batch-key", "donor", "--n-hvg", "1000", "--hvg-batch-key", "donor", "--n-clusters", "100"]
 
 #: Dask settings for workers that must not spill, pause or be stopped short of their memory limit: a
 #: worker that runs out of memory is killed (at 95 %), so that the tests see what used the memory.
@@ -99,6 +102,16 @@ def from_elements(reference: sd.Reference, *, cells: bool = True, **kwargs: Any)
     if cells:
         given.update(embedding=reference.embedding, obs=reference.obs)
     return sd.Reference.from_arrays(**{**given, **kwargs})
+
+
+def build_argv(data: Path | str, out: Path | str, *extra: str) -> list[str]:
+    """``symphony-dask build`` arguments: the cells, the reference store to write, then ``extra``."""
+    return ["build", str(data), "--out", str(out), *extra]
+
+
+def map_argv(reference: Path, query: Path | str, out: Path, *extra: str) -> list[str]:
+    """``symphony-dask map`` arguments: the reference store, the query file(s), the output, then ``extra``."""
+    return ["map", "--reference", str(reference), "--query", str(query), "--out", str(out), *extra]
 
 
 class LocalClusters:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import anndata as ad
 import numpy as np
 import pytest
-from _helpers import CLUSTER_CONFIGS, from_elements
+from _helpers import CLI_BUILD, CLUSTER_CONFIGS, build_argv, from_elements, map_argv
 
 import symphony_dask as sd
 from symphony_dask.cli import main
@@ -20,17 +20,7 @@ def files(split, tmp_path):
 
 
 def test_build_then_map_with_label_transfer(files, capsys, built_reference):
-    args = [
-        "--batch-key",
-        "donor",
-        "--no-normalize",
-        "--n-hvg",
-        "1000",
-        "--hvg-batch-key",
-        "donor",
-        "--n-clusters",
-        "100",
-    ]
+    args = ["--no-normalize", *CLI_BUILD]
     assert main(["build", str(files / "ref.h5ad"), "--out", str(files / "ref.zarr"), "-q", *args]) == 0
     assert "Reference(1360 genes, 20 PCs, 100 clusters, 910 cells" in capsys.readouterr().out
     ref = sd.load_reference(files / "ref.zarr")
@@ -38,21 +28,17 @@ def test_build_then_map_with_label_transfer(files, capsys, built_reference):
 
     out = files / "mapped.h5ad"
     code = main(
-        [
-            "map",
-            "--reference",
-            str(files / "ref.zarr"),
-            "--query",
-            str(files / "query.h5ad"),
+        map_argv(
+            files / "ref.zarr",
+            files / "query.h5ad",
+            out,
             "--batch-key",
             "donor",
             "--no-normalize",
             "--transfer",
             "cell_type",
-            "--out",
-            str(out),
             "-q",
-        ]
+        )
     )
     assert code == 0
     printed = capsys.readouterr().out
@@ -88,11 +74,9 @@ def test_demo_reports_accuracy_and_stage_times(capsys):
 @pytest.mark.cluster
 def test_build_on_local_cluster_config(files, capsys):
     code = main(
-        [
-            "build",
-            str(files / "ref.h5ad"),
-            "--out",
-            str(files / "ref.zarr"),
+        build_argv(
+            files / "ref.h5ad",
+            files / "ref.zarr",
             "-q",
             "--batch-key",
             "donor",
@@ -105,7 +89,7 @@ def test_build_on_local_cluster_config(files, capsys):
             "300",
             "--cluster",
             str(CLUSTER_CONFIGS / "local.yaml"),
-        ]
+        )
     )
     assert code == 0
     out = capsys.readouterr().out
@@ -119,23 +103,19 @@ def test_map_shards_into_one_output_each(files, capsys, built_reference, split):
     for i, rows in enumerate(np.array_split(np.arange(query.n_obs), 3)):
         query[rows].write_h5ad(files / f"shard_{i}.h5ad")
     code = main(
-        [
-            "map",
-            "--reference",
-            str(files / "ref.zarr"),
-            "--query",
-            str(files / "shard_*.h5ad"),
+        map_argv(
+            files / "ref.zarr",
+            files / "shard_*.h5ad",
+            files / "mapped",
             "--batch-key",
             "donor",
             "--no-normalize",
             "--transfer",
             "cell_type",
-            "--out",
-            str(files / "mapped"),
             "--chunk-size",
             "60",
             "-q",
-        ]
+        )
     )
     assert code == 0
     assert "mapped 290 cells from 3 file(s)" in capsys.readouterr().out
@@ -148,8 +128,6 @@ def test_map_shards_into_one_output_each(files, capsys, built_reference, split):
 
 # -- issue: the command line a cluster user expects -------------------------------------------------
 
-CLI_BUILD = ["--batch-key", "donor", "--n-hvg", "1000", "--hvg-batch-key", "donor", "--n-clusters", "100"]
-
 
 @pytest.mark.slow
 def test_layer_counts_from_the_command_line_equals_the_python_api(files, capsys):
@@ -159,22 +137,18 @@ def test_layer_counts_from_the_command_line_equals_the_python_api(files, capsys)
     assert main(["build", str(files / "ref.h5ad"), "--out", str(ref_out), "--layer", "counts", "-q", *CLI_BUILD]) == 0
     assert (
         main(
-            [
-                "map",
-                "--reference",
-                str(ref_out),
-                "--query",
-                str(files / "query.h5ad"),
+            map_argv(
+                ref_out,
+                files / "query.h5ad",
+                mapped_out,
                 "--layer",
                 "counts",
                 "--batch-key",
                 "donor",
                 "--transfer",
                 "cell_type",
-                "--out",
-                str(mapped_out),
                 "-q",
-            ]
+            )
         )
         == 0
     )
@@ -193,18 +167,7 @@ def test_layer_counts_from_the_command_line_equals_the_python_api(files, capsys)
 
 def test_log_values_read_as_counts_warn_naming_the_layer_and_the_flag(files, capsys, built_reference):
     built_reference.save(files / "ref.zarr")
-    code = main(
-        [
-            "map",
-            "--reference",
-            str(files / "ref.zarr"),
-            "--query",
-            str(files / "query.h5ad"),
-            "--out",
-            str(files / "mapped.h5ad"),
-            "-q",
-        ]
-    )
+    code = main(map_argv(files / "ref.zarr", files / "query.h5ad", files / "mapped.h5ad", "-q"))
     assert code == 0
     err = capsys.readouterr().err
     assert err.startswith("symphony-dask: warning: the query expression holds")
@@ -228,17 +191,15 @@ def test_obs_filter_builds_from_the_selected_cells(split, tmp_path, capsys, buil
     """--obs-filter on the whole data set gives the reference of the selected cells alone."""
     pbmcs.write_h5ad(tmp_path / "all.h5ad")
     code = main(
-        [
-            "build",
-            str(tmp_path / "all.h5ad"),
-            "--out",
-            str(tmp_path / "ref.zarr"),
+        build_argv(
+            tmp_path / "all.h5ad",
+            tmp_path / "ref.zarr",
             "--no-normalize",
             "--obs-filter",
             "donor != '3pv1'",
             "-q",
             *CLI_BUILD,
-        ]
+        )
     )
     assert code == 0
     ref = sd.load_reference(tmp_path / "ref.zarr")
@@ -305,18 +266,7 @@ def test_transfer_checks_come_before_the_mapping(files, capsys, built_reference,
     ]
     for reference, extra, message in cases:
         code = main(
-            [
-                "map",
-                "--reference",
-                str(files / reference),
-                "--query",
-                str(files / "query.h5ad"),
-                "--out",
-                str(files / "mapped.h5ad"),
-                "--no-normalize",
-                "-q",
-                *extra,
-            ]
+            map_argv(files / reference, files / "query.h5ad", files / "mapped.h5ad", "--no-normalize", "-q", *extra)
         )
         assert code == 2, extra
         assert message in capsys.readouterr().err, extra
@@ -325,18 +275,9 @@ def test_transfer_checks_come_before_the_mapping(files, capsys, built_reference,
 
 def test_messages_name_the_command_line_flags(files, capsys):
     code = main(
-        [
-            "build",
-            str(files / "ref.h5ad"),
-            "--out",
-            str(files / "r.zarr"),
-            "--no-normalize",
-            "--batch-key",
-            "donor",
-            "--n-clusters",
-            "5000",
-            "-q",
-        ]
+        build_argv(
+            files / "ref.h5ad", files / "r.zarr", "--no-normalize", "--batch-key", "donor", "--n-clusters", "5000", "-q"
+        )
     )
     assert code == 2
     assert "--n-clusters 5000 is impossible with 910 cells; try --n-clusters 30" in capsys.readouterr().err
@@ -354,21 +295,7 @@ def test_mapped_zarr_output_is_zarr_v3_without_warnings(files, capsys, built_ref
     built_reference.save(files / "ref.zarr")
     out = files / "mapped.zarr"
     assert (
-        main(
-            [
-                "map",
-                "--reference",
-                str(files / "ref.zarr"),
-                "--query",
-                str(files / "query.h5ad"),
-                "--no-normalize",
-                "--batch-key",
-                "donor",
-                "--out",
-                str(out),
-                "-q",
-            ]
-        )
+        main(map_argv(files / "ref.zarr", files / "query.h5ad", out, "--no-normalize", "--batch-key", "donor", "-q"))
         == 0
     )
     assert capsys.readouterr().err == "" and not [str(w.message) for w in recwarn]

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import zarr
-from _helpers import R_BUILD, ROOT
+from _helpers import R_BUILD, ROOT, build_argv, map_argv
 
 import symphony_dask as sd
 from symphony_dask._io.obs_filter import cells_where
@@ -47,21 +47,13 @@ def files(split, built_reference, tmp_path):
 
 
 def _map(files: Path, out, *extra: str, query=None) -> int:
-    return main(
-        [
-            "map",
-            "--reference",
-            str(files / "ref.zarr"),
-            "--query",
-            str(query or files / "query.h5ad"),
-            "--batch-key",
-            "donor",
-            "--no-normalize",
-            "--out",
-            str(out),
-            "-q",
-            *extra,
-        ]
+    return main(_map_argv(files, out, *extra, query=query))
+
+
+def _map_argv(files: Path, out, *extra: str, query=None) -> list[str]:
+    """Map the query (or ``query``) onto the reference in ``files``, as the PBMCs want it."""
+    return map_argv(
+        files / "ref.zarr", query or files / "query.h5ad", out, "--batch-key", "donor", "--no-normalize", "-q", *extra
     )
 
 
@@ -249,19 +241,7 @@ def test_two_map_commands_writing_one_out_one_wins(files):
     barrier = files / "barrier"
     barrier.mkdir()
     out = files / "mapped.h5ad"
-    argv = [
-        "map",
-        "--reference",
-        str(files / "ref.zarr"),
-        "--query",
-        str(files / "query.h5ad"),
-        "--batch-key",
-        "donor",
-        "--no-normalize",
-        "--out",
-        str(out),
-        "-q",
-    ]
+    argv = _map_argv(files, out)
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", _MAP_RACE, str(barrier), me, other, *argv],
@@ -468,17 +448,7 @@ def test_obs_filter_on_the_command_line_runs_nothing(files, capsys):
     witness = files / "ran"
     for expression in (f"@os.system('touch {witness}') == 1 & nUMI < 0", f"donor.to_csv('{witness}')"):
         code = main(
-            [
-                "build",
-                str(files / "ref.h5ad"),
-                "--out",
-                str(files / "r.zarr"),
-                "--obs-filter",
-                expression,
-                "--batch-key",
-                "donor",
-                "-q",
-            ]
+            build_argv(files / "ref.h5ad", files / "r.zarr", "--obs-filter", expression, "--batch-key", "donor", "-q")
         )
         assert code == 2
         assert "--obs-filter" in capsys.readouterr().err

@@ -8,6 +8,7 @@ import logging
 import numpy as np
 import pandas as pd
 import pytest
+from _helpers import CLI_BUILD
 
 import symphony_dask as sd
 from symphony_dask._harmony.kernels import cross_entropy, pattern_penalty
@@ -165,21 +166,7 @@ def test_harmony2_reference_from_the_command_line_maps_splitA(split, tmp_path, c
 
     ref_cells, query = split
     ref_cells.write_h5ad(tmp_path / "ref.h5ad")
-    args = [
-        "--batch-key",
-        "donor",
-        "--no-normalize",
-        "--n-hvg",
-        "1000",
-        "--hvg-batch-key",
-        "donor",
-        "--n-clusters",
-        "100",
-        "--no-umap",
-        "--harmony-flavor",
-        "harmony2",
-        "-q",
-    ]
+    args = ["--no-normalize", *CLI_BUILD, "--no-umap", "--harmony-flavor", "harmony2", "-q"]
     assert main(["build", str(tmp_path / "ref.h5ad"), "--out", str(tmp_path / "ref.zarr"), *args]) == 0
     ref = sd.load_reference(tmp_path / "ref.zarr")
     assert ref.params["harmony_flavor"] == "harmony2" and ref.params["alpha"] == 0.2

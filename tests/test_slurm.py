@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from _helpers import CLUSTER_CONFIGS, R_BUILD
+from _helpers import CLI_BUILD, CLUSTER_CONFIGS, R_BUILD, build_argv
 
 import symphony_dask as sd
 from symphony_dask._dask.cluster import connect
@@ -161,24 +161,9 @@ def test_driver_job_builds_through_worker_jobs_with_a_plain_log(slurm, split, tm
     (tmp_path / "slurm-local.yaml").write_text(yaml.safe_dump(config))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     # no UMAP: this test is about the driver job and its log (a UMAP placed on workers: test_umap.py)
-    argv = [
-        "build",
-        "ref.h5ad",
-        "--out",
-        "ref.zarr",
-        "--batch-key",
-        "donor",
-        "--no-normalize",
-        "--n-hvg",
-        "1000",
-        "--hvg-batch-key",
-        "donor",
-        "--n-clusters",
-        "100",
-        "--no-umap",
-        "--cluster",
-        "slurm-local.yaml",
-    ]
+    argv = build_argv(
+        "ref.h5ad", "ref.zarr", "--no-normalize", *CLI_BUILD, "--no-umap", "--cluster", "slurm-local.yaml"
+    )
     state = _run_job(
         [
             "--mem=2G",

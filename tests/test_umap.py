@@ -9,6 +9,7 @@ import matplotlib
 import numpy as np
 import pandas as pd
 import pytest
+from _helpers import build_argv, map_argv
 
 import symphony_dask as sd
 from symphony_dask import pl
@@ -134,74 +135,49 @@ def test_plots_draw_what_they_say(built_reference, mapped):
 def test_cli_map_draws_the_mapping(files_with_reference, capsys):
     folder = files_with_reference
     code = main(
-        [
-            "map",
-            "--reference",
-            str(folder / "ref.zarr"),
-            "--query",
-            str(folder / "query.h5ad"),
+        map_argv(
+            folder / "ref.zarr",
+            folder / "query.h5ad",
+            folder / "mapped.h5ad",
             "--no-normalize",
             "--batch-key",
             "donor",
             "--transfer",
             "cell_type",
-            "--out",
-            str(folder / "mapped.h5ad"),
             "--plot",
             str(folder / "mapping.png"),
             "-q",
-        ]
+        )
     )
     assert code == 0
     assert (folder / "mapping.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert ad.read_h5ad(folder / "mapped.h5ad").obsm["X_umap"].shape == (290, 2)
     code = main(
-        [
-            "map",
-            "--reference",
-            str(folder / "ref.zarr"),
-            "--query",
-            str(folder / "query.h5ad"),
-            "--out",
-            str(folder / "m2.h5ad"),
-            "--plot",
-            str(folder / "mapping.jpg"),
-            "-q",
-        ]
+        map_argv(
+            folder / "ref.zarr", folder / "query.h5ad", folder / "m2.h5ad", "--plot", str(folder / "mapping.jpg"), "-q"
+        )
     )
     assert code == 2 and "ending in .png, .pdf, .svg" in capsys.readouterr().err
     assert not (folder / "m2.h5ad").exists()
     assert (
         main(
-            [
-                "build",
-                str(folder / "query.h5ad"),
-                "--out",
-                str(folder / "plain.zarr"),
-                "--no-normalize",
-                "--n-hvg",
-                "500",
-                "--no-umap",
-                "-q",
-            ]
+            build_argv(
+                folder / "query.h5ad", folder / "plain.zarr", "--no-normalize", "--n-hvg", "500", "--no-umap", "-q"
+            )
         )
         == 0
     )
     assert sd.load_reference(folder / "plain.zarr").umap is None
     code = main(
-        [
-            "map",
-            "--reference",
-            str(folder / "plain.zarr"),
-            "--query",
-            str(folder / "query.h5ad"),
-            "--out",
-            str(folder / "m3.h5ad"),
+        map_argv(
+            folder / "plain.zarr",
+            folder / "query.h5ad",
+            folder / "m3.h5ad",
             "--no-normalize",
             "--plot",
             str(folder / "m3.png"),
             "-q",
-        ]
+        )
     )
     assert code == 2 and "has no UMAP to draw into" in capsys.readouterr().err
     assert not (folder / "m3.h5ad").exists()
