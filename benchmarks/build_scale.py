@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import threading
@@ -28,6 +26,7 @@ import time
 from pathlib import Path
 
 import psutil
+from _common import machine, print_ratios, stage_times, write_atlas, write_results
 
 HERE = Path(__file__).resolve().parent
 
@@ -75,10 +74,7 @@ def run_measured(cmd: list[str]) -> dict:
 def dataset(n: int, data_dir: Path) -> Path:
     path = data_dir / f"atlas_{n}.zarr"
     if not path.exists():
-        subprocess.run(
-            [sys.executable, "-m", "symphony_dask.datasets.synthetic", "--cells", str(n), "--out", str(path)],
-            check=True,
-        )
+        write_atlas(n, path)
     return path
 
 
@@ -108,30 +104,17 @@ def main() -> None:
             row = {"method": method, "cells": n, **run_measured(cmd)}
             rows.append(row)
             print(_row(row), flush=True)
-    for n in args.cells:
-        peer = next((r for r in rows if r["cells"] == n and r["method"] == "symphonypy"), None)
-        for ours in (r for r in rows if r["cells"] == n and r["method"] != "symphonypy" and "error" not in r):
-            if peer and "error" not in peer:
-                time_ratio = ours["seconds"] / peer["seconds"]
-                print(
-                    f"{n:>9} cells: time ratio {ours['method']} / symphonypy = {time_ratio:.2f}, "
-                    f"peak RSS ratio = {ours['peak_rss_gb'] / peer['peak_rss_gb']:.2f}"
-                )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    setup = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {round(psutil.virtual_memory().total / 2**30)} GiB",
-        "python": platform.python_version(),
-    }
-    args.out.write_text(json.dumps({"setup": setup, "runs": rows}, indent=2) + "\n")
-    print(f"written to {args.out}")
+    print_ratios(rows, args.cells, "symphonypy")
+    setup = machine()
+    setup["machine"] += f", {round(psutil.virtual_memory().total / 2**30)} GiB"
+    write_results(args.out, setup, rows)
 
 
 def _row(r: dict) -> str:
     head = f"{r['method']:<26}{r['cells']:>10}"
     if "error" in r:
         return f"{head}  failed after {r['wall_s']} s at {r['peak_rss_gb']} GB: {r['error']}"
-    stages = ", ".join(f"{k} {v}" for k, v in r["stages_s"].items())
-    return f"{head}{r['seconds']:>9.1f} s{r['peak_rss_gb']:>8.2f} GB  {stages}"
+    return f"{head}{r['seconds']:>9.1f} s{r['peak_rss_gb']:>8.2f} GB  {stage_times(r['stages_s'])}"
 
 
 if __name__ == "__main__":

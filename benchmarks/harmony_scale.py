@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _common import machine, print_ratios, run_json, stage_times, write_results
 
 ITERATIONS = dict(outer=10, inner=4, k=100, d=20, batches=8, types=20)
 
@@ -47,6 +46,8 @@ def run_one(method: str, n: int, chunk_size: int) -> dict:
     """Run one method in this process and return its measurements."""
     z, meta = synthetic_pcs(n)
     it = ITERATIONS
+    # both: the Harmony iterations asked for, convergence tests off
+    fixed = dict(max_iter_harmony=it["outer"], epsilon_cluster=-1.0, epsilon_harmony=-1.0)
     if method.startswith("symphony_dask"):
         import symphony_dask as sd
 
@@ -57,11 +58,9 @@ def run_one(method: str, n: int, chunk_size: int) -> dict:
             meta,
             "batch",
             n_clusters=it["k"],
-            max_iter_harmony=it["outer"],
             max_iter_cluster=it["inner"],
-            epsilon_cluster=-1.0,
-            epsilon_harmony=-1.0,
             n_init=1,
+            **fixed,
             chunk_size=chunk_size,
             flavor=flavor,
         )
@@ -73,15 +72,7 @@ def run_one(method: str, n: int, chunk_size: int) -> dict:
 
         start = time.perf_counter()
         res = harmonypy.run_harmony(
-            z,
-            meta,
-            "batch",
-            nclust=it["k"],
-            max_iter_harmony=it["outer"],
-            max_iter_kmeans=it["inner"],
-            epsilon_cluster=-1.0,
-            epsilon_harmony=-1.0,
-            verbose=False,
+            z, meta, "batch", nclust=it["k"], max_iter_kmeans=it["inner"], **fixed, verbose=False
         )
         wall = time.perf_counter() - start
         split = {}
@@ -119,38 +110,19 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--one", method, str(n)]
             if args.chunk_size:
                 cmd += ["--chunk-size", str(args.chunk_size)]
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode != 0:
-                rows.append({"method": method, "cells": n, "error": done.stderr.strip().splitlines()[-1]})
-            else:
-                rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            result = run_json(cmd)
+            rows.append({"method": method, "cells": n, **result} if "error" in result else result)
             print(_row(rows[-1]), flush=True)
-    for n in args.cells:
-        peer = next((r for r in rows if r["cells"] == n and r["method"] == "harmonypy" and "seconds" in r), None)
-        for ours in (r for r in rows if r["cells"] == n and r["method"] != "harmonypy" and "seconds" in r):
-            if peer:
-                print(
-                    f"{n:>9} cells: time ratio {ours['method']} / harmonypy = {ours['seconds'] / peer['seconds']:.2f}, "
-                    f"peak RSS ratio = {ours['peak_rss_gb'] / peer['peak_rss_gb']:.2f}"
-                )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "python": platform.python_version(),
-        "work": ITERATIONS,
-        "chunk_size": args.chunk_size,
-    }
-    args.out.write_text(json.dumps({"setup": meta, "runs": rows}, indent=2) + "\n")
-    print(f"written to {args.out}")
+    print_ratios(rows, args.cells, "harmonypy")
+    write_results(args.out, {**machine(), "work": ITERATIONS, "chunk_size": args.chunk_size}, rows)
 
 
 def _row(r: dict) -> str:
     if "error" in r:
         return f"{r['method']:<14}{r['cells']:>10}  failed: {r['error']}"
-    split = ", ".join(f"{k} {v}" for k, v in r["split_s"].items())
     return (
         f"{r['method']:<14}{r['cells']:>10}{r['seconds']:>9.1f} s{r['peak_rss_gb']:>8.2f} GB  "
-        f"{r['harmony_iterations']} iterations  {split}"
+        f"{r['harmony_iterations']} iterations  {stage_times(r['split_s'])}"
     )
 
 

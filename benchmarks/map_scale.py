@@ -22,11 +22,11 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
-import platform
 import subprocess
 import time
 from pathlib import Path
+
+from _common import machine, write_results
 
 HERE = Path(__file__).resolve().parent
 SIZES = (1_000, 10_000, 100_000)
@@ -154,10 +154,7 @@ def main() -> None:
             for line in done.stdout.strip().splitlines():
                 rows.append(json.loads(line))
                 print(line, flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    setup = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "python": platform.python_version()}
-    args.out.write_text(json.dumps({"setup": setup, "runs": rows}, indent=2) + "\n")
-    print(f"written to {args.out}")
+    write_results(args.out, machine(), rows)
 
 
 if __name__ == "__main__":

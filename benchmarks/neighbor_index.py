@@ -14,13 +14,11 @@ search (KD-tree) on 2,000 query cells, and 5-NN label transfer of 100,000 query 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
+from _common import machine, write_results
 
 D, TYPES = 20, 30
 
@@ -116,15 +114,8 @@ def main() -> None:
             f"{r.get('hnswlib_index_s', float('nan')):>13.1f}s {r.get('hnswlib_recall_at_5', float('nan')):>9.4f} "
             f"{r['transfer_100k_s']:>13.2f}s"
         )
-    meta = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "python": platform.python_version(),
-        "M": HNSW_M,
-        "ef_construction": HNSW_EF_CONSTRUCTION,
-        "ef_search": HNSW_EF,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"setup": meta, "runs": rows}, indent=2) + "\n")
+    meta = {**machine(), "M": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION, "ef_search": HNSW_EF}
+    write_results(args.out, meta, rows)
 
 
 if __name__ == "__main__":

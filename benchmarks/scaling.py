@@ -26,14 +26,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
-import platform
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _common import machine, run_json, stage_times, write_atlas, write_results
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -147,11 +147,7 @@ def main() -> None:
         return
 
     if "build" in args.workloads and not Path(args.store).exists():
-        cells = int("".join(ch for ch in Path(args.store).stem if ch.isdigit()) or 100_000)
-        subprocess.run(
-            [sys.executable, "-m", "symphony_dask.datasets.synthetic", "--cells", str(cells), "--out", args.store],
-            check=True,
-        )
+        write_atlas(int("".join(ch for ch in Path(args.store).stem if ch.isdigit()) or 100_000), args.store)
     import numpy as np
 
     modes = [m for m in args.modes if m != "slurm-2x1" or _slurm_available()]
@@ -174,11 +170,11 @@ def main() -> None:
                         "--store",
                         args.store,
                     ]
-                    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-                    if done.returncode != 0:
-                        runs.append({"workload": workload, "mode": mode, "error": done.stderr.strip().splitlines()[-1]})
+                    result = run_json(cmd, cwd=ROOT)
+                    if "error" in result:
+                        runs.append({"workload": workload, "mode": mode, **result})
                         break
-                    runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+                    runs.append(result)
                 best = min((r for r in runs if "seconds" in r), key=lambda r: r["seconds"], default=runs[-1])
                 best["all_seconds"] = [r["seconds"] for r in runs if "seconds" in r]
                 reference = Path(tmp) / f"{workload}-threads.npy"
@@ -186,15 +182,8 @@ def main() -> None:
                     best["max_abs_diff_vs_threads"] = float(np.abs(np.load(keep) - np.load(reference)).max())
                 rows.append(best)
                 print(_row(best, rows), flush=True)
-    meta = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "python": platform.python_version(),
-        "harmonize": {"cells": args.cells, **HARMONY},
-        "store": Path(args.store).name,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"setup": meta, "runs": rows}, indent=2) + "\n")
-    print(f"written to {args.out}")
+    meta = {**machine(), "harmonize": {"cells": args.cells, **HARMONY}, "store": Path(args.store).name}
+    write_results(args.out, meta, rows)
 
 
 def _row(r: dict, rows: list[dict]) -> str:
@@ -206,10 +195,9 @@ def _row(r: dict, rows: list[dict]) -> str:
     ratio = f"{r['seconds'] / threads['seconds']:.2f}x threads" if threads else ""
     same = f"max |diff| {r['max_abs_diff_vs_threads']:.1e}" if "max_abs_diff_vs_threads" in r else ""
     per_iteration = r["graphs"] / max(r["cluster_iterations"], 1)
-    stages = ", ".join(f"{k} {v}" for k, v in r["stages_s"].items())
     return (
         f"{r['workload']:<10}{r['mode']:<11}{r['seconds']:>8.2f} s  {ratio:<14} {same:<20} graphs {r['graphs']} "
-        f"({per_iteration:.2f} per clustering iteration of {r['cluster_iterations']})  {stages}"
+        f"({per_iteration:.2f} per clustering iteration of {r['cluster_iterations']})  {stage_times(r['stages_s'])}"
     )
 
 
