@@ -8,6 +8,7 @@ case; run ``pytest tests/test_uncertainty.py -n 0 -s -k left_out`` to see the ta
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -367,7 +368,9 @@ def test_unknown_is_drawn_gray(pbmc_without_b):
 
 
 def test_map_command_with_unknown_cluster_votes_and_distance_weights(pbmc_without_b, split, tmp_path, capsys):
-    pbmc_without_b.reference.save(tmp_path / "ref.zarr")
+    reference = pbmc_without_b.reference
+    slashed = reference.obs["cell_type"].astype(str).str.replace("_", "/")  # Mono/CD14: no name in a store
+    dataclasses.replace(reference, obs=reference.obs.assign(slashed=slashed)).save(tmp_path / "ref.zarr")
     query = split[1]
     query.obs["clusters"] = query.obs["cell_type"].astype(str)
     query.write_h5ad(tmp_path / "query.h5ad")
@@ -380,6 +383,8 @@ def test_map_command_with_unknown_cluster_votes_and_distance_weights(pbmc_withou
             "--no-normalize",
             "--transfer",
             "cell_type",
+            "--transfer",
+            "slashed",
             "--unknown",
             "auto",
             "--label-weights",
@@ -387,13 +392,13 @@ def test_map_command_with_unknown_cluster_votes_and_distance_weights(pbmc_withou
             "--majority-vote",
             "clusters",
             "--out",
-            str(tmp_path / "mapped.h5ad"),
+            str(tmp_path / "mapped.zarr"),
             "-q",
         ]
     )
     assert code == 0
-    out = capsys.readouterr().out
-    written = ad.read_h5ad(tmp_path / "mapped.h5ad")
+    out, err = capsys.readouterr()
+    written = ad.read_zarr(tmp_path / "mapped.zarr")
     n_unknown = int((written.obs["cell_type_pred"] == UNKNOWN).sum())
     assert n_unknown >= 39  # the B cells' cluster, and those of the rare MK and HSC cells
     summary = next(line for line in out.splitlines() if line.startswith("cell_type_pred:"))
@@ -403,6 +408,10 @@ def test_map_command_with_unknown_cluster_votes_and_distance_weights(pbmc_withou
     assert {"cell_type_novelty", "cell_type_pred_cell", "cell_type_conf"} <= set(written.obs.columns)
     assert written.uns["symphony"]["cell_type_unknown"]["method"] == "auto"
     assert "B" in list(written.uns["symphony"]["cell_type_majority_vote"]["clusters"])
+    assert "labels of slashed hold '/'" in err  # written as an array, the labels beside it
+    assert isinstance(written.obsm["slashed_proba"], np.ndarray)
+    assert list(written.uns["symphony"]["slashed_proba_labels"]) == [c.replace("_", "/") for c in proba.columns]
+    np.testing.assert_array_equal(written.obsm["slashed_proba"], proba.to_numpy())
 
     out = ["--out", str(tmp_path / "other.h5ad"), "-q"]
     for extra, message in [

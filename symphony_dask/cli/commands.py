@@ -184,6 +184,8 @@ def run_map(args: argparse.Namespace) -> int:
             unknown=args.unknown,
             majority_vote=args.majority_vote,
         )
+        for key in dict.fromkeys(args.transfer):
+            _storable_probabilities(mapped, key)
     if args.transfer_values:
         transfer_values(reference, mapped, args.transfer_values, k=args.k)
     print(
@@ -214,6 +216,28 @@ def run_map(args: argparse.Namespace) -> int:
         )
         print(f"written to {target}")
     return 0
+
+
+def _storable_probabilities(mapped: ad.AnnData, key: str) -> None:
+    """Label probabilities whose labels hold a '/' (which AnnData stores refuse in names) as an array.
+
+    The labels, the array's columns, go to ``uns['symphony'][f'{key}_proba_labels']``.
+    """
+    import warnings
+
+    import numpy as np
+
+    proba = mapped.obsm[f"{key}_proba"]
+    if not any("/" in str(label) for label in proba.columns):
+        return
+    mapped.obsm[f"{key}_proba"] = proba.to_numpy()
+    mapped.uns["symphony"][f"{key}_proba_labels"] = np.asarray(proba.columns, dtype=str)
+    warnings.warn(
+        f"labels of {key} hold '/', which AnnData stores refuse in column names: obsm['{key}_proba'] is written "
+        f"as an array, its columns' labels in uns['symphony']['{key}_proba_labels']",
+        UserWarning,
+        stacklevel=2,
+    )
 
 
 def _plot_mapping(reference, mapped: ad.AnnData, args: argparse.Namespace) -> None:
