@@ -139,11 +139,12 @@ _B_OTHERS = (
 )
 
 
+#: Not strict: both cases miss a goal by one cell, which a platform's last bits could move (XPASS then).
 @pytest.mark.parametrize(
     "case",
     [
-        pytest.param("pbmc_without_b", marks=pytest.mark.xfail(strict=True, reason=_B_OTHERS)),
-        pytest.param("pbmc_without_nk", marks=pytest.mark.xfail(strict=True, reason=_NK_SHORT)),
+        pytest.param("pbmc_without_b", marks=pytest.mark.xfail(reason=_B_OTHERS)),
+        pytest.param("pbmc_without_nk", marks=pytest.mark.xfail(reason=_NK_SHORT)),
         "citeseq_without_mono",
     ],
 )
