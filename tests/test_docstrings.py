@@ -13,12 +13,6 @@ import pytest
 
 import symphony_dask as sd
 
-#: Docstrings without a Parameters section, by qualified name: expected failures, strict, so that a
-#: fixed one fails until it leaves this set (issue #23: docstrings being completed).
-BEING_COMPLETED = {
-    "evaluate",  # true, predicted
-}
-
 #: The numpydoc sections that list parameters.
 SECTIONS = ("Parameters", "Other Parameters")
 
@@ -79,8 +73,7 @@ def signature_parameters(func: Callable) -> list[str]:
     ]
 
 
-BEING_COMPLETED_MARK = pytest.mark.xfail(strict=True, reason="issue #23: docstring being completed")
-CASES = [pytest.param(n, id=n, marks=BEING_COMPLETED_MARK if n in BEING_COMPLETED else ()) for n in sorted(PUBLIC)]
+CASES = sorted(PUBLIC)
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -100,7 +93,6 @@ def test_parameters_section_matches_the_signature(name):
 
 def test_every_public_function_is_checked():
     """What the parametrization covers: the public functions, Reference's methods, sd.pl's plots."""
-    assert BEING_COMPLETED.issubset(PUBLIC), BEING_COMPLETED - set(PUBLIC)
     expected = {
         "build_reference",
         "map_query",

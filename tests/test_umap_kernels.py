@@ -9,12 +9,7 @@ import warnings
 import numpy as np
 import pytest
 
-from symphony_dask._embedding.umap_kernels import (
-    component_places,
-    find_ab_params,
-    fit_layout,
-    smooth_knn_dist,
-)
+from symphony_dask._embedding.umap_kernels import component_places, find_ab_params, fit_layout, smooth_knn_dist
 from symphony_dask._embedding.umap_layout import _cosine_neighbors, _unit_rows, fit_umap
 
 

@@ -30,12 +30,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from symphony_dask._embedding.neighbors import hnsw_graph, hnsw_search
-from symphony_dask._embedding.umap_kernels import (
-    find_ab_params,
-    fit_layout,
-    optimize_placement,
-    smooth_knn_dist,
-)
+from symphony_dask._embedding.umap_kernels import find_ab_params, fit_layout, optimize_placement, smooth_knn_dist
 
 #: Most reference cells the layout is fitted on; the others are placed into it.
 MAX_FIT_CELLS = 20_000

@@ -36,11 +36,7 @@ from typing import Any
 import numpy as np
 
 from symphony_dask._dask.chunked import total
-from symphony_dask._harmony.kernels import (
-    BlockKernel,
-    Ledger,
-    PenaltyTerms,
-)
+from symphony_dask._harmony.kernels import BlockKernel, Ledger, PenaltyTerms
 from symphony_dask._harmony.piece import Piece, piece_bounds
 from symphony_dask._harmony.pool import WorkPool
 

@@ -13,14 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from symphony_dask._harmony.kernels import (
-    BlockKernel,
-    Scratch,
-    assign,
-    block_of,
-    normalize_rows,
-    normalize_rows_into,
-)
+from symphony_dask._harmony.kernels import BlockKernel, Scratch, assign, block_of, normalize_rows, normalize_rows_into
 from symphony_dask._harmony.mixture import add_weighted_sums, pattern_runs, subtract_batch_terms
 
 if TYPE_CHECKING:

@@ -464,7 +464,20 @@ def _uniform(keys: np.ndarray, labels: np.ndarray, seed: int) -> np.ndarray:
 
 
 def evaluate(true: pd.Series | np.ndarray, predicted: pd.Series | np.ndarray) -> dict:
-    """Accuracy, per-class F1 (over true classes) and median F1, as Symphony's ``evaluate``."""
+    """Accuracy, per-class F1 (over true classes) and median F1, as Symphony's ``evaluate``.
+
+    Parameters
+    ----------
+    true
+        The known label of each cell.
+    predicted
+        The predicted label of each cell, in the same order.
+
+    Returns
+    -------
+    dict
+        ``accuracy``, ``f1`` (label -> F1, for each true label) and ``median_f1``.
+    """
     true = pd.Series(np.asarray(true, dtype=object).astype(str))
     predicted = pd.Series(np.asarray(predicted, dtype=object).astype(str))
     f1 = {}

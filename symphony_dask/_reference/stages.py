@@ -208,12 +208,7 @@ def choose_genes(moments: Moments, options: BuildOptions, timings: dict[str, flo
         if options.variable_genes == "mvp":
             group_moments = compute(
                 map_reduce(
-                    exp_moments,
-                    expr.X,
-                    moments.codes,
-                    combine=GroupMoments.merge,
-                    normalize=normalize,
-                    idf=moments.idf,
+                    exp_moments, expr.X, moments.codes, combine=GroupMoments.merge, normalize=normalize, idf=moments.idf
                 )
             )[0]
             table = mvp_table(group_moments, moments.group_names, expr.genes)

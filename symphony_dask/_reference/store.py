@@ -42,11 +42,7 @@ def save_reference(ref: Reference, path: str | os.PathLike, *, overwrite: bool =
     path = Path(path)
     refuse_overlap(path, ref.sources, flag="the save target")
     return write_atomically(
-        path,
-        lambda tmp: _write_store(ref, tmp),
-        overwrite=overwrite,
-        ours=is_reference_store,
-        what="reference store",
+        path, lambda tmp: _write_store(ref, tmp), overwrite=overwrite, ours=is_reference_store, what="reference store"
     )
 
 
