@@ -141,11 +141,11 @@ def mapping(
     Returns
     -------
     Axes
-        The axes drawn into.
+        The axes drawn into: the query's points over the reference's gray bands.
     """
-    coords = _umap_of(ref)
     if "X_umap" not in query.obsm:
         raise ValueError("the query has no obsm['X_umap']: map it with map_query onto a reference built with umap=True")
+    coords = _umap_of(ref)
     placed = np.asarray(query.obsm["X_umap"])
     values = None if color is None else _column(query.obs, color, "the query obs")
     categories, palette = ([], []) if values is None else _palette(values)

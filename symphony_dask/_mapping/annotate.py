@@ -135,19 +135,8 @@ def transfer_labels(
     """
     keys = [key] if isinstance(key, str) else list(key)
     with_novelty = novelty or unknown is not None
-    _check_label_options(
-        reference,
-        query,
-        keys,
-        weights,
-        unknown,
-        with_novelty,
-        novelty_k,
-        unknown_quantile,
-        majority_vote,
-        min_majority_share,
-        hierarchy,
-    )
+    _check_label_options(reference, keys, weights, unknown, unknown_quantile, novelty_k if with_novelty else None)
+    _check_vote_options(query, keys, majority_vote, min_majority_share, hierarchy)
     labels = {name: _reference_labels(reference, name, unknown is not None) for name in keys}
     neighbors = _neighbors(reference, query, max(k, novelty_k) if with_novelty else k, embedding_key)
     distances = None
@@ -295,20 +284,11 @@ def most_probable(probabilities: np.ndarray, *, seed: int = 0, cell_keys: np.nda
     return np.argmax(np.where(top, jitter, -1.0), axis=1)
 
 
-def _check_label_options(
-    reference,
-    query,
-    keys,
-    weights,
-    unknown,
-    with_novelty,
-    novelty_k,
-    unknown_quantile,
-    majority_vote,
-    min_majority_share,
-    hierarchy,
-) -> None:
-    """Raise on options of :func:`transfer_labels` that cannot work, before the neighbor search."""
+def _check_label_options(reference, keys, weights, unknown, unknown_quantile, novelty_k) -> None:
+    """Raise on label and novelty options of :func:`transfer_labels` that cannot work, before the neighbor search.
+
+    ``novelty_k`` is ``None`` when no novelty is scored.
+    """
     if not keys:
         raise ValueError("name at least one reference obs column to transfer")
     if len(set(keys)) < len(keys):
@@ -319,8 +299,12 @@ def _check_label_options(
         raise ValueError(f"{option('unknown', unknown)}: 'auto', a novelty threshold (a number) or None")
     if not 0 < unknown_quantile < 1:
         raise ValueError(f"{option('unknown_quantile', unknown_quantile)}: between 0 and 1")
-    if with_novelty and reference.n_cells is not None and not 1 <= novelty_k < reference.n_cells:
+    if novelty_k is not None and reference.n_cells is not None and not 1 <= novelty_k < reference.n_cells:
         raise ValueError(f"{option('novelty_k', novelty_k)}: between 1 and the reference's {reference.n_cells - 1}")
+
+
+def _check_vote_options(query, keys, majority_vote, min_majority_share, hierarchy) -> None:
+    """Raise on the cluster-vote and hierarchy options of :func:`transfer_labels` that cannot work."""
     if majority_vote is not None and majority_vote not in query.obs.columns:
         cols = ", ".join(map(repr, query.obs.columns)) or "(none)"
         raise ValueError(

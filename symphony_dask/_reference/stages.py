@@ -268,13 +268,9 @@ def integrate(
                 pcs.z, cells.expr.obs, cells.keys, settings, n_clusters=cells.n_clusters, chunk_size=pcs.harmony_chunks
             )
         else:
+            s, chunks = settings, pcs.harmony_chunks
             result = soft_kmeans(
-                pcs.z,
-                cells.n_clusters,
-                sigma=settings.sigma,
-                n_init=settings.n_init,
-                seed=settings.seed,
-                chunk_size=pcs.harmony_chunks,
+                pcs.z, cells.n_clusters, sigma=s.sigma, n_init=s.n_init, seed=s.seed, chunk_size=chunks
             )
     timings.update({f"harmony {name}": seconds for name, seconds in result.timings_s.items()})
     return result
@@ -409,19 +405,8 @@ def _vst(expr, first, codes_da, group_names, normalize, idf):
     clip = float(np.sqrt(expr.n_cells))
     squares = None
     if any(clip_reached(first.moments.groups[code], sd[code], clip) for code in sd):
-        squares = compute(
-            map_reduce(
-                clipped_squares,
-                expr.X,
-                codes_da,
-                combine=ClippedSquares.merge,
-                mean=mean,
-                sd=sd,
-                clip=clip,
-                normalize=normalize,
-                idf=idf,
-            )
-        )[0]
+        settings = dict(mean=mean, sd=sd, clip=clip, normalize=normalize, idf=idf)
+        squares = compute(map_reduce(clipped_squares, expr.X, codes_da, combine=ClippedSquares.merge, **settings))[0]
     else:
         logger.info(
             "variable genes: no value reaches the clip of sqrt(%d cells); standardized variances from "

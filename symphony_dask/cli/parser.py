@@ -8,6 +8,21 @@ from symphony_dask._harmony.settings import FLAVOR_DEFAULTS, HarmonySettings
 from symphony_dask.cli.commands import check_build, check_map, check_nothing, run_build, run_demo_report, run_map
 from symphony_dask.cli.outputs import MAPPED_SUFFIXES
 
+#: Each command's one-line help and its description.
+COMMANDS = {
+    "build": (
+        "build a reference from an .h5ad or .zarr AnnData",
+        "Build a Symphony reference: variable genes, scaling, PCA, Harmony over --batch-key, compression.",
+    ),
+    "map": (
+        "map a query onto a reference",
+        "Map query cells into a reference's corrected embedding; transfer labels or values.",
+    ),
+    "demo": (
+        "build, map and annotate the bundled PBMC data",
+        "Symphony's PBMC example on the bundled data: build from 3'v2 + 5', map 3'v1, transfer cell types.",
+    ),
+}
 #: Harmony's defaults, the same as build_reference's.
 HARMONY = HarmonySettings()
 
@@ -72,16 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bars or stage lines")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def subcommand(name: str, help: str, description: str) -> argparse.ArgumentParser:
+    def subcommand(name: str) -> argparse.ArgumentParser:
+        help, description = COMMANDS[name]
         return sub.add_parser(
             name, parents=[common], help=help, description=description, formatter_class=_HelpFormatter
         )
 
-    b = subcommand(
-        "build",
-        "build a reference from an .h5ad or .zarr AnnData",
-        "Build a Symphony reference: variable genes, scaling, PCA, Harmony over --batch-key, compression.",
-    )
+    b = subcommand("build")
     b.add_argument("input", help="reference expression: an .h5ad file or AnnData .zarr store, cells x genes")
     b.add_argument("--out", required=True, metavar="REF.zarr", help="reference store to write (a .zarr folder)")
     _add_input_options(b, "reference")
@@ -176,11 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--overwrite", action="store_true", help="replace an existing reference store")
     b.set_defaults(run=run_build, check=check_build)
 
-    m = subcommand(
-        "map",
-        "map a query onto a reference",
-        "Map query cells into a reference's corrected embedding; transfer labels or values.",
-    )
+    m = subcommand("map")
     m.add_argument("--reference", required=True, metavar="REF.zarr", help="reference store written by 'build'")
     m.add_argument(
         "--query",
@@ -268,11 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     m.set_defaults(run=run_map, check=check_map)
 
-    d = subcommand(
-        "demo",
-        "build, map and annotate the bundled PBMC data",
-        "Symphony's PBMC example on the bundled data: build from 3'v2 + 5', map 3'v1, transfer cell types.",
-    )
+    d = subcommand("demo")
     d.set_defaults(run=run_demo_report, check=check_nothing)
     return parser
 
