@@ -18,7 +18,7 @@ except _metadata.PackageNotFoundError:  # running from a source tree that is not
 
 #: Public name -> module that defines it; ``None`` for a public module (``sd.pl``, ``sd.datasets``).
 _PUBLIC = {
-    "HarmonyResult": "_harmony.driver",
+    "HarmonyResult": "_harmony.result",
     "Reference": "_reference.model",
     "build_reference": "_reference.build",
     "cluster_from_file": "_dask.dashboard",
@@ -60,8 +60,8 @@ def __dir__() -> list[str]:
 if _typing.TYPE_CHECKING:
     from symphony_dask import datasets, pl
     from symphony_dask._dask.dashboard import cluster_from_file
-    from symphony_dask._harmony.driver import HarmonyResult
     from symphony_dask._harmony.harmonize import harmonize
+    from symphony_dask._harmony.result import HarmonyResult
     from symphony_dask._mapping.annotate import evaluate, transfer_labels, transfer_values
     from symphony_dask._mapping.metrics import (
         knn_corr,

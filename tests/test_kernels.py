@@ -21,8 +21,8 @@ from symphony_dask._harmony.mixture import (
     solve_batch_terms,
 )
 from symphony_dask._io.validation import count_bad_values
-from symphony_dask._mapping.annotate import majority_vote
 from symphony_dask._mapping.query import query_design
+from symphony_dask._mapping.votes import majority_vote
 from symphony_dask._preprocessing.normalize import (
     Moments,
     cell_totals,

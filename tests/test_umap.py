@@ -14,7 +14,7 @@ from _helpers import build_argv, map_argv
 import symphony_dask as sd
 from symphony_dask import pl
 from symphony_dask._embedding.umap_layout import fit_umap
-from symphony_dask._mapping.annotate import majority_vote
+from symphony_dask._mapping.votes import majority_vote
 from symphony_dask.cli import main
 
 matplotlib.use("Agg")

@@ -24,7 +24,8 @@ from scipy.cluster.hierarchy import fcluster, linkage
 
 import symphony_dask as sd
 from symphony_dask._embedding.neighbors import NeighborIndex
-from symphony_dask._mapping.annotate import UNKNOWN, cell_keys, majority_vote
+from symphony_dask._mapping.annotate import UNKNOWN
+from symphony_dask._mapping.votes import cell_keys, majority_vote
 from symphony_dask.cli.main import main
 
 #: The goals of issue #27 for every held-out cell type.

@@ -24,18 +24,15 @@ process, or on the workers of a distributed cluster.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import dask
 import dask.array as da
 import numpy as np
-from dask.delayed import Delayed
 
-from symphony_dask._dask.chunked import aligned_blocks, distributed_client, total
+from symphony_dask._dask.chunked import distributed_client, total
 from symphony_dask._dask.timing import timed
 from symphony_dask._harmony.chunk import CorrectionStep, IterationSums, RunSpec, chunk_output, piece_bounds
 from symphony_dask._harmony.cluster import groups as harmony_groups
@@ -43,6 +40,7 @@ from symphony_dask._harmony.cluster.groups import GroupsLost, LocalGroups, local
 from symphony_dask._harmony.kernels import PenaltyTerms, cosine_normalize
 from symphony_dask._harmony.kmeans import SEED_SAMPLE_PER_CLUSTER, kmeans
 from symphony_dask._harmony.mixture import Design, ridge_system, solve_batch_terms, solve_harmony2_terms
+from symphony_dask._harmony.result import HarmonyResult, OutputCall
 
 logger = logging.getLogger("symphony_dask")
 
@@ -50,110 +48,6 @@ logger = logging.getLogger("symphony_dask")
 WINDOW = 3
 #: Times a run rebuilds lost groups before it gives up.
 MAX_RECOVERIES = 10
-
-
-@dataclass(frozen=True)
-class _OutputCall:
-    """One call of :func:`~symphony_dask._harmony.chunk.chunk_output`.
-
-    Its positional arguments (some of them delayed), the piece it asks for (``None``: the whole
-    chunk), the worker holding the chunk's group (``None``: this process) and the rows it gives.
-    """
-
-    args: tuple
-    piece: int | None
-    worker: str | None
-    rows: int
-
-    def placement(self) -> contextlib.AbstractContextManager:
-        """Annotations that run the call beside its group, where the group lives on a worker."""
-        if self.worker:
-            return dask.annotate(workers=[self.worker], allow_other_workers=True)
-        return contextlib.nullcontext()
-
-
-def _with_assignments(kernel: Callable[..., Any], args: tuple, piece: int | None, *blocks: np.ndarray) -> Any:
-    return kernel(*blocks, chunk_output(*args, piece=piece))
-
-
-@dataclass(eq=False, repr=False)
-class HarmonyResult:
-    """Output of :func:`~symphony_dask.harmonize`.
-
-    Attributes
-    ----------
-    Z_corr
-        Corrected embedding (cells x d); a dask array with the row chunks of a dask input.
-    R
-        Soft cluster assignments (cells x k) after the last clustering iteration, rows sum to one;
-        chunked like ``Z_corr``. Harmony never stores them for all cells: they are recomputed from
-        the embedding, the centroids and the block penalties when first asked for.
-    centroids
-        Harmony's final L2-normalized centroids ``Y`` (d x k).
-    n_iter
-        Harmony iterations run.
-    objective
-        Objective after the initialization and after each iteration's clustering.
-    converged
-        Whether the Harmony objective met ``epsilon_harmony`` before ``max_iter_harmony``.
-    cluster_iterations
-        Clustering iterations run, over all Harmony iterations.
-    timings_s
-        Wall time of the k-means start, the clustering and the correction.
-    """
-
-    Z_corr: np.ndarray | da.Array
-    centroids: np.ndarray
-    n_iter: int
-    objective: list[float]
-    converged: bool
-    timings_s: dict[str, float]
-    cluster_iterations: int = 0
-    #: ``R``, or until first asked for, the function that computes it
-    _assignments: Any = field(default=None, repr=False)
-    #: keeps the chunk groups (and so a cheap ``R``) alive with the result
-    _groups: Any = field(default=None, repr=False)
-    #: for a dask result, the calls that give ``R`` one Harmony piece at a time
-    _assignment_pieces: list[_OutputCall] | None = field(default=None, repr=False)
-
-    @property
-    def R(self) -> np.ndarray | da.Array:
-        if callable(self._assignments):
-            self._assignments = self._assignments()
-        return self._assignments
-
-    def map_assignment_pieces(self, kernel: Callable[..., Any], *aligned: da.Array) -> list[Delayed]:
-        """``kernel(*aligned_rows, R_rows)`` over Harmony's pieces of at most 32,768 cells, delayed, in cell order.
-
-        Each task computes its piece of ``R`` and hands it straight to ``kernel``, so a running task
-        holds no more than a piece of ``R``. (``R`` itself is chunked by Harmony's chunks of up to
-        250,000 cells, 200 MB at k = 100, and dask computes many of them before their consumers
-        run.) Only for a result of dask input: a NumPy result has ``R`` in memory.
-
-        Parameters
-        ----------
-        kernel
-            Called with each piece's rows of ``aligned`` and its ``R``.
-        *aligned
-            Per-cell dask arrays, cut into the same pieces.
-        """
-        if self._assignment_pieces is None:
-            raise ValueError("map_assignment_pieces needs a result of dask input; use R for a NumPy result")
-        rows = tuple(call.rows for call in self._assignment_pieces)
-        blocks = [aligned_blocks(a, rows) for a in aligned]
-        out = []
-        for i, call in enumerate(self._assignment_pieces):
-            with call.placement():
-                out.append(
-                    dask.delayed(_with_assignments, pure=False)(kernel, call.args, call.piece, *(b[i] for b in blocks))
-                )
-        return out
-
-    def __repr__(self) -> str:
-        return (
-            f"HarmonyResult({self.Z_corr.shape[0]} cells, k={self.centroids.shape[1]}, n_iter={self.n_iter}, "
-            f"converged={self.converged})"
-        )
 
 
 @dataclass(frozen=True)
@@ -435,7 +329,7 @@ class HarmonyRun:
 
     # -- outputs -------------------------------------------------------------------------------------
 
-    def _calls(self, what: str, *args: Any, by_piece: bool = False) -> list[_OutputCall]:
+    def _calls(self, what: str, *args: Any, by_piece: bool = False) -> list[OutputCall]:
         """The :func:`~symphony_dask._harmony.chunk.chunk_output` calls that give a per-cell output, in cell order.
 
         One call per chunk, or with ``by_piece`` one per piece of at most 32,768 cells.
@@ -447,7 +341,7 @@ class HarmonyRun:
             z = dask.delayed(self.z_chunks[i]) if self.lazy or worker else self.z_chunks[i]
             pieces = list(enumerate(piece_bounds(s))) if by_piece else [(None, (0, s))]
             calls += [
-                _OutputCall(
+                OutputCall(
                     (z, self.codes[i], int(a), i, self.spec, log, group_id, what, *args), piece, worker, stop - start
                 )
                 for piece, (start, stop) in pieces

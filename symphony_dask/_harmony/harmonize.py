@@ -16,8 +16,9 @@ import numpy as np
 import pandas as pd
 
 from symphony_dask._dask.chunked import one_blas_thread_per_task
-from symphony_dask._harmony.driver import HarmonyResult, HarmonyRun, RidgeSettings
+from symphony_dask._harmony.driver import HarmonyRun, RidgeSettings
 from symphony_dask._harmony.mixture import Design, make_design
+from symphony_dask._harmony.result import HarmonyResult
 from symphony_dask._harmony.settings import Flavor, HarmonySettings, check_harmony_settings
 from symphony_dask._io.validation import as_key_list, check_batch_values, check_obs_keys, option
 

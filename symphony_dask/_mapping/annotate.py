@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from symphony_dask._io.validation import option
+from symphony_dask._mapping import votes
 from symphony_dask._mapping.novelty import NOVELTY_K, UNKNOWN_QUANTILE, calibrate, neighbor_distances
 from symphony_dask._mapping.novelty import novelty as mean_neighbor_distance
 from symphony_dask._reference.model import Reference, no_per_cell_data
@@ -142,7 +143,7 @@ def transfer_labels(
     distances = None
     if with_novelty or weights == "distance":
         distances = neighbor_distances(reference.embedding, query.obsm[embedding_key], neighbors)
-    keys_of_cells = cell_keys(query.obs_names)
+    keys_of_cells = votes.cell_keys(query.obs_names)
     scores = mean_neighbor_distance(distances, novelty_k) if with_novelty else None
     called_unknown = None
     if unknown is not None:
@@ -151,14 +152,14 @@ def transfer_labels(
     for name in keys:
         codes, n_labels = labels[name].codes[neighbors[:, :k]], len(labels[name].categories)
         if weights == "uniform":
-            winner, _ = _plain_vote(codes, n_labels, seed=seed, cell_keys=keys_of_cells)
-            probabilities = label_weights(codes, n_labels) / k
+            winner, _ = votes.majority_vote(codes, n_labels, seed=seed, cell_keys=keys_of_cells)
+            probabilities = votes.label_weights(codes, n_labels) / k
         else:
-            probabilities = label_weights(codes, n_labels, kernel_weights(distances[:, :k]))
-            winner = most_probable(probabilities, seed=seed, cell_keys=keys_of_cells)
+            probabilities = votes.label_weights(codes, n_labels, votes.kernel_weights(distances[:, :k]))
+            winner = votes.most_probable(probabilities, seed=seed, cell_keys=keys_of_cells)
         if hierarchy and parent is not None:
             probabilities = _within_parent(reference, keys[keys.index(name) - 1], name, labels, parent, probabilities)
-            winner = most_probable(probabilities, seed=seed, cell_keys=keys_of_cells)
+            winner = votes.most_probable(probabilities, seed=seed, cell_keys=keys_of_cells)
         conf = probabilities[np.arange(len(winner)), winner]
         predicted = _predicted(labels[name].categories, winner, conf, min_confidence, called_unknown)
         if majority_vote is not None:
@@ -232,56 +233,6 @@ def check_transfers(
         _reference_values(reference, key)
     if not 1 <= k <= reference.n_cells:
         raise ValueError(f"{option('k', k)}: between 1 and the reference's {reference.n_cells} cells")
-
-
-def majority_vote(
-    codes: np.ndarray, n_labels: int, *, seed: int = 0, cell_keys: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Winning label code per row of neighbor label codes, ties broken at random; and its votes.
-
-    The tie-break of a row is drawn from ``(seed, its cell key, the label)`` alone (``cell_keys``:
-    one uint64 per row, e.g. :func:`cell_keys` of the cell names; default: the row numbers), so a
-    cell's label does not depend on which other cells are voted with it (one query or its shards).
-    """
-    m = codes.shape[0]
-    counts = np.zeros((m, n_labels), dtype=np.int64)
-    np.add.at(counts, (np.repeat(np.arange(m), codes.shape[1]), codes.ravel()), 1)
-    keys = np.arange(m, dtype=np.uint64) if cell_keys is None else np.asarray(cell_keys, dtype=np.uint64)
-    jitter = _uniform(keys[:, None], np.arange(n_labels, dtype=np.uint64)[None, :], seed) * 0.5  # < 1: ties only
-    winner = np.argmax(counts + jitter, axis=1)
-    return winner, counts[np.arange(m), winner]
-
-
-def label_weights(codes: np.ndarray, n_labels: int, weights: np.ndarray | None = None) -> np.ndarray:
-    """Per row of neighbor label codes, the votes of each label (cells x labels).
-
-    With ``weights`` (one per neighbor), each label's share of the row's weight (rows sum to 1).
-    """
-    m = codes.shape[0]
-    rows = np.repeat(np.arange(m), codes.shape[1])
-    if weights is None:
-        counts = np.zeros((m, n_labels), dtype=np.int64)
-        np.add.at(counts, (rows, codes.ravel()), 1)
-        return counts
-    sums = np.zeros((m, n_labels))
-    np.add.at(sums, (rows, codes.ravel()), weights.ravel())
-    return sums / sums.sum(axis=1, keepdims=True)
-
-
-def kernel_weights(distances: np.ndarray) -> np.ndarray:
-    """Gaussian kernel ``exp(-d^2 / (2 h^2))`` on each row of distances, ``h`` the row's mean (1 where it is 0)."""
-    h = distances.mean(axis=1, keepdims=True)
-    scaled = np.divide(distances, h, out=np.zeros_like(distances), where=h > 0)
-    return np.exp(-0.5 * scaled**2)
-
-
-def most_probable(probabilities: np.ndarray, *, seed: int = 0, cell_keys: np.ndarray | None = None) -> np.ndarray:
-    """The most probable label of each row; exact ties broken at random as in :func:`majority_vote`."""
-    m, n_labels = probabilities.shape
-    keys = np.arange(m, dtype=np.uint64) if cell_keys is None else np.asarray(cell_keys, dtype=np.uint64)
-    jitter = _uniform(keys[:, None], np.arange(n_labels, dtype=np.uint64)[None, :], seed)
-    top = probabilities == probabilities.max(axis=1, keepdims=True)
-    return np.argmax(np.where(top, jitter, -1.0), axis=1)
 
 
 def _check_label_options(reference, keys, weights, unknown, unknown_quantile, novelty_k) -> None:
@@ -399,7 +350,7 @@ def _vote_per_cluster(query, key, predicted, column, min_share, seed) -> pd.Cate
     counts = np.zeros((m, n_labels), dtype=np.int64)
     np.add.at(counts, (clusters.codes[inside], predicted.codes[inside]), 1)
     sizes = counts.sum(axis=1)
-    winner = most_probable(counts.astype(np.float64), seed=seed, cell_keys=cell_keys(pd.Index(names)))
+    winner = votes.most_probable(counts.astype(np.float64), seed=seed, cell_keys=votes.cell_keys(pd.Index(names)))
     share = np.divide(counts[np.arange(m), winner], sizes, out=np.zeros(m), where=sizes > 0)
     codes = predicted.codes.copy()
     codes[inside] = winner[clusters.codes[inside]]
@@ -427,24 +378,6 @@ def _vote_per_cluster(query, key, predicted, column, min_share, seed) -> pd.Cate
             ),
         )
     return pd.Categorical.from_codes(codes, categories=predicted.categories)
-
-
-_plain_vote = majority_vote
-
-
-def cell_keys(names: pd.Index) -> np.ndarray:
-    """A stable 64-bit key per cell name (pandas' fixed-key hash: the same in every process)."""
-    return pd.util.hash_array(np.asarray(names, dtype=object).astype(str))
-
-
-def _uniform(keys: np.ndarray, labels: np.ndarray, seed: int) -> np.ndarray:
-    """Uniform [0, 1) numbers determined by (key, label, seed) through the splitmix64 finalizer."""
-    z = keys * np.uint64(0x9E3779B97F4A7C15) + labels * np.uint64(0xBF58476D1CE4E5B9)
-    z = z + np.array([seed % 2**64], dtype=np.uint64) * np.uint64(0x94D049BB133111EB)  # arrays wrap silently
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    z = z ^ (z >> np.uint64(31))
-    return (z >> np.uint64(11)).astype(np.float64) / float(2**53)
 
 
 def evaluate(true: pd.Series | np.ndarray, predicted: pd.Series | np.ndarray) -> dict:

@@ -38,8 +38,8 @@ from symphony_dask._dask.chunked import (
 from symphony_dask._dask.timing import timed
 from symphony_dask._embedding.neighbors import EXACT_MAX_CELLS, NeighborIndex
 from symphony_dask._embedding.umap_layout import UmapModel, fit_umap
-from symphony_dask._harmony.driver import HarmonyResult
 from symphony_dask._harmony.harmonize import check_clusters, default_n_clusters, harmonize_with, soft_kmeans
+from symphony_dask._harmony.result import HarmonyResult
 from symphony_dask._harmony.settings import HarmonySettings
 from symphony_dask._io.expression import AnnDataLike, Expression, keep_cells, memory_per_task, read_expression
 from symphony_dask._io.obs_filter import cells_where
