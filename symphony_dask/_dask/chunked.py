@@ -202,21 +202,27 @@ def compute(*collections: Any) -> tuple:
 
 
 def persist_now(x: da.Array) -> da.Array:
-    """``x.persist()``, waiting until it is done also on a distributed cluster.
+    """``x.persist()``, waiting until it is done also on a distributed cluster (see :func:`persist_all`)."""
+    return persist_all(x)[0]
+
+
+def persist_all(*collections: Any) -> tuple:
+    """``dask.persist(*collections)``, waiting until it is done also on a distributed cluster.
 
     A cluster persists in the background; waiting here times the work in the stage that asked for it.
-    Failures as in :func:`compute`.
+    Collections persisted together share the tasks they have in common. Failures as in :func:`compute`.
     """
     client = distributed_client()
     if client is None:
         with notebook_progress():
-            return x.persist()
+            return dask.persist(*collections)
     from distributed import futures_of
 
-    x = x.persist()
-    with watch_futures(client, futures_of(x)):
-        _wait(client, futures_of(x))
-    return x
+    collections = dask.persist(*collections)
+    futures = futures_of(collections)
+    with watch_futures(client, futures):
+        _wait(client, futures)
+    return collections
 
 
 #: Schedulers on which a computation has seen workers.

@@ -140,7 +140,7 @@ def group_moment_sums(
     gene_factors: np.ndarray,
     transform: bool,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per group: its number of rows, and per gene the mean, sum of squared deviations and largest value.
+    """Per group: its number of rows, and per gene the mean, sum of squared deviations, largest value and stored values.
 
     ``group[i]`` (in ``0..n_groups-1``) is the group of row ``i``. Zeros are included. Two passes over the
     stored values sum them as ``bincount`` does: row by row in order.
@@ -180,7 +180,7 @@ def group_moment_sums(
             m2[c, g] += (sizes[c] - stored[c, g]) * mean[c, g] * mean[c, g]
             if stored[c, g] < sizes[c]:  # an unstored zero
                 largest[c, g] = max(largest[c, g], 0.0)
-    return sizes, mean, m2, largest
+    return sizes, mean, m2, largest, stored
 
 
 @numba.njit(cache=True, nogil=True)
@@ -247,4 +247,105 @@ def scaled_rows(
             if g >= 0:
                 v = _stored_value(data[j], row_factors[i], gene_factors[indices[j]], transform)
                 out[i, g] = min(max((v - mean[g]) / std[g], -clip), clip)
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def scaled_zeros(mean: np.ndarray, std: np.ndarray, clip: float) -> np.ndarray:
+    """Each chosen gene's scaled zero, ``clip(-mean / std, -clip, clip)``: the value of an unstored entry."""
+    zero = np.empty(len(mean))
+    for g in range(len(mean)):
+        zero[g] = min(max(-mean[g] / std[g], -clip), clip)
+    return zero
+
+
+@numba.njit(cache=True, nogil=True)
+def _row_weights(
+    start: int,
+    end: int,
+    indices: np.ndarray,
+    data: np.ndarray,
+    row_factor: float,
+    gene_factors: np.ndarray,
+    transform: bool,
+    mean: np.ndarray,
+    std: np.ndarray,
+    zero: np.ndarray,
+    clip: float,
+    weights: np.ndarray,
+) -> None:
+    """Each stored value of a row as what it adds to the row's scaled zeros: ``scaled - zero`` of its gene."""
+    for j in range(start, end):
+        g = indices[j]
+        v = _stored_value(data[j], row_factor, gene_factors[g], transform)
+        weights[j - start] = min(max((v - mean[g]) / std[g], -clip), clip) - zero[g]
+
+
+@numba.njit(cache=True, nogil=True)
+def cached_product(
+    indptr: np.ndarray,
+    indices: np.ndarray,
+    data: np.ndarray,
+    row_factors: np.ndarray,
+    gene_factors: np.ndarray,
+    transform: bool,
+    mean: np.ndarray,
+    std: np.ndarray,
+    clip: float,
+    w: np.ndarray,
+    gram: bool,
+) -> np.ndarray:
+    """``S W`` (rows x l), or ``S^T (S W)`` (genes x l) with ``gram``, for ``S`` the scaled genes of a CSR chunk.
+
+    ``S = clip((v - mean) / std)`` of every gene of the chunk (its columns are the chosen genes), ``v`` a
+    stored value normalized on the fly (:func:`_stored_value`: ``row_factors``, ``gene_factors``). ``S`` is
+    never formed: row ``i`` of ``S`` is the genes' scaled zeros plus, at its stored values, their difference
+    from them, so ``S_i W = zero^T W + sum_j weight_j W[g_j]`` and ``S^T S W = zero (sum_i S_i W)^T + sum_i
+    sum_j weight_j e_{g_j} (S_i W)``: two walks over a row's stored values, each of ``l`` multiply-adds per value.
+    """
+    n_rows = len(indptr) - 1
+    n_genes, width = w.shape
+    zero = scaled_zeros(mean, std, clip)
+    base = np.zeros(width)
+    for g in range(n_genes):
+        if zero[g] != 0.0:
+            for c in range(width):
+                base[c] += zero[g] * w[g, c]
+    longest = 0
+    for i in range(n_rows):
+        longest = max(longest, indptr[i + 1] - indptr[i])
+    weights = np.empty(longest)
+    row = np.empty(width)
+    rows = np.empty((0 if gram else n_rows, width))
+    out = np.zeros((n_genes if gram else 0, width))
+    row_sum = np.zeros(width)
+    for i in range(n_rows):
+        start, end = indptr[i], indptr[i + 1]
+        _row_weights(start, end, indices, data, row_factors[i], gene_factors, transform, mean, std, zero, clip, weights)
+        for c in range(width):
+            row[c] = base[c]
+        for j in range(start, end):
+            weight = weights[j - start]
+            if weight != 0.0:
+                g = indices[j]
+                for c in range(width):
+                    row[c] += weight * w[g, c]
+        if not gram:
+            for c in range(width):
+                rows[i, c] = row[c]
+            continue
+        for c in range(width):
+            row_sum[c] += row[c]
+        for j in range(start, end):
+            weight = weights[j - start]
+            if weight != 0.0:
+                g = indices[j]
+                for c in range(width):
+                    out[g, c] += weight * row[c]
+    if not gram:
+        return rows
+    for g in range(n_genes):
+        if zero[g] != 0.0:
+            for c in range(width):
+                out[g, c] += zero[g] * row_sum[c]
     return out

@@ -97,13 +97,15 @@ def cell_totals(block: Block) -> np.ndarray:
 class Moments:
     """Count ``n``, per-gene ``mean``, sum of squared deviations ``m2`` and largest value ``maximum`` of cells.
 
-    The moments are of a set of cells; ``maximum`` is -inf for no cells.
+    The moments are of a set of cells; ``maximum`` is -inf for no cells. ``nonzero`` counts each gene's
+    nonzero values (a sparse chunk's stored values): what a cache of chosen genes holds.
     """
 
     n: int
     mean: np.ndarray
     m2: np.ndarray
     maximum: np.ndarray
+    nonzero: np.ndarray
 
     def merge(self, other: Moments) -> Moments:
         """Exact pairwise combination (Chan, Golub and LeVeque 1979)."""
@@ -115,7 +117,7 @@ class Moments:
         delta = other.mean - self.mean
         mean = self.mean + delta * (other.n / n)
         m2 = self.m2 + other.m2 + delta * delta * (self.n * other.n / n)
-        return Moments(n, mean, m2, np.maximum(self.maximum, other.maximum))
+        return Moments(n, mean, m2, np.maximum(self.maximum, other.maximum), self.nonzero + other.nonzero)
 
     @property
     def variance(self) -> np.ndarray:
@@ -129,10 +131,10 @@ class Moments:
         """Moments of all cells of one block (zeros of a sparse block included)."""
         n, g = block.shape
         if n == 0:
-            return Moments(0, np.zeros(g), np.zeros(g), np.full(g, -np.inf))
+            return Moments(0, np.zeros(g), np.zeros(g), np.full(g, -np.inf), np.zeros(g, dtype=np.int64))
         if sp.issparse(block):
             block = as_csr(block)
-            _, mean, m2, maximum = group_moment_sums(
+            _, mean, m2, maximum, stored = group_moment_sums(
                 block.indptr,
                 block.indices,
                 block.data,
@@ -143,11 +145,12 @@ class Moments:
                 np.ones(g),
                 False,
             )
-            return Moments(n, mean[0], m2[0], maximum[0])
+            return Moments(n, mean[0], m2[0], maximum[0], stored[0])
         block = np.asarray(block, dtype=np.float64)
         mean = block.mean(axis=0)
         dev = block - mean
-        return Moments(n, mean, np.einsum("ij,ij->j", dev, dev), block.max(axis=0))
+        nonzero = np.count_nonzero(block, axis=0).astype(np.int64)
+        return Moments(n, mean, np.einsum("ij,ij->j", dev, dev), block.max(axis=0), nonzero)
 
 
 @dataclass
@@ -198,7 +201,7 @@ def group_moments(
     block = as_csr(block)
     present, group = np.unique(np.asarray(codes), return_inverse=True)
     row_factors, gene_factors = stored_value_factors(block, normalize=normalize, idf=idf)
-    sizes, mean, m2, maximum = group_moment_sums(
+    sizes, mean, m2, maximum, stored = group_moment_sums(
         block.indptr,
         block.indices,
         block.data,
@@ -209,7 +212,9 @@ def group_moments(
         gene_factors,
         bool(normalize),
     )
-    return GroupMoments({int(c): Moments(int(sizes[i]), mean[i], m2[i], maximum[i]) for i, c in enumerate(present)})
+    return GroupMoments(
+        {int(c): Moments(int(sizes[i]), mean[i], m2[i], maximum[i], stored[i]) for i, c in enumerate(present)}
+    )
 
 
 def stored_value_factors(

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import operator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import dask.array as da
 import numpy as np
@@ -33,7 +33,8 @@ import scipy.linalg
 import scipy.sparse as sp
 
 from symphony_dask._dask.chunked import compute, map_reduce, one_blas_thread_per_task
-from symphony_dask._preprocessing.csr_kernels import as_csr, project_rows
+from symphony_dask._preprocessing.csr_kernels import as_csr, cached_product, project_rows, scaled_rows
+from symphony_dask._preprocessing.gene_cache import GeneCache, gene_cache
 from symphony_dask._preprocessing.normalize import SCALE_CLIP, SCALE_FACTOR, Block, scale
 
 logger = logging.getLogger("symphony_dask")
@@ -47,22 +48,13 @@ KRYLOV_TOLERANCE = 1e-9
 KRYLOV_MAX_ITERATIONS = 40
 #: Passes the cost model assumes (typical to reach the tolerance on scRNA-seq data).
 KRYLOV_TYPICAL_PASSES = 15
-#: Flop-equivalent cost of densifying and scaling one value of a chunk (for the solver choice).
-DENSIFY_COST = 200
-
-
-def gram(
-    block: Block,
-    genes: np.ndarray,
-    mean: np.ndarray,
-    std: np.ndarray,
-    *,
-    normalize: bool,
-    idf: np.ndarray | None = None,
-) -> np.ndarray:
-    """Kernel: ``S^T S`` of the scaled chosen genes ``S`` of one chunk (genes x genes)."""
-    s = scale(block, genes, mean, std, normalize=normalize, idf=idf)
-    return s.T @ s
+#: Nanoseconds per cell of the solvers' kernels, one thread (measured, benchmarks/README.md "PCA solvers"):
+#: densifying one scaled gene; one entry of the Gram matrix (BLAS); normalizing and scaling one stored
+#: value; one multiply-add of a stored value with a row of the Krylov block.
+COST_NS = {"densify": 3.0, "gemm": 0.012, "value": 14.0, "multiply_add": 0.2}
+#: Most genes of the Gram solver: its genes x genes partial sums (128 MB at 4,000 genes) meet in a tree
+#: reduction, several at a time.
+GRAM_MAX_GENES = 4_000
 
 
 def project(
@@ -103,19 +95,35 @@ def project(
     )
 
 
-def apply_gram(
-    block: Block,
-    genes: np.ndarray,
-    mean: np.ndarray,
-    std: np.ndarray,
-    w: np.ndarray,
-    *,
-    normalize: bool,
-    idf: np.ndarray | None = None,
-) -> np.ndarray:
-    """Kernel: ``S^T (S W)`` for one chunk (genes x l), without forming ``S^T S``."""
-    s = scale(block, genes, mean, std, normalize=normalize, idf=idf)
-    return s.T @ (s @ w)
+def cached_gram(block: sp.csr_matrix, row_factors: np.ndarray, **args: Any) -> np.ndarray:
+    """Kernel: ``S^T S`` (genes x genes) of a chunk of the gene cache, ``S`` its scaled genes densified."""
+    s = _cached_scaled(block, row_factors, **args)
+    return s.T @ s
+
+
+def cached_apply_gram(block: sp.csr_matrix, row_factors: np.ndarray, *, w: np.ndarray, **args: Any) -> np.ndarray:
+    """Kernel: ``S^T (S W)`` (genes x l) of a chunk of the gene cache, without forming ``S``."""
+    return _cached_product(block, row_factors, w, gram=True, **args)
+
+
+def cached_project(block: sp.csr_matrix, row_factors: np.ndarray, *, loadings: np.ndarray, **args: Any) -> np.ndarray:
+    """Kernel: the PC embedding ``S U`` (cells x d) of a chunk of the gene cache, without forming ``S``."""
+    return _cached_product(block, row_factors, loadings, gram=False, **args)
+
+
+def _cached_product(block, row_factors, w, *, gram, mean, std, gene_factors, transform) -> np.ndarray:
+    return cached_product(
+        block.indptr, block.indices, block.data, row_factors, gene_factors, transform, mean, std,
+        float(SCALE_CLIP), np.ascontiguousarray(w, dtype=np.float64), gram,
+    )  # fmt: skip
+
+
+def _cached_scaled(block, row_factors, *, mean, std, gene_factors, transform) -> np.ndarray:
+    position = np.arange(block.shape[1], dtype=np.int64)
+    return scaled_rows(
+        block.indptr, block.indices, block.data, position, mean, std, float(SCALE_CLIP), row_factors,
+        gene_factors, transform,
+    )  # fmt: skip
 
 
 def orient(loadings: np.ndarray) -> np.ndarray:
@@ -143,12 +151,22 @@ def svd_from_gram(gram_matrix: np.ndarray, n_components: int) -> tuple[np.ndarra
     return orient(evecs), np.sqrt(evals)
 
 
-def choose_solver(n_genes: int, n_components: int) -> Literal["gram", "krylov"]:
-    """The solver with the smaller flop count per cell (densification counted as ``DENSIFY_COST``)."""
+def choose_solver(n_genes: int, n_components: int, stored_per_cell: float | None = None) -> Literal["gram", "krylov"]:
+    """The solver that takes less time per cell, by the costs of their kernels (:data:`COST_NS`).
+
+    Above :data:`GRAM_MAX_GENES` genes, Krylov (the Gram matrices would not fit a task's memory).
+
+    ``stored_per_cell`` is the gene cache's stored values per cell (default: every gene, dense data).
+    The Gram solver densifies each chunk's scaled genes and multiplies them (BLAS) in one pass; the
+    Krylov solver walks the stored values of the cache on every pass.
+    """
+    if n_genes > GRAM_MAX_GENES:
+        return "krylov"
+    stored = n_genes if stored_per_cell is None else stored_per_cell
     block = n_components + KRYLOV_OVERSAMPLING
-    gram_cost = n_genes**2 + DENSIFY_COST * n_genes
-    krylov_cost = KRYLOV_TYPICAL_PASSES * (4 * n_genes * block + DENSIFY_COST * n_genes)
-    return "gram" if gram_cost <= krylov_cost else "krylov"
+    gram_ns = COST_NS["densify"] * n_genes + COST_NS["gemm"] * n_genes**2
+    krylov_ns = KRYLOV_TYPICAL_PASSES * stored * (COST_NS["value"] + COST_NS["multiply_add"] * 2 * block)
+    return "gram" if gram_ns <= krylov_ns else "krylov"
 
 
 @dataclass(frozen=True)
@@ -167,28 +185,36 @@ class FittedPCA:
 
 
 def fit_pca(x: da.Array, scaling: dict, n_components: int, *, solver: PCASolver = "auto", seed: int = 0) -> FittedPCA:
-    """The top ``n_components`` principal axes of the scaled chosen genes, from passes over ``x``.
+    """The top ``n_components`` principal axes of the scaled chosen genes of ``x``, from a gene cache in memory.
 
     ``scaling`` holds the :func:`~symphony_dask._preprocessing.normalize.scale` arguments (chosen genes,
-    their means and SDs, whether to normalize).
+    their means and SDs, whether to normalize, the IDF); see :func:`fit_cached_pca`.
     """
-    n_genes = len(scaling["genes"])
-    if not 0 < n_components < min(n_genes, x.shape[0]):
-        raise ValueError(f"cannot take {n_components} principal components of {x.shape[0]} cells x {n_genes} genes")
+    genes, mean, std = scaling["genes"], scaling["mean"], scaling["std"]
+    normalize, idf = scaling["normalize"], scaling.get("idf")
+    with gene_cache(x, genes, mean, std, normalize=normalize, idf=idf, storage="memory") as cache:
+        return fit_cached_pca(cache, n_components, solver=solver, seed=seed)
+
+
+def fit_cached_pca(cache: GeneCache, n_components: int, *, solver: PCASolver = "auto", seed: int = 0) -> FittedPCA:
+    """The top ``n_components`` principal axes of the scaled genes of a gene cache, from passes over it."""
+    n_cells, n_genes = cache.x.shape
+    if not 0 < n_components < min(n_genes, n_cells):
+        raise ValueError(f"cannot take {n_components} principal components of {n_cells} cells x {n_genes} genes")
     if solver == "auto":
-        solver = choose_solver(n_genes, n_components)
+        solver = choose_solver(n_genes, n_components, cache.stored / max(n_cells, 1))
     if solver not in ("gram", "krylov"):
         raise ValueError(f"pca_solver must be 'auto', 'gram' or 'krylov', got {solver!r}")
     logger.info("PCA of %d genes by the %s solver", n_genes, solver)
     with one_blas_thread_per_task():
         if solver == "gram":
-            gram_matrix = compute(map_reduce(gram, x, combine=operator.add, **scaling))[0]
-            return FittedPCA(*svd_from_gram(gram_matrix, n_components), solver, 1)
-        loadings, singular_values, passes = _block_krylov(x, scaling, n_genes, n_components, seed)
+            parts = map_reduce(cached_gram, cache.x, cache.row_factors, combine=operator.add, **cache.kernel_args)
+            return FittedPCA(*svd_from_gram(compute(parts)[0], n_components), solver, 1)
+        loadings, singular_values, passes = _block_krylov(cache, n_genes, n_components, seed)
         return FittedPCA(loadings, singular_values, solver, passes)
 
 
-def _block_krylov(x: da.Array, scaling: dict, n_genes: int, n_components: int, seed: int):
+def _block_krylov(cache: GeneCache, n_genes: int, n_components: int, seed: int):
     """Block Krylov iterations on ``M = S^T S`` until the top Ritz pairs are eigenpairs to a tolerance.
 
     The tolerance is :data:`KRYLOV_TOLERANCE`, on the largest residual norm relative to the top Ritz
@@ -201,7 +227,10 @@ def _block_krylov(x: da.Array, scaling: dict, n_genes: int, n_components: int, s
     w = np.linalg.qr(np.random.default_rng(seed).normal(size=(n_genes, block)))[0]
     basis, images = [w], []
     for _ in range(KRYLOV_MAX_ITERATIONS):
-        images.append(compute(map_reduce(apply_gram, x, combine=operator.add, w=w, **scaling))[0])
+        image = map_reduce(
+            cached_apply_gram, cache.x, cache.row_factors, combine=operator.add, w=w, **cache.kernel_args
+        )
+        images.append(compute(image)[0])
         v, t = np.hstack(basis), np.hstack(images)
         h = v.T @ t
         evals, evecs = top_eigenpairs((h + h.T) / 2.0, n_components)

@@ -181,6 +181,7 @@ def build_reference(
             singular_values=pcs.pca.singular_values,
             pca_solver=pcs.pca.solver,
             pca_passes=pcs.pca.passes,
+            gene_cache=pcs.gene_cache,
             harmony_iterations=result.n_iter,
             harmony_converged=result.converged,
             harmony_cluster_iterations=result.cluster_iterations,

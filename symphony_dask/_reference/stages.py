@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Literal
 
@@ -52,6 +53,7 @@ from symphony_dask._io.validation import (
     option,
     raise_on_bad_values,
 )
+from symphony_dask._preprocessing.gene_cache import gene_cache
 from symphony_dask._preprocessing.normalize import (
     ColumnSums,
     FirstPass,
@@ -61,7 +63,7 @@ from symphony_dask._preprocessing.normalize import (
     has_counts,
     inverse_document_frequency,
 )
-from symphony_dask._preprocessing.pca import FittedPCA, PCASolver, fit_pca, project
+from symphony_dask._preprocessing.pca import FittedPCA, PCASolver, cached_project, fit_cached_pca
 from symphony_dask._preprocessing.variable_genes import (
     ClippedSquares,
     clip_reached,
@@ -237,6 +239,7 @@ class PrincipalComponents:
     pca: FittedPCA
     z: np.ndarray | da.Array
     harmony_chunks: int | None
+    gene_cache: dict
 
 
 def principal_components(
@@ -244,18 +247,31 @@ def principal_components(
 ) -> PrincipalComponents:
     """The PCA of the scaled chosen genes, then a pass projecting every cell onto its loadings.
 
-    Data held in memory gives an embedding in memory (NumPy Harmony, one chunk per thread); data read
-    from disk keeps it chunked, on the workers of a cluster.
+    One pass first keeps the chosen genes of every cell in a gene cache
+    (:mod:`~symphony_dask._preprocessing.gene_cache`), which the PCA's passes and the projection read
+    instead of the whole matrix; the cache is gone when the stage ends. Data held in memory gives an
+    embedding in memory (NumPy Harmony, one chunk per thread); data read from disk keeps it chunked, on
+    the workers of a cluster.
     """
     expr = moments.cells.expr
-    scaling = genes.scaling(bool(options.normalize), moments.idf)
-    with timed(timings, "pca"):
-        pca = fit_pca(expr.X, scaling, options.n_pcs, solver=options.pca_solver, seed=seed)
-        with one_blas_thread_per_task():
-            z = persist_now(map_rows(project, expr.X, n_out=options.n_pcs, loadings=pca.loadings, **scaling))
+    nonzero = int(moments.first.moments.total().nonzero[genes.index].sum())
+    normalize, idf = bool(options.normalize), moments.idf
+    with ExitStack() as stack:
+        with timed(timings, "gene_cache"):
+            cache = gene_cache(
+                expr.X, genes.index, genes.mean, genes.std, normalize=normalize, idf=idf, nonzero=nonzero
+            )
+            kept = stack.enter_context(cache)
+        with timed(timings, "pca"):
+            pca = fit_cached_pca(kept, options.n_pcs, solver=options.pca_solver, seed=seed)
+        with timed(timings, "projection"), one_blas_thread_per_task():
+            z = map_rows(cached_project, kept.x, kept.row_factors, n_out=options.n_pcs, loadings=pca.loadings,
+                         **kept.kernel_args)  # fmt: skip
+            z = persist_now(z)
+    record = kept.record()
     if expr.in_memory:
-        return PrincipalComponents(pca, z.compute(), None)
-    return PrincipalComponents(pca, z, max(max(expr.X.chunks[0]), HARMONY_CHUNK_SIZE))
+        return PrincipalComponents(pca, z.compute(), None, record)
+    return PrincipalComponents(pca, z, max(max(expr.X.chunks[0]), HARMONY_CHUNK_SIZE), record)
 
 
 def integrate(
