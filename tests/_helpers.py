@@ -10,6 +10,7 @@ import mode, tests/ being no package), as it does for conftest.py, which keeps o
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -141,3 +142,16 @@ class LocalClusters:
 
     def close(self) -> None:
         self._stack.close()
+
+
+class OnMessage(logging.Handler):
+    """Calls ``action`` once, when a log message starting with ``prefix`` is emitted."""
+
+    def __init__(self, prefix: str, action) -> None:
+        super().__init__(logging.INFO)
+        self.prefix, self.action, self.fired = prefix, action, False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.fired and record.getMessage().startswith(self.prefix):
+            self.fired = True
+            self.action()

@@ -12,7 +12,7 @@ import dask.array as da
 import numpy as np
 import pandas as pd
 import pytest
-from _helpers import NO_SPILL
+from _helpers import NO_SPILL, OnMessage
 from distributed import Client
 
 import symphony_dask as sd
@@ -136,7 +136,7 @@ def test_a_lost_worker_gives_the_identical_result(pbmc3500, small_groups, monkey
             pid = client.run(os.getpid, workers=[address])[address]
             os.kill(pid, signal.SIGKILL)
 
-        handler = _OnMessage("Harmony iteration 2:", kill)
+        handler = OnMessage("Harmony iteration 2:", kill)
         logging.getLogger("symphony_dask").addHandler(handler)
         try:
             with caplog.at_level(logging.INFO, logger="symphony_dask"):
@@ -148,19 +148,6 @@ def test_a_lost_worker_gives_the_identical_result(pbmc3500, small_groups, monkey
     assert "lost with its worker; rebuilt" in caplog.text
     np.testing.assert_array_equal(z_corr, expected[0])
     np.testing.assert_array_equal(r, expected[1])
-
-
-class _OnMessage(logging.Handler):
-    """Calls ``action`` once, when a log message starting with ``prefix`` is emitted."""
-
-    def __init__(self, prefix: str, action) -> None:
-        super().__init__(logging.INFO)
-        self.prefix, self.action, self.fired = prefix, action, False
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if not self.fired and record.getMessage().startswith(self.prefix):
-            self.fired = True
-            self.action()
 
 
 def test_outputs_are_recomputed_from_the_log_when_the_groups_are_gone(pbmc3500, caplog):
