@@ -1,25 +1,28 @@
-"""PCA of the scaled reference without densifying it: a truncated SVD from passes over row chunks.
+"""PCA of the scaled reference without densifying it: a truncated SVD from passes over the gene cache.
 
 Symphony takes the truncated SVD ``G_rs = U Sigma V^T`` of the scaled genes x cells matrix (no
 re-centering after the clip) and keeps the loadings ``U`` (genes x d); the reference embedding is
-``Z = U^T G_rs`` (here cells x d: ``Z = S U`` with ``S`` the scaled cells x genes matrix). Each pass
-densifies one chunk of ``S`` at a time; two solvers:
+``Z = U^T G_rs`` (here cells x d: ``Z = S U`` with ``S`` the scaled cells x genes matrix). Every pass
+reads the gene cache (:mod:`~symphony_dask._preprocessing.gene_cache`: the chosen genes' stored values),
+never the whole matrix; two solvers:
 
-- ``'gram'`` (exact): one pass accumulates ``S^T S`` (genes x genes); its top eigenvectors are ``U``
-  and the square roots of its eigenvalues the singular values. Cost per cell ~ g^2.
+- ``'gram'`` (exact): one pass accumulates ``S^T S`` (genes x genes) from each chunk's scaled genes,
+  densified; its top eigenvectors are ``U`` and the square roots of its eigenvalues the singular
+  values. Cost per cell ~ g^2 (BLAS).
 - ``'krylov'`` (randomized block Krylov, Halko et al. 2011; Musco and Musco 2015): from a seeded
-  Gaussian block ``W_0`` (genes x l, ``l = d + 20``), each pass applies ``S^T S`` to the newest
-  block (``S_c^T (S_c W)`` per chunk, reduced); the blocks, orthonormalized against each other, span
-  a Krylov space ``V``, and Rayleigh-Ritz on it (from the same pass results) gives ``U`` and the
-  singular values; passes stop when every top Ritz pair's residual norm is below :data:`KRYLOV_TOLERANCE`
-  times the top Ritz value. Cost per cell ~ passes x g l, plus one densification of every chunk per
-  pass. Spectra of scRNA-seq data are flat around d = 20 (beyond the cell types, PCs sit in a noise
-  bulk), where plain subspace iteration stalls and the Krylov space does not.
+  Gaussian block ``W_0`` (genes x l, ``l = d + 10``), each pass applies ``S^T S`` to the newest
+  block (``S_c^T (S_c W)`` per chunk from its stored values alone,
+  :func:`~symphony_dask._preprocessing.csr_kernels.cached_product`, reduced); the blocks,
+  orthonormalized against each other, span a Krylov space ``V``, and Rayleigh-Ritz on it (from the
+  same pass results) gives ``U`` and the singular values; passes stop when every top Ritz pair's
+  residual norm is below :data:`KRYLOV_TOLERANCE` times the top Ritz value. Cost per cell ~ passes x
+  stored values x l. Spectra of scRNA-seq data are flat around d = 20 (beyond the cell types, PCs
+  sit in a noise bulk), where plain subspace iteration stalls and the Krylov space does not.
 
-``'auto'`` picks the cheaper by a flop count. Sign convention: each component is oriented so that
-its largest-magnitude loading is positive, so that a rebuilt reference is identical to the first.
+``'auto'`` picks the faster by the measured costs of their kernels. Sign convention: each component is
+oriented so that its largest-magnitude loading is positive, so that a rebuilt reference is identical to
+the first.
 """
-
 from __future__ import annotations
 
 import logging
@@ -43,7 +46,7 @@ PCASolver = Literal["auto", "gram", "krylov"]
 #: Krylov block width beyond the number of components; iterations stop when every top Ritz pair's
 #: residual norm ||M u - theta u|| is below KRYLOV_TOLERANCE times the top Ritz value (the error of
 #: a loading vector is about its residual over the eigengap), or after KRYLOV_MAX_ITERATIONS passes.
-KRYLOV_OVERSAMPLING = 20
+KRYLOV_OVERSAMPLING = 10
 KRYLOV_TOLERANCE = 1e-9
 KRYLOV_MAX_ITERATIONS = 40
 #: Passes the cost model assumes (typical to reach the tolerance on scRNA-seq data).
