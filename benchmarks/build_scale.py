@@ -91,15 +91,27 @@ def main() -> None:
         default=["default"],
         help="our builds to run: " + "; ".join(f"{k}: {what}" for k, (_, what) in BUILDS.items()),
     )
+    parser.add_argument(
+        "--hvg-batch-key",
+        default=None,
+        help="pool each group's variable genes (as atlases are built: one group per donor); default: all cells",
+    )
+    parser.add_argument("--peer-umap", action="store_true", help="also run the peer with neighbors and UMAP")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "build_scale.json")
     args = parser.parse_args()
+    pooled = ["--hvg-batch-key", args.hvg_batch_key] if args.hvg_batch_key else []
 
     rows = []
     for n in args.cells:
         path = dataset(n, args.data_dir)
-        runs = [(BUILDS[b][0], [sys.executable, str(HERE / "_build_ours.py"), str(path), b]) for b in args.builds]
+        runs = [
+            (BUILDS[b][0], [sys.executable, str(HERE / "_build_ours.py"), str(path), b, *pooled]) for b in args.builds
+        ]
         if args.peer_python and n <= args.peer_max_cells:
-            runs.append(("symphonypy", [args.peer_python, str(HERE / "_build_peer.py"), str(path)]))
+            peer = [args.peer_python, str(HERE / "_build_peer.py"), str(path), *pooled]
+            runs.append(("symphonypy", peer))
+            if args.peer_umap:
+                runs.append(("symphonypy + neighbors + UMAP", [*peer, "--umap"]))
         for method, cmd in runs:
             row = {"method": method, "cells": n, **run_measured(cmd)}
             rows.append(row)
@@ -111,7 +123,7 @@ def main() -> None:
 
 
 def _row(r: dict) -> str:
-    head = f"{r['method']:<26}{r['cells']:>10}"
+    head = f"{r['method']:<30}{r['cells']:>10}"
     if "error" in r:
         return f"{head}  failed after {r['wall_s']} s at {r['peak_rss_gb']} GB: {r['error']}"
     return f"{head}{r['seconds']:>9.1f} s{r['peak_rss_gb']:>8.2f} GB  {stage_times(r['stages_s'])}"
