@@ -60,62 +60,6 @@ def value_counts(indptr: np.ndarray, data: np.ndarray) -> tuple[int, int, int, i
 
 
 @numba.njit(cache=True, nogil=True)
-def project_rows(
-    indptr: np.ndarray,
-    indices: np.ndarray,
-    data: np.ndarray,
-    position: np.ndarray,
-    mean: np.ndarray,
-    std: np.ndarray,
-    loadings: np.ndarray,
-    clip: float,
-    scale_factor: float,
-    gene_factors: np.ndarray,
-) -> np.ndarray:
-    """``clip((x - mean) / std, -clip, clip) @ loadings`` of the chosen genes of each row.
-
-    ``position[c]`` is the row of ``mean``/``std``/``loadings`` of column ``c`` (-1: not chosen).
-    With ``scale_factor > 0`` a value ``x`` of gene ``g`` is first
-    ``log1p(x / total * scale_factor * gene_factors[g])`` (ones: log CP10K; the IDF: TF-IDF), with
-    ``total`` the row's sum over all columns. An unstored zero of gene ``g`` scales to
-    ``zero_g = clip(-mean_g / std_g)``, so a row is ``sum_g zero_g u_g`` plus, for each stored value,
-    ``(scaled - zero_g) u_g``.
-    """
-    n_rows = len(indptr) - 1
-    n_genes, d = loadings.shape
-    zero = np.empty(n_genes)
-    base = np.zeros(d)
-    for g in range(n_genes):
-        zero[g] = min(max(-mean[g] / std[g], -clip), clip)
-        for c in range(d):
-            base[c] += zero[g] * loadings[g, c]
-    out = np.empty((n_rows, d))
-    for i in range(n_rows):
-        start, end = indptr[i], indptr[i + 1]
-        factor = 0.0
-        if scale_factor > 0.0:
-            total = 0.0
-            for j in range(start, end):
-                total += data[j]
-            if total > 0.0:
-                factor = (1.0 / total) * scale_factor
-        for c in range(d):
-            out[i, c] = base[c]
-        for j in range(start, end):
-            g = position[indices[j]]
-            if g < 0:
-                continue
-            x = np.float64(data[j])
-            if scale_factor > 0.0:
-                x = np.log1p(x * factor * gene_factors[g])
-            weight = min(max((x - mean[g]) / std[g], -clip), clip) - zero[g]
-            if weight != 0.0:
-                for c in range(d):
-                    out[i, c] += weight * loadings[g, c]
-    return out
-
-
-@numba.njit(cache=True, nogil=True)
 def _stored_value(x, factor: float, gene_factor: float, transform: bool) -> float:
     """A stored value as the moments see it: ``log1p(x * factor * gene_factor)`` when ``transform``.
 

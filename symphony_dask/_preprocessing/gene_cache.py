@@ -139,7 +139,7 @@ def gene_cache(
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _chunk(
+def chosen_genes(
     block: Block, genes: np.ndarray, normalize: bool, idf: np.ndarray | None
 ) -> tuple[sp.csr_matrix, np.ndarray]:
     """Kernel: a chunk's chosen genes (CSR, stored values as given) and its cells' normalization factors."""
@@ -153,7 +153,7 @@ def _chunk(
 
 
 def _pieces(x: da.Array, genes: np.ndarray, normalize: bool, idf: np.ndarray | None) -> list[Any]:
-    task = dask.delayed(_chunk, pure=True, nout=2)
+    task = dask.delayed(chosen_genes, pure=True, nout=2)
     return [task(block, genes, normalize, idf) for block in row_blocks(x)]
 
 
@@ -182,7 +182,7 @@ def _scratch_folder() -> Path:
 
 def _write(block: Block, genes: np.ndarray, normalize: bool, idf: np.ndarray | None, path: Path, i: int) -> int:
     """Kernel: write chunk ``i``'s chosen genes and factors to the cache folder (a zarr group); its stored values."""
-    chunk, factors = _chunk(block, genes, normalize, idf)
+    chunk, factors = chosen_genes(block, genes, normalize, idf)
     group = zarr.open_group(str(path / f"{i}.zarr"), mode="w", zarr_format=3)
     for name, values in (
         ("data", chunk.data),

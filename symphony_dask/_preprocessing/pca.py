@@ -23,6 +23,7 @@ never the whole matrix; two solvers:
 oriented so that its largest-magnitude loading is positive, so that a rebuilt reference is identical to
 the first.
 """
+
 from __future__ import annotations
 
 import logging
@@ -36,9 +37,9 @@ import scipy.linalg
 import scipy.sparse as sp
 
 from symphony_dask._dask.chunked import compute, map_reduce, one_blas_thread_per_task
-from symphony_dask._preprocessing.csr_kernels import as_csr, cached_product, project_rows, scaled_rows
-from symphony_dask._preprocessing.gene_cache import GeneCache, gene_cache
-from symphony_dask._preprocessing.normalize import SCALE_CLIP, SCALE_FACTOR, Block, scale
+from symphony_dask._preprocessing.csr_kernels import as_csr, cached_product, scaled_rows
+from symphony_dask._preprocessing.gene_cache import GeneCache, chosen_genes, gene_cache
+from symphony_dask._preprocessing.normalize import SCALE_CLIP, Block, scale
 
 logger = logging.getLogger("symphony_dask")
 
@@ -73,29 +74,18 @@ def project(
     """Kernel: PC embedding ``scale(block) @ loadings`` of one chunk (cells x d).
 
     ``idf`` (one value per column of the block) makes the normalization TF-IDF. A sparse chunk is never
-    densified: each cell is the scaled zero of every gene times its loadings plus, for each stored value
-    of a chosen gene, the difference it makes (one pass over the stored values,
-    :func:`~symphony_dask._preprocessing.csr_kernels.project_rows`). Equal to the dense product up to
-    round-off.
+    densified: its chosen genes are taken as a gene cache chunk is, and projected as the reference's cells
+    are (:func:`cached_project`: the scaled zeros plus, for each stored value, the difference it makes).
+    Equal to the dense product up to round-off.
     """
     if not sp.issparse(block):
         return scale(block, genes, mean, std, normalize=normalize, idf=idf) @ loadings
-    block = as_csr(block)
-    position = np.full(block.shape[1], -1, dtype=np.int64)
-    position[genes] = np.arange(len(genes))
+    chosen, row_factors = chosen_genes(as_csr(block), genes, normalize, idf)
     gene_factors = np.ones(len(genes)) if idf is None else np.asarray(idf, dtype=np.float64)[genes]
-    return project_rows(
-        block.indptr,
-        block.indices,
-        block.data,
-        position,
-        np.asarray(mean, dtype=np.float64),
-        np.asarray(std, dtype=np.float64),
-        np.ascontiguousarray(loadings, dtype=np.float64),
-        float(SCALE_CLIP),
-        float(SCALE_FACTOR) if normalize else 0.0,
-        gene_factors,
-    )
+    return cached_project(
+        chosen, row_factors, loadings=loadings, mean=np.asarray(mean, dtype=np.float64),
+        std=np.asarray(std, dtype=np.float64), gene_factors=gene_factors, transform=bool(normalize),
+    )  # fmt: skip
 
 
 def cached_gram(block: sp.csr_matrix, row_factors: np.ndarray, **args: Any) -> np.ndarray:
